@@ -1,0 +1,274 @@
+"""Scheduler coefficient tables: diffusers' sampling read off as per-step numbers.
+
+The runtime must reproduce diffusers' sampling without torch, so the exporter stores, per
+inference step ``i``, the coefficients of the linear update that the fused C++/CUDA kernel and
+the numpy oracle (`aptp.runtime.scheduler`) apply::
+
+    model_input_i = input_scale[i] * x_i
+    x_{i+1} = coef_sample[i] * x_i + coef_model[i] * m_i
+              + coef_prev_sample[i] * x_{i-1} + coef_prev_model[i] * m_{i-1}
+
+with ``m_i`` the guided model output and the initial latents ``init_noise_sigma * noise``.
+
+The coefficients are never re-derived from each scheduler's formulas: they are *measured* by
+running diffusers' own ``set_timesteps`` / ``scale_model_input`` / ``step`` on probe lanes.
+Scheduler steps are elementwise, so one tensor carries many independent probes: per step, unit
+lanes read off the four coefficients, a zero lane shows there is no constant (noise) term, and
+random lanes with random older history confirm the update really is linear in this two-step
+form. A scheduler that fails any of these checks is rejected with a `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from aptp.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TABLE_FORMAT = 1
+
+# Names are the CLI's `--scheduler` values.
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
+
+# Config entries forced on top of the pipeline's scheduler config: they define the sampler
+# itself (a pipeline shipping an SDE or third-order DPM-Solver config still gets DPM++ 2M).
+SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+}
+
+ALIASES: dict[str, str] = {
+    "ddim_scheduler": "ddim",
+    "euler_discrete": "euler",
+    "dpm++_2m": "dpmpp_2m",
+    "dpmpp2m": "dpmpp_2m",
+    "dpm_solver_pp_2m": "dpmpp_2m",
+    "dpmsolver++": "dpmpp_2m",
+    "dpm_solver++": "dpmpp_2m",
+}
+
+# Well-known samplers that draw fresh noise every step: the two-step linear update has no
+# noise term, so name the reason instead of answering "unknown scheduler".
+_STOCHASTIC = {"euler_a", "euler_ancestral", "ddpm", "dpmpp_2m_sde", "dpm++_2m_sde", "dpmpp_sde", "lcm"}
+
+# Probe lanes per inference step: one zero lane, four unit lanes (x_i, m_i, x_{i-1}, m_{i-1}),
+# and random lanes whose whole history is random (they catch longer histories and nonlinearity).
+_ZERO, _UNIT_X, _UNIT_M, _UNIT_PREV_X, _UNIT_PREV_M = range(5)
+_CHECK_LANES = 3
+_LANES = 5 + _CHECK_LANES
+# Random probes are O(this): large enough that clipping or thresholding of x0 shows up.
+_PROBE_SCALE = 3.0
+# diffusers upcasts Euler and DPM-Solver steps to float32, so probes carry float32 rounding.
+_RTOL = 2e-5
+_ATOL = 1e-9
+
+
+def _canonical_name(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    return ALIASES.get(key, key)
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
+    """Build the sampler `name` from the pipeline's scheduler config.
+
+    Betas, prediction type and timestep spacing come from `base_config` (the model's own
+    ``scheduler/scheduler_config.json``); only the entries that define the sampler itself
+    (`SCHEDULER_OVERRIDES`) are forced.
+
+    Raises:
+        ConfigError: `name` is not a known sampler, or `base_config` is not a mapping.
+    """
+    if not isinstance(base_config, Mapping):
+        raise ConfigError(
+            f"base_config must be the pipeline's scheduler config (a mapping), got {type(base_config).__name__}"
+        )
+    key = _canonical_name(name)
+    if key not in SCHEDULERS:
+        known = ", ".join(sorted(SCHEDULERS))
+        if key in _STOCHASTIC:
+            raise ConfigError(
+                f"scheduler {name!r} is stochastic (it adds fresh noise every step), which the exported "
+                f"linear update cannot reproduce; use one of: {known}"
+            )
+        aliases = ", ".join(sorted(ALIASES))
+        raise ConfigError(f"unknown scheduler {name!r}; known schedulers: {known} (aliases: {aliases})")
+    return SCHEDULERS[key].from_config(dict(base_config), **SCHEDULER_OVERRIDES.get(key, {}))
+
+
+def short_name(scheduler: SchedulerMixin) -> str:
+    """The `SCHEDULERS` name whose class and overrides match `scheduler`, else its class name."""
+    for key, cls in SCHEDULERS.items():
+        overrides = SCHEDULER_OVERRIDES.get(key, {})
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in overrides.items()):
+            return key
+    return type(scheduler).__name__
+
+
+def _check_steps(num_inference_steps: int) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ConfigError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ConfigError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+
+
+def _probe_inputs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step (sample, model output) values for every probe lane, shape (n, n * _LANES).
+
+    Lanes `i * _LANES + j` belong to step i: they are zero after step i (unused), follow their
+    role at steps i-1 and i, and are zero before i-1 except for the random check lanes.
+    """
+    samples = np.zeros((n, n * _LANES))
+    models = np.zeros((n, n * _LANES))
+    for i in range(n):
+        base = i * _LANES
+        samples[i, base + _UNIT_X] = 1.0
+        models[i, base + _UNIT_M] = 1.0
+        if i > 0:
+            samples[i - 1, base + _UNIT_PREV_X] = 1.0
+            models[i - 1, base + _UNIT_PREV_M] = 1.0
+        checks = slice(base + 5, base + _LANES)
+        samples[: i + 1, checks] = _PROBE_SCALE * rng.standard_normal((i + 1, _CHECK_LANES))
+        models[: i + 1, checks] = _PROBE_SCALE * rng.standard_normal((i + 1, _CHECK_LANES))
+    return samples, models
+
+
+def _as_lanes(values: np.ndarray) -> torch.Tensor:
+    # A latent-shaped tensor (batch 1, one channel per lane) so no scheduler trips on the rank.
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).reshape(1, -1, 1, 1)
+
+
+def _from_lanes(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float64).reshape(-1).cpu().numpy()
+
+
+def _not_linear(label: str, step: int, what: str) -> ConfigError:
+    return ConfigError(
+        f"scheduler {label} is not linear in (x_i, m_i, x_(i-1), m_(i-1)) at step {step}: {what}. "
+        "The exported runtime only reproduces deterministic samplers with at most one step of "
+        "history (DDIM with eta=0, Euler, DPM-Solver++ 2M); disable clipping/thresholding or "
+        f"choose one of: {', '.join(sorted(SCHEDULERS))}"
+    )
+
+
+def _check_lanes(label: str, step: int, got: np.ndarray, terms: np.ndarray) -> None:
+    """`got` (lanes,) against the linear prediction whose per-lane terms are `terms` (lanes, 4)."""
+    predicted = terms.sum(axis=1)
+    tol = _RTOL * (np.abs(terms).sum(axis=1) + np.abs(got)) + _ATOL
+    # A non-finite output counts as the worst mismatch.
+    excess = np.where(np.isfinite(got), np.abs(got - predicted) - tol, np.inf)
+    if np.any(excess > 0):
+        worst = int(np.argmax(excess))
+        raise _not_linear(
+            label,
+            step,
+            f"a random probe gave {got[worst]:.6g}, the fitted linear form predicts {predicted[worst]:.6g} "
+            "(it needs a longer history, or clips/thresholds its prediction)",
+        )
+
+
+def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed: int = 0) -> dict[str, Any]:
+    """Read the per-step linear update of `scheduler` off diffusers by probing it.
+
+    The scheduler passed in is left untouched: the probes run on a fresh copy built from its
+    config. `seed` only picks the random check probes.
+
+    Returns:
+        A JSON-serialisable dict: ``format``, ``scheduler`` (class name), ``name`` (short name),
+        ``prediction_type``, ``num_inference_steps``, ``init_noise_sigma``, ``timesteps``,
+        ``input_scale``, ``coef_sample``, ``coef_model``, ``coef_prev_sample``,
+        ``coef_prev_model`` (one entry per step) and ``config`` (the scheduler's config).
+
+    Raises:
+        ConfigError: `num_inference_steps` < 1 or rejected by the scheduler, or the scheduler is
+            not linear in the two-step form (stochastic, longer history, clipping...).
+    """
+    _check_steps(num_inference_steps)
+    n = int(num_inference_steps)
+    label = type(scheduler).__name__
+    probe = type(scheduler).from_config(scheduler.config)
+    try:
+        probe.set_timesteps(n, device="cpu")
+    except ValueError as err:
+        raise ConfigError(f"{label}.set_timesteps({n}) failed: {err}") from err
+    timesteps = probe.timesteps
+    if len(timesteps) != n:
+        # e.g. second-order schedulers (Heun, KDPM2) run the model twice per step.
+        raise ConfigError(
+            f"scheduler {label} makes {len(timesteps)} model calls for {n} inference steps; "
+            f"only one model call per step is supported ({', '.join(sorted(SCHEDULERS))})"
+        )
+    init_noise_sigma = float(probe.init_noise_sigma)
+
+    rng = np.random.default_rng(seed)
+    samples, models = _probe_inputs(n, rng)
+    outputs = np.zeros_like(samples)
+    input_scale = np.zeros(n)
+    with torch.inference_mode():
+        for i, t in enumerate(timesteps):
+            # Probe scale_model_input on its own lanes: [0, 1, random...].
+            scale_in = np.concatenate([[0.0, 1.0], _PROBE_SCALE * rng.standard_normal(_CHECK_LANES)])
+            scaled = _from_lanes(probe.scale_model_input(_as_lanes(scale_in), t))
+            input_scale[i] = scaled[1]
+            if scaled[0] != 0.0:
+                raise _not_linear(label, i, f"scale_model_input(0) = {scaled[0]:.6g}, not 0")
+            _check_lanes(label, i, scaled[2:], (scale_in[2:] * input_scale[i])[:, None])
+            out = probe.step(_as_lanes(models[i]), t, _as_lanes(samples[i])).prev_sample
+            outputs[i] = _from_lanes(out)
+
+    coefs = np.zeros((n, 4))
+    for i in range(n):
+        base = i * _LANES
+        got = outputs[i, base : base + _LANES]
+        if abs(got[_ZERO]) > _ATOL:
+            raise _not_linear(label, i, f"zero inputs give {got[_ZERO]:.6g} (a noise or constant term)")
+        coefs[i] = got[_UNIT_X : _UNIT_PREV_M + 1]
+        if i == 0 and np.any(coefs[i, 2:] != 0.0):
+            raise _not_linear(label, i, "the first step depends on inputs given before it")
+        lanes = slice(base + 5, base + _LANES)
+        inputs = np.stack(
+            [
+                samples[i, lanes],
+                models[i, lanes],
+                samples[i - 1, lanes] if i > 0 else np.zeros(_CHECK_LANES),
+                models[i - 1, lanes] if i > 0 else np.zeros(_CHECK_LANES),
+            ],
+            axis=1,
+        )
+        _check_lanes(label, i, got[5:], inputs * coefs[i])
+
+    integral = not torch.is_floating_point(timesteps)
+    table = {
+        "format": TABLE_FORMAT,
+        "scheduler": label,
+        "name": short_name(scheduler),
+        "prediction_type": str(probe.config.get("prediction_type", "epsilon")),
+        "num_inference_steps": n,
+        "init_noise_sigma": init_noise_sigma,
+        "timesteps": [int(t) if integral else float(t) for t in timesteps.tolist()],
+        "input_scale": input_scale.tolist(),
+        "coef_sample": coefs[:, 0].tolist(),
+        "coef_model": coefs[:, 1].tolist(),
+        "coef_prev_sample": coefs[:, 2].tolist(),
+        "coef_prev_model": coefs[:, 3].tolist(),
+        # to_json_string turns tensors/arrays (trained_betas) into plain JSON values.
+        "config": json.loads(probe.to_json_string()),
+    }
+    logger.debug("scheduler table for %s, %d steps: init_noise_sigma %.6g", label, n, init_noise_sigma)
+    return table
+
+
+def build_scheduler_table(name: str, base_config: Mapping[str, Any], num_inference_steps: int) -> dict[str, Any]:
+    """`make_scheduler` then `scheduler_table`: what the exporter writes for ``--scheduler name``."""
+    return scheduler_table(make_scheduler(name, base_config), num_inference_steps)
