@@ -150,3 +150,24 @@ def test_arch_spec_rebuilds_expert(tmp_path, unet_name):
         a = sliced(sample, t, encoder_hidden_states=context).sample
         b = rebuilt.eval()(sample, t, encoder_hidden_states=context).sample
     assert torch.equal(a, b)
+
+
+def test_expert_save_and_load_round_trip(tmp_path):
+    from aptp.errors import ArtifactError
+    from aptp.train.experts import load_expert, save_expert
+
+    unet = make_unet("multi_layer")
+    layout = GateLayout.from_unet(unet, ff_groups=4)
+    mask = random_hard_mask(layout, torch.Generator().manual_seed(9))
+    sliced, spec = slice_unet(unet, layout, mask)
+    save_expert(tmp_path / "expert_0", sliced, spec, unet.config, info={"code": 0})
+    loaded = load_expert(tmp_path / "expert_0")
+    sample, t, context = unet_inputs("multi_layer", batch=2)
+    with torch.no_grad():
+        assert torch.equal(sliced(sample, t, encoder_hidden_states=context).sample,
+                           loaded(sample, t, encoder_hidden_states=context).sample)
+    (tmp_path / "expert_0" / "arch_spec.json").write_text('{"format": 99}')
+    with pytest.raises(ArtifactError, match="format"):
+        load_expert(tmp_path / "expert_0")
+    with pytest.raises(ArtifactError, match="has no"):
+        load_expert(tmp_path / "missing")
