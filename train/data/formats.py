@@ -300,8 +300,8 @@ def _index_images_by_number(folder: Path) -> dict[int, Path]:
 
 
 def _procedural(path: str | None, resolution: int, **options: Any) -> ProceduralCaptions:
-    if path is not None:
-        raise DatasetError(f"format 'procedural' generates its images and takes no path (got {path!r}); set path to None")
+    if path is not None:  # the training config documents path as unused here: say so, don't fail
+        logger.warning("dataset format 'procedural' generates its images: ignoring path %r", str(path))
     return ProceduralCaptions(resolution=resolution, **options)
 
 
