@@ -159,6 +159,13 @@ def test_committed_tiny_weights_are_preferred(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+def test_load_components_accepts_tiny(monkeypatch, tiny_dir):
+    monkeypatch.setattr(models, "TINY_WEIGHTS", tiny_dir)  # stands in for the built pipeline
+    components = load_components("tiny")
+    assert components.pretrained == str(tiny_dir)
+    assert components.unet.config.sample_size == 16
+
+
 def test_other_names_pass_through():
     assert resolve_pretrained("stabilityai/stable-diffusion-2-1") == "stabilityai/stable-diffusion-2-1"
     assert resolve_pretrained("/data/sd21") == "/data/sd21"

@@ -113,14 +113,15 @@ def load_components(
 ) -> DiffusionComponents:
     """Load UNet, VAE, text encoder, tokenizer and a training scheduler from a diffusers pipeline.
 
-    ``pretrained`` is a hub id (``stabilityai/stable-diffusion-2-1``) or a local diffusers pipeline
-    directory; pass it through `resolve_pretrained` first to accept ``"tiny"``. Raises
+    ``pretrained`` is ``"tiny"`` (see `resolve_pretrained`), a hub id
+    (``stabilityai/stable-diffusion-2-1``) or a local diffusers pipeline directory. Raises
     `ConfigError` naming the reference when it cannot be loaded.
     """
     # Imported here so that `aptp.train.config` and the CLI start without diffusers.
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    pretrained = resolve_pretrained(pretrained)
     local = Path(pretrained).expanduser()
     if local.exists():
         if not local.is_dir() or not (local / "unet").is_dir():
