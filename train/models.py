@@ -197,6 +197,7 @@ def _build_atomically(target: Path) -> None:
     try:
         logger.info("building the tiny pipeline into %s", target)
         build_tiny_pipeline(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any other
         try:
             os.rename(staging, target)
         except OSError:
