@@ -202,13 +202,13 @@ def test_distillation_loss_known_values_and_teacher_is_constant():
     student = (teacher.detach() + 1.0).requires_grad_(True)
     blocks_s = [blocks_t[0].detach() + 2.0, blocks_t[1].detach().clone()]
     out_mse, block_mse = distillation_loss(student, teacher, blocks_s, blocks_t)
-    assert float(out_mse) == pytest.approx(1.0, rel=1e-6)
-    assert float(block_mse) == pytest.approx((4.0 + 0.0) / 2, rel=1e-6)
+    assert float(out_mse.detach()) == pytest.approx(1.0, rel=1e-6)
+    assert float(block_mse.detach()) == pytest.approx((4.0 + 0.0) / 2, rel=1e-6)
     (out_mse + block_mse).backward()
     assert student.grad.abs().sum() > 0
     assert teacher.grad is None and all(t.grad is None for t in blocks_t)
 
-    zero_out, zero_blocks = distillation_loss(teacher, teacher, [], [])
+    zero_out, zero_blocks = distillation_loss(teacher.detach(), teacher, [], [])
     assert float(zero_out) == 0.0 and float(zero_blocks) == 0.0
     with pytest.raises(ConfigError, match="block"):
         distillation_loss(student, teacher, blocks_s[:1], blocks_t)
