@@ -211,14 +211,14 @@ def guided_step_numpy(x: np.ndarray, m_uncond: np.ndarray, m_cond: np.ndarray,
         _check_same(a, name, x, "x", rows=False)
     c = _coefs(coefs)
     f32 = np.float32
-    mu = m_uncond.astype(f32)
-    m = mu + f32(guidance_scale) * (m_cond.astype(f32) - mu)
-    x_next = c[0] * x.astype(f32) + c[1] * m
+    mu = np.asarray(m_uncond, dtype=f32)  # float32 arithmetic; no copy for float32 input
+    m = mu + f32(guidance_scale) * (np.asarray(m_cond, dtype=f32) - mu)
+    x_next = c[0] * np.asarray(x, dtype=f32) + c[1] * m
     # Exactly-zero coefficients drop their term: history buffers may be uninitialised.
     if c[2] != 0:
-        x_next = x_next + c[2] * prev_x.astype(f32)
+        x_next += c[2] * np.asarray(prev_x, dtype=f32)
     if c[3] != 0:
-        x_next = x_next + c[3] * prev_m.astype(f32)
+        x_next += c[3] * np.asarray(prev_m, dtype=f32)
     prev_x[...] = x
     prev_m[...] = m
     x[...] = x_next
@@ -235,7 +235,7 @@ def cfg_input_numpy(x: np.ndarray, scale: float, out: np.ndarray | None = None) 
         if out.shape[0] != 2 * x.shape[0]:
             raise ValueError(f"out has shape {out.shape} but x has shape {x.shape}; out needs "
                              "twice x's rows ([x; x])")
-    scaled = np.float32(scale) * x.astype(np.float32)
+    scaled = np.float32(scale) * np.asarray(x, dtype=np.float32)
     out[: x.shape[0]] = scaled
     out[x.shape[0]:] = scaled
     return out
