@@ -1,0 +1,243 @@
+"""`aptp-train prune`: train the prompt router and the K architecture codes under a MACs budget.
+
+The UNet, VAE and text encoder stay frozen; the dense UNet (no gates) is the distillation
+teacher. Each step: prompts -> sentence embeddings -> router vectors -> similarity to the codes
+-> balanced (Sinkhorn) assignment over the global batch -> each prompt's code, relaxed with
+Gumbel noise, gates the UNet -> denoising + distillation + resource + contrastive +
+assignment losses. The first `router_warmup_steps` train the router alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from aptp.errors import ConfigError
+
+from . import checkpoint as ckpt
+from .assignment import global_balanced_assignment, route_argmax
+from .codes import ArchitectureCodes, relaxed_gates
+from .config import TrainConfig
+from .experts import save_expert
+from .gates import GateLayout, apply_gates, capture_block_outputs
+from .losses import assignment_loss, contrastive_loss, denoising_loss, distillation_loss, resource_loss
+from .macs import DeployShape, MacsModel
+from .models import DiffusionComponents, load_components, resolve_pretrained
+from .router import RouterHead, SentenceEncoder, group_weighted_cosine
+from .slicing import slice_unet
+from .training import (
+    JsonlLog, StepBatchSampler, build_dataset, check_resume_config, dataset_texts, latest_state,
+    make_accelerator, make_loader, save_state, step_generator,
+)
+
+logger = logging.getLogger(__name__)
+
+# Similarity logits for the router's assignment cross-entropy: cosines live in [-1, 1], so a
+# small temperature turns them into confident class scores.
+ASSIGNMENT_TEMPERATURE = 0.1
+
+
+class RouterAndCodes(nn.Module):
+    """The trainable part of pruning, as one module so accelerate wraps it once.
+
+    Everything trainable is computed in `forward`, so DistributedDataParallel sees it.
+    """
+
+    def __init__(self, head: RouterHead, codes: ArchitectureCodes):
+        super().__init__()
+        self.head = head
+        self.codes = codes
+
+    def forward(self, sentence: torch.Tensor, unit_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router vectors (B, N), code logits (K, N), similarity scores (B, K))."""
+        router_vectors = self.head(sentence)
+        logits = self.codes.logits
+        return router_vectors, logits, group_weighted_cosine(router_vectors, logits, unit_weights)
+
+
+def deploy_shape(config: TrainConfig, components: DiffusionComponents) -> DeployShape:
+    side = config.model.resolution // components.vae_scale_factor
+    if side < 1 or config.model.resolution % components.vae_scale_factor:
+        raise ConfigError(
+            f"model.resolution {config.model.resolution} is not a multiple of the VAE factor {components.vae_scale_factor}"
+        )
+    return DeployShape(side, side, config.model.text_length or components.text_length)
+
+
+def encode_latents(components: DiffusionComponents, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    with torch.no_grad():
+        dist = components.vae.encode(pixels).latent_dist
+        return dist.sample(generator=generator) * components.vae.config.scaling_factor
+
+
+def diffusion_inputs(components: DiffusionComponents, batch: dict, device, text_length: int, generator: torch.Generator):
+    """Noisy latents, timesteps, noise, clean latents and text context for one batch."""
+    pixels = batch["pixel_values"].to(device)
+    latents = encode_latents(components, pixels, generator)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    steps = components.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
+    noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
+    context = components.encode_prompts(batch["text"], device, max_length=text_length)
+    return noisy, timesteps, noise, latents, context
+
+
+def _refuse_to_overwrite(output_dir: Path, resume: bool) -> None:
+    if resume:
+        return
+    if (output_dir / "config.yaml").exists() or (output_dir / ckpt.CHECKPOINT_FILE).exists():
+        raise ConfigError(
+            f"{output_dir} already holds a pruning run; pass --resume to continue it or choose another --output-dir"
+        )
+
+
+def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> None:
+    output_dir = Path(output_dir)
+    _refuse_to_overwrite(output_dir, resume)
+    accelerator = make_accelerator(config, config.prune.mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(config.seed)
+
+    dataset = build_dataset(config)
+    components = load_components(resolve_pretrained(config.model.pretrained), config.model.revision)
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.requires_grad_(False).eval().to(device)
+    unet = components.unet
+    shape = deploy_shape(config, components)
+    layout = GateLayout.from_unet(unet, ff_groups=config.gates.ff_groups, depth=config.gates.depth)
+    macs = MacsModel(unet, layout, shape).to(device)
+    encoder = SentenceEncoder(config.router.encoder, device=device)
+
+    head = RouterHead(embed_dim=encoder.dim, num_gates=layout.num_gates, hidden_dim=config.router.hidden_dim)
+    codes = ArchitectureCodes(config.codes.num_codes, layout.num_gates, base=config.codes.base, temperature=config.codes.temperature)
+    model = RouterAndCodes(head, codes)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.head.parameters(), "lr": config.prune.router_learning_rate},
+            {"params": model.codes.parameters(), "lr": config.prune.learning_rate},
+        ],
+        weight_decay=0.0,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if resume:
+        check_resume_config(output_dir / "config.yaml", config)
+        found = latest_state(output_dir)
+        if found is None:
+            raise ConfigError(f"--resume: {output_dir} has no saved training state to resume from")
+        path, saved_step = found
+        accelerator.load_state(str(path))
+        start_step = saved_step + 1
+        logger.info("resuming from step %d (%s)", saved_step, path)
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / "config.yaml")
+        layout.save_config(str(output_dir))
+    accelerator.wait_for_everyone()
+
+    log = JsonlLog(output_dir / "log.jsonl", start_step - 1 if resume else None, accelerator.is_main_process)
+    cfg = config.prune
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed, start_step, cfg.max_steps,
+                               accelerator.num_processes, accelerator.process_index)
+    loader = make_loader(dataset, sampler, config.data.num_workers)
+    weights = config.loss_weights
+    unit_weights = layout.unit_weights.to(device)
+    unit_site, site_nonempty = layout.unit_site.to(device), layout.site_nonempty.to(device)
+
+    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="prune", disable=not accelerator.is_local_main_process)
+    for step, batch in zip(range(start_step, cfg.max_steps), loader):
+        generator = step_generator(config.seed, step, accelerator.process_index, device)
+        inner = accelerator.unwrap_model(model)
+        sentence = encoder.encode(batch["text"]).to(device)
+        router_vectors, code_logits, scores = model(sentence, unit_weights)
+        assignment = global_balanced_assignment(scores.detach(), accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
+        losses = {
+            "contrastive": contrastive_loss(router_vectors, sentence, config.router.contrastive_temperature),
+            "assignment": assignment_loss(scores, assignment, ASSIGNMENT_TEMPERATURE),
+        }
+        record: dict = {"step": step, "phase": "warmup" if step < cfg.router_warmup_steps else "prune"}
+        if step >= cfg.router_warmup_steps:
+            # Straight-through: the gates take the assigned code's values, and the router
+            # receives the task gradient as if its own vector had been used.
+            logits = code_logits[assignment] + (router_vectors - router_vectors.detach())
+            gates = relaxed_gates(logits, inner.codes.base, inner.codes.temperature, generator)
+            noisy, timesteps, noise, latents, context = diffusion_inputs(components, batch, device, shape.text_length, generator)
+            with torch.no_grad(), capture_block_outputs(unet) as teacher_blocks:
+                teacher = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            with apply_gates(unet, layout, gates), capture_block_outputs(unet) as student_blocks:
+                student = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            losses["denoise"] = denoising_loss(student, noise, latents, timesteps, components.noise_scheduler, cfg.snr_gamma)
+            losses["distill_output"], losses["distill_blocks"] = distillation_loss(student, teacher, student_blocks, teacher_blocks)
+            sample_ratio = macs.ratio(gates).float()
+            code_ratio = macs.ratio(torch.sigmoid(code_logits + inner.codes.base)).float()
+            losses["resource"] = resource_loss(sample_ratio, code_ratio, config.budget.target, config.budget.spread_weight)
+            record["batch_macs_ratio"] = float(sample_ratio.mean())
+        total = sum(getattr(weights, name) * value for name, value in losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(total)
+        optimizer.step()
+
+        with torch.no_grad():
+            hard = inner.codes.hard_masks(unit_site, site_nonempty)
+            record["code_macs_ratio"] = [round(float(r), 5) for r in macs.ratio(hard.float())]
+            counts = torch.bincount(assignment, minlength=inner.codes.num_codes).float()
+            record["code_share"] = [round(float(c), 4) for c in (counts / counts.sum())]
+        record.update({k: float(v.detach()) for k, v in losses.items()}, total=float(total.detach()))
+        log.write(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{float(total):.3f}", macs=f"{sum(record['code_macs_ratio']) / len(record['code_macs_ratio']):.2f}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+            save_state(accelerator, output_dir, step)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model)
+        write_pruned_checkpoint(output_dir, config, components, layout, macs, shape, encoder, dataset, inner, cfg.max_steps)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def route_texts(texts: list[str], encoder: SentenceEncoder, head: RouterHead, code_logits: torch.Tensor,
+                unit_weights: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Inference routing (argmax of the similarity) for many prompts."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        sentence = encoder.encode(texts[i : i + batch_size]).to(code_logits.device)
+        out.append(route_argmax(group_weighted_cosine(head(sentence), code_logits, unit_weights)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def write_pruned_checkpoint(output_dir: Path, config: TrainConfig, components: DiffusionComponents, layout: GateLayout,
+                            macs: MacsModel, shape: DeployShape, encoder: SentenceEncoder, dataset,
+                            model: RouterAndCodes, step: int) -> None:
+    """Codes, router head, one sliced expert per code, and checkpoint.json with MACs and shares."""
+    device = model.codes.logits.device
+    hard = model.codes.hard_masks(layout.unit_site.to(device), layout.site_nonempty.to(device))
+    ratios = [float(r) for r in macs.ratio(hard.float())]
+    model.head.save_pretrained(str(output_dir / ckpt.ROUTER_HEAD_DIR))
+    ckpt.save_codes(output_dir, model.codes.logits, hard)
+    texts = dataset_texts(dataset)
+    routed = route_texts(texts, encoder, model.head, model.codes.logits, layout.unit_weights.to(device))
+    counts = torch.bincount(routed.cpu(), minlength=model.codes.num_codes).float()
+    share = (counts / counts.sum()).tolist()
+    unet = components.unet.to("cpu")
+    for k in tqdm(range(model.codes.num_codes), desc="slice experts", leave=False):
+        sliced, spec = slice_unet(unet, layout, hard[k].cpu())
+        save_expert(ckpt.expert_dir(output_dir, k), sliced, spec, unet.config,
+                    info={"code": k, "macs_ratio": ratios[k], "weights": "sliced from the dense UNet"})
+    info = ckpt.CheckpointInfo(
+        pretrained=components.pretrained, num_codes=model.codes.num_codes, encoder=encoder.name_or_path,
+        resolution=config.model.resolution, latent_height=shape.latent_height, latent_width=shape.latent_width,
+        text_length=shape.text_length, budget_target=config.budget.target, code_base=model.codes.base,
+        dense_macs=macs.dense_macs, code_macs_ratio=ratios, code_share=share, step=step,
+    )
+    info.save(output_dir)  # written last: its presence marks a complete checkpoint
+    expected = sum(s * r for s, r in zip(share, ratios))
+    logger.info("codes' MACs ratios %s, shares %s, expected MACs ratio %.3f (target %.3f)",
+                [round(r, 3) for r in ratios], [round(s, 3) for s in share], expected, config.budget.target)
