@@ -104,6 +104,8 @@ class LossWeightsConfig:
 class SinkhornConfig:
     """Balanced optimal-transport assignment of prompts to codes during training."""
 
+    # False: plain argmax assignment during training (the "without optimal transport" ablation).
+    enabled: bool = True
     epsilon: float = 0.05
     iterations: int = 3
 

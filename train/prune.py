@@ -56,7 +56,10 @@ class RouterAndCodes(nn.Module):
         """(router vectors (B, N), code logits (K, N), similarity scores (B, K))."""
         router_vectors = self.head(sentence)
         logits = self.codes.logits
-        return router_vectors, logits, group_weighted_cosine(router_vectors, logits, unit_weights)
+        # The router moves towards the codes, not the codes towards the router: through the
+        # (scale-free) cosine the codes would get a large, sign-noisy gradient that drowns the
+        # budget and quality signal they must follow.
+        return router_vectors, logits, group_weighted_cosine(router_vectors, logits.detach(), unit_weights)
 
 
 def deploy_shape(config: TrainConfig, components: DiffusionComponents) -> DeployShape:
@@ -155,7 +158,10 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
         inner = accelerator.unwrap_model(model)
         sentence = encoder.encode(batch["text"]).to(device)
         router_vectors, code_logits, scores = model(sentence, unit_weights)
-        assignment = global_balanced_assignment(scores.detach(), accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
+        if config.sinkhorn.enabled:
+            assignment = global_balanced_assignment(scores.detach(), accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
+        else:
+            assignment = route_argmax(scores.detach())
         losses = {
             "contrastive": contrastive_loss(router_vectors, sentence, config.router.contrastive_temperature),
             "assignment": assignment_loss(scores, assignment, ASSIGNMENT_TEMPERATURE),
