@@ -9,7 +9,10 @@ set -euo pipefail
 run_dir="${APTP_RUN_DIR:-runs/tiny}"
 config="${APTP_CONFIG:-tiny}"
 
-aptp-train prune --config "$config" --output-dir "$run_dir"
+# A second run continues (or, once finished, keeps) what the first one wrote.
+resume=()
+if [ -e "$run_dir/config.yaml" ]; then resume=(--resume); fi
+aptp-train prune --config "$config" --output-dir "$run_dir" "${resume[@]}"
 aptp-train route --checkpoint "$run_dir"
 
 # One expert per architecture code.

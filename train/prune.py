@@ -101,6 +101,12 @@ def _refuse_to_overwrite(output_dir: Path, resume: bool) -> None:
 def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> None:
     output_dir = Path(output_dir)
     _refuse_to_overwrite(output_dir, resume)
+    if resume and (output_dir / ckpt.CHECKPOINT_FILE).is_file():
+        check_resume_config(output_dir / "config.yaml", config)
+        done = ckpt.CheckpointInfo.load(output_dir).step
+        if done >= config.prune.max_steps:
+            logger.info("%s already finished pruning (%d steps); nothing to resume", output_dir, done)
+            return
     accelerator = make_accelerator(config, config.prune.mixed_precision)
     device = accelerator.device
     torch.manual_seed(config.seed)
@@ -196,7 +202,7 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
         record.update({k: float(v.detach()) for k, v in losses.items()}, total=float(total.detach()))
         log.write(record)
         progress.update(1)
-        progress.set_postfix(loss=f"{float(total):.3f}", macs=f"{sum(record['code_macs_ratio']) / len(record['code_macs_ratio']):.2f}")
+        progress.set_postfix(loss=f"{record['total']:.3f}", macs=f"{sum(record['code_macs_ratio']) / len(record['code_macs_ratio']):.2f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_state(accelerator, output_dir, step)
     progress.close()
