@@ -62,6 +62,17 @@ class RouterAndCodes(nn.Module):
         return router_vectors, logits, group_weighted_cosine(router_vectors, logits.detach(), unit_weights)
 
 
+def effective_warmup(warmup: int, max_steps: int) -> int:
+    """Router warm-up steps actually used: a run shorter than its warm-up would never prune, so
+    such a run warms up for its first tenth instead (the reference's 500 of 5000)."""
+    if warmup < max_steps:
+        return warmup
+    scaled = max_steps // 10
+    logger.warning("router warm-up (%d steps) is not shorter than the run (%d steps): warming up for %d steps instead",
+                   warmup, max_steps, scaled)
+    return scaled
+
+
 def deploy_shape(config: TrainConfig, components: DiffusionComponents) -> DeployShape:
     side = config.model.resolution // components.vae_scale_factor
     if side < 1 or config.model.resolution % components.vae_scale_factor:
@@ -151,6 +162,7 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
 
     log = JsonlLog(output_dir / "log.jsonl", start_step - 1 if resume else None, accelerator.is_main_process)
     cfg = config.prune
+    warmup = effective_warmup(cfg.router_warmup_steps, cfg.max_steps)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed, start_step, cfg.max_steps,
                                accelerator.num_processes, accelerator.process_index)
     loader = make_loader(dataset, sampler, config.data.num_workers)
@@ -172,8 +184,8 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
             "contrastive": contrastive_loss(router_vectors, sentence, config.router.contrastive_temperature),
             "assignment": assignment_loss(scores, assignment, ASSIGNMENT_TEMPERATURE),
         }
-        record: dict = {"step": step, "phase": "warmup" if step < cfg.router_warmup_steps else "prune"}
-        if step >= cfg.router_warmup_steps:
+        record: dict = {"step": step, "phase": "warmup" if step < warmup else "prune"}
+        if step >= warmup:
             # Straight-through: the gates take the assigned code's values, and the router
             # receives the task gradient as if its own vector had been used.
             logits = code_logits[assignment] + (router_vectors - router_vectors.detach())
