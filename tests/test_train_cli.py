@@ -143,3 +143,11 @@ def test_empty_dataset_is_refused(tmp_path, capsys):
     code = prune(tmp_path / "bad", 2, "--set", "data.format=jsonl", "--set", f"data.path={data}")
     err = capsys.readouterr().err
     assert code == 2 and "no usable samples" in err and "Traceback" not in err
+
+
+def test_warmup_never_swallows_a_short_run():
+    from aptp.train.prune import effective_warmup
+
+    assert effective_warmup(20, 200) == 20
+    assert effective_warmup(20, 20) == 2
+    assert effective_warmup(500, 5) == 0
