@@ -200,7 +200,7 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
             sample_ratio = macs.ratio(gates).float()
             code_ratio = macs.ratio(torch.sigmoid(code_logits + inner.codes.base)).float()
             losses["resource"] = resource_loss(sample_ratio, code_ratio, config.budget.target, config.budget.spread_weight)
-            record["batch_macs_ratio"] = float(sample_ratio.mean())
+            record["batch_macs_ratio"] = float(sample_ratio.detach().mean())
         total = sum(getattr(weights, name) * value for name, value in losses.items())
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(total)
