@@ -1,0 +1,110 @@
+"""``aptp-export``: a training checkpoint -> ONNX (and TensorRT) artifacts with a manifest.
+
+    aptp-export --checkpoint runs/tiny --output artifacts/tiny [--precision fp32|fp16]
+                [--resolution PX] [--min-resolution PX] [--max-resolution PX] [--max-batch N]
+                [--scheduler ddim|euler|dpmpp_2m] [--steps N] [--tensorrt] [--pipeline-dirs]
+                [--no-dense]
+
+Bad input (any `AptpError`) prints one line, ``aptp-export: error: <message>``, and exits 2;
+anything else is a bug and keeps its traceback. Ctrl-C exits 130 and leaves the output as it
+was (the export is staged and renamed into place only when complete). torch and diffusers are
+imported only after the arguments parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from aptp import __version__
+from aptp.errors import AptpError
+
+PROG = "aptp-export"
+
+logger = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export an aptp pruning checkpoint: one ONNX UNet per expert (+ dense), router, text "
+        "encoder, VAE decoder, scheduler tables and a manifest; TensorRT engines where available.",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
+                        help="checkpoint directory written by aptp-train prune (or finetune)")
+    parser.add_argument("--output", type=Path, required=True, metavar="DIR",
+                        help="export directory to write (replaced whole if it exists)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="weights and activations of the UNets, text encoder and VAE decoder (default: fp32; "
+                        "the router stays fp32)")
+    parser.add_argument("--resolution", type=_positive_int, metavar="PX",
+                        help="nominal image size in pixels (default: the checkpoint's)")
+    parser.add_argument("--min-resolution", type=_positive_int, metavar="PX",
+                        help="smallest image size the runtime may ask for (default: --resolution)")
+    parser.add_argument("--max-resolution", type=_positive_int, metavar="PX",
+                        help="largest image size the runtime may ask for (default: --resolution)")
+    parser.add_argument("--max-batch", type=_positive_int, default=4, metavar="N",
+                        help="prompts per UNet call; TensorRT profiles cover 2N for guidance (default: 4)")
+    parser.add_argument("--scheduler", default="ddim", metavar="NAME",
+                        help="sampler whose coefficient table is stored: ddim, euler or dpmpp_2m (default: ddim)")
+    parser.add_argument("--steps", type=_positive_int, default=50, metavar="N",
+                        help="inference steps of the stored scheduler table (default: 50)")
+    parser.add_argument("--tensorrt", action="store_true",
+                        help="also build fp16 TensorRT engines (needs the tensorrt package and a GPU; "
+                        "otherwise warns and exports ONNX only)")
+    parser.add_argument("--pipeline-dirs", action="store_true",
+                        help="also write diffusers OnnxStableDiffusionPipeline directories under pipelines/")
+    parser.add_argument("--no-dense", dest="dense", action="store_false",
+                        help="do not export the unpruned UNet")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aptp-export``; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        from .exporter import ExportOptions, export_checkpoint
+
+        options = ExportOptions(
+            precision=args.precision, resolution=args.resolution, min_resolution=args.min_resolution,
+            max_resolution=args.max_resolution, max_batch=args.max_batch, scheduler=args.scheduler,
+            steps=args.steps, tensorrt=args.tensorrt, pipeline_dirs=args.pipeline_dirs, dense=args.dense,
+        )
+        manifest = export_checkpoint(args.checkpoint, args.output, options)
+    except AptpError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {args.output} was left as it was", file=sys.stderr)
+        return 130
+    experts = manifest["experts"]
+    print(f"exported {len(experts)} experts to {args.output}")
+    for entry in experts:
+        share = "n/a" if entry["share"] is None else f"{entry['share']:.1%}"
+        print(f"  expert {entry['code']}: MACs ratio {entry['macs_ratio']:.3f}, prompt share {share}, "
+              f"ONNX max abs error {entry['max_abs_error']:.2g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
