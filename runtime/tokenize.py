@@ -1,0 +1,110 @@
+"""Prompt checks and tokenisation with the `tokenizers` library, from an exported ``tokenizer.json``.
+
+The exported files are the ones the models were trained with, so ``tokenizers`` reproduces
+transformers' fast tokenizers exactly (normaliser, pre-tokeniser, special-token template).
+The diffusion text encoder pads every prompt to its fixed length, as diffusers does; the router
+pads to the batch's longest prompt, as sentence-transformers does (its mean pooling ignores
+padding either way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aptp.errors import ArtifactError, RuntimeInputError
+
+__all__ = ["PromptTokenizer", "TokenBatch", "check_prompts"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """The prompts as a list of non-empty strings; one string is a batch of one.
+
+    Raises:
+        RuntimeInputError: an empty list, a non-string (bytes must be decoded first), or a prompt
+            with no characters other than whitespace.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
+        raise RuntimeInputError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise RuntimeInputError("the prompt list is empty: pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (bytes, bytearray)):
+            raise RuntimeInputError(f"prompt {i} is bytes, not text: decode it first (prompt.decode('utf-8'))")
+        if not isinstance(prompt, str):
+            raise RuntimeInputError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            what = "has 0 characters" if not prompt else "is only whitespace"
+            raise RuntimeInputError(f"prompt {i} {what}: every prompt needs some text to condition on")
+    return prompts
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids and attention mask ``(B, L)`` (int64), and which prompts were truncated."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    truncated: tuple[bool, ...]
+
+
+class PromptTokenizer:
+    """A ``tokenizers.Tokenizer`` with the model's truncation and padding.
+
+    Args:
+        path: the ``tokenizer.json``.
+        max_length: tokens per prompt, special tokens included; longer prompts are truncated.
+        pad_token_id: id padded with; ``None`` reads it from the file's padding settings, else 0.
+        pad_to_max_length: pad every prompt to `max_length` (the text encoder's fixed length)
+            instead of to the longest prompt of the batch.
+        warn_truncation: log a warning per truncated prompt (the text encoder's limit is one
+            users should hear about; the router's is not).
+        name: what the tokenizer is for, in log messages.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_length: int, pad_token_id: int | None = None,
+                 pad_to_max_length: bool = True, warn_truncation: bool = True, name: str = "tokenizer"):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        self.name = name
+        self.max_length = int(max_length)
+        self.warn_truncation = warn_truncation
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path))
+        except Exception as err:  # tokenizers raises plain Exception for unreadable files
+            raise ArtifactError(f"cannot read tokenizer {self.path}: {err}; re-export") from err
+        saved = self.tokenizer.padding or {}
+        if pad_token_id is None:
+            pad_token_id = int(saved.get("pad_id", 0))
+        self.pad_token_id = int(pad_token_id)
+        pad_token = self.tokenizer.id_to_token(self.pad_token_id) or saved.get("pad_token", "[PAD]")
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.enable_padding(
+            pad_id=self.pad_token_id, pad_token=pad_token, length=self.max_length if pad_to_max_length else None
+        )
+
+    def __call__(self, prompts: Sequence[str]) -> TokenBatch:
+        """Tokenise checked prompts (see `check_prompts`)."""
+        encodings = self.tokenizer.encode_batch(list(prompts))
+        truncated = tuple(bool(e.overflowing) for e in encodings)
+        if self.warn_truncation:
+            for i, cut in enumerate(truncated):
+                if cut:
+                    logger.warning("prompt %d is longer than the %s's %d tokens and was truncated: %r...",
+                                   i, self.name, self.max_length, prompts[i][:60])
+        return TokenBatch(
+            input_ids=np.array([e.ids for e in encodings], dtype=np.int64),
+            attention_mask=np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            truncated=truncated,
+        )
