@@ -1,1 +1,68 @@
-"""aptp.runtime."""
+"""aptp.runtime: torch-free routing, dispatch and sampling over an aptp export.
+
+Imports only numpy, tokenizers, onnxruntime (or tensorrt), Pillow for PNGs and the ``aptp._C``
+extension; never torch, diffusers or training code. Names load lazily, so ``import
+aptp.runtime`` itself is cheap.
+
+    from aptp.runtime import AptpPipeline, GenerationServer
+    pipe = AptpPipeline.from_export("exports/tiny", device="cpu")
+    images = [r.image for r in pipe(["a red car", "a bowl of soup"], seeds=0)]
+
+Public API:
+    AptpPipeline, GenerationOptions, GenerationResult, initial_noise, resolve_backend, STAGES
+    GenerationServer, QueueFullError, ServerClosedError                   serving under load
+    load_artifacts, ExportArtifacts, ModelFile, TokenizerFile, DENSE      export reading
+    Engine, OnnxRuntimeEngine, TensorRTEngine, DeviceTensor               engines
+    Router, PromptTokenizer, check_prompts                                routing, tokens
+    SchedulerTable                                                        sampler tables
+    denoise, denoise_on_device                                            the sampling loop
+    to_uint8, save_png                                                    images
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AptpPipeline": ".pipeline",
+    "GenerationOptions": ".pipeline",
+    "GenerationResult": ".pipeline",
+    "STAGES": ".pipeline",
+    "initial_noise": ".pipeline",
+    "resolve_backend": ".pipeline",
+    "GenerationServer": ".serving",
+    "QueueFullError": ".serving",
+    "ServerClosedError": ".serving",
+    "DENSE": ".artifacts",
+    "ExportArtifacts": ".artifacts",
+    "ModelFile": ".artifacts",
+    "TokenizerFile": ".artifacts",
+    "load_artifacts": ".artifacts",
+    "DeviceTensor": ".engine",
+    "Engine": ".engine",
+    "OnnxRuntimeEngine": ".engine",
+    "TensorRTEngine": ".engine",
+    "Router": ".router",
+    "PromptTokenizer": ".tokenize",
+    "check_prompts": ".tokenize",
+    "SchedulerTable": ".scheduler",
+    "denoise": ".denoise",
+    "denoise_on_device": ".denoise",
+    "save_png": ".images",
+    "to_uint8": ".images",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,154 @@
+"""``aptp-generate``: images from an export, with each prompt's expert and time per stage.
+
+    aptp-generate --artifacts exports/tiny --prompt "a red car" --output out.png
+    aptp-generate --artifacts exports/tiny --prompt "a red car" --prompt "soup" --output out.png
+    aptp-generate --artifacts exports/tiny --prompts-file prompts.txt --output images/out.png
+
+With several prompts the images are numbered: ``out_0.png``, ``out_1.png``... A prompts file is
+UTF-8 text with one prompt per line (blank lines are skipped). Prompt ``i`` uses seed
+``--seed + i``. Bad input (any `AptpError`) prints one line, ``aptp-generate: error: <message>``,
+and exits 2. Torch-free: this module imports only the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from aptp import __version__
+from aptp.errors import AptpError, RuntimeInputError
+
+PROG = "aptp-generate"
+
+logger = logging.getLogger(__name__)
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line of a UTF-8 file, blank lines skipped.
+
+    Raises:
+        RuntimeInputError: the file cannot be read or is not UTF-8.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RuntimeInputError(f"cannot read --prompts-file {path}: {err.strerror or err}") from err
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise RuntimeInputError(
+            f"--prompts-file {path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
+            f"(line {line}) cannot be decoded; re-save the file as UTF-8"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _integer(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise RuntimeInputError(f"{flag} must be a positive integer, got {text!r}") from None
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise RuntimeInputError(f"--guidance-scale must be a number (e.g. 7.5), got {text!r}") from None
+    if not math.isfinite(value):
+        raise RuntimeInputError(f"--guidance-scale must be a finite number, got {text!r}")
+    return value
+
+
+def _expert(text: str) -> int | str:
+    if text == "dense":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise RuntimeInputError(f"--expert must be a code (an integer) or 'dense', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Generate images from an aptp export (no torch needed).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--artifacts", required=True, help="the export directory aptp-export wrote")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
+    parser.add_argument("--prompts-file", help="UTF-8 text file, one prompt per line")
+    parser.add_argument("--output", required=True, help="PNG path; several prompts give out_0.png, out_1.png...")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    # Parsed as text and checked by the runtime, so bad values get the runtime's messages.
+    parser.add_argument("--steps", help="sampling steps (must match the export's sampler table)")
+    parser.add_argument("--guidance-scale", help="classifier-free guidance scale (default: the export's)")
+    parser.add_argument("--height", help="image height in pixels (default: the export's)")
+    parser.add_argument("--width", help="image width in pixels (default: the export's)")
+    parser.add_argument("--expert", help="run every prompt on this code, or 'dense', instead of routing")
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per model")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the sha256 check of every file (only existence is checked)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Generate and save the images of parsed `args`; returns the paths written."""
+    from .images import numbered_paths, save_png
+    from .pipeline import STAGES, AptpPipeline
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    if not prompts:
+        raise RuntimeInputError("no prompts: pass --prompt TEXT (repeatable) or a non-empty --prompts-file")
+    paths = numbered_paths(args.output, len(prompts))
+    pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
+                                    device=args.device, threads=args.threads)
+    results = pipe(
+        prompts,
+        seeds=args.seed,
+        num_inference_steps=None if args.steps is None else _integer(args.steps, "--steps"),
+        height=None if args.height is None else _integer(args.height, "--height"),
+        width=None if args.width is None else _integer(args.width, "--width"),
+        guidance_scale=None if args.guidance_scale is None else _guidance(args.guidance_scale),
+        expert=None if args.expert is None else _expert(args.expert),
+    )
+    for i, (result, path) in enumerate(zip(results, paths)):
+        save_png(result.image, path)
+        stages = "  ".join(f"{stage} {_ms(result.timings[stage])}" for stage in STAGES)
+        note = "  (truncated)" if result.truncated else ""
+        print(f"[{i}] expert {result.expert}  seed {result.seed}  {stages}  -> {path}{note}")
+        print(f"    {result.prompt}")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aptp-generate``; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except AptpError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Prompt-routed generation from an export: route, group by expert, denoise, decode.
+
+    pipe = AptpPipeline.from_export("exports/tiny")
+    results = pipe(["a red car", "a bowl of soup"], seeds=[0, 1])
+    results[0].image            # (H, W, 3) uint8; results[0].expert is its code
+
+A batch of prompts is tokenised, routed (router encoder -> head -> argmax), encoded by the text
+encoder, and grouped by code (`kernels.group_by_code`). Each group gathers its latents and text
+states into one contiguous batch (`kernels.gather_rows`), runs the classifier-free-guided
+sampling loop on its expert's UNet (`aptp.runtime.denoise`), scatters its final latents back
+(`kernels.scatter_rows`) and is decoded by the VAE decoder. Results come back in the caller's
+order. ``expert=k`` or ``expert="dense"`` skips the router and runs every prompt on that UNet.
+
+Randomness: prompt ``i``'s initial noise is
+``numpy.random.Generator(numpy.random.PCG64(seeds[i])).standard_normal((C, h, w), dtype=float32)``
+times the sampler's ``init_noise_sigma``, drawn per prompt, so a request gives the same image
+alone or in any batch. ``seeds=None`` draws fresh seeds and reports them in the results.
+
+The text encoder and the router run once over the whole batch (they are shared by every
+expert); the loop and the decoder run per group. Sessions are created once per pipeline, on
+first use (or all at construction with ``preload=True``), and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import numbers
+import os
+import secrets
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aptp.errors import ArtifactError, RuntimeInputError
+
+from . import kernels
+from .artifacts import DENSE, ExportArtifacts, load_artifacts
+from .denoise import denoise, denoise_on_device, uses_guidance
+from .engine import BACKENDS, DEVICES, Engine, OnnxRuntimeEngine, TensorRTEngine, tensorrt_available
+from .images import to_uint8
+from .router import Router
+from .scheduler import SchedulerTable
+from .tokenize import PromptTokenizer, check_prompts
+
+__all__ = [
+    "STAGES",
+    "AptpPipeline",
+    "GenerationOptions",
+    "GenerationResult",
+    "initial_noise",
+    "resolve_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Timed stages, in order; every result's ``timings`` has these keys (seconds).
+STAGES = ("tokenise", "route", "text_encode", "denoise", "decode")
+OUTPUT_TYPES = ("np", "latent")
+_MAX_SEED = 2**63
+
+
+def initial_noise(seed: int, shape: Sequence[int]) -> np.ndarray:
+    """The standard normal noise of one request: ``Generator(PCG64(seed)).standard_normal(shape)``,
+    float32. Multiply by the sampler's ``init_noise_sigma`` for the initial latents."""
+    return np.random.Generator(np.random.PCG64(seed)).standard_normal(tuple(shape), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Checked per-request options; requests with equal options can share a batch."""
+
+    guidance_scale: float
+    num_inference_steps: int
+    height: int
+    width: int
+    expert: int | str | None = None
+    output_type: str = "np"
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output.
+
+    ``expert`` is the code the prompt ran on (or ``"dense"``); ``latents`` are the final
+    latents ``(C, h, w)`` float32; ``image`` is ``(H, W, 3)`` uint8 (``None`` for
+    ``output_type="latent"``); ``timings`` are seconds per stage (`STAGES`): tokenise, route
+    and text_encode for the whole batch, denoise and decode for the prompt's expert group.
+    """
+
+    prompt: str
+    seed: int
+    expert: int | str
+    latents: np.ndarray
+    image: np.ndarray | None = None
+    truncated: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_backend(backend: str, device: str, artifacts: ExportArtifacts) -> str:
+    """``"onnxruntime"`` or ``"tensorrt"`` for the UNets: ``auto`` takes TensorRT plans on CUDA
+    when ``tensorrt`` imports and every UNet has a plan, else onnxruntime.
+
+    Raises:
+        RuntimeInputError: an unknown backend or device, or ``tensorrt`` where it cannot run.
+    """
+    if backend not in BACKENDS:
+        raise RuntimeInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device not in DEVICES:
+        raise RuntimeInputError(f"device must be one of {DEVICES}, got {device!r}")
+    missing = [key for key in artifacts.model_keys if artifacts.unet(key).tensorrt is None]
+    ok, reason = tensorrt_available()
+    if backend == "tensorrt":
+        if device != "cuda":
+            raise RuntimeInputError("backend 'tensorrt' runs on device 'cuda' only; pass device='cuda'")
+        if not ok:
+            raise RuntimeInputError(f"backend 'tensorrt' is unavailable: {reason}; use backend 'onnxruntime'")
+        if missing:
+            raise RuntimeInputError(f"export {artifacts.root} has no TensorRT plan for UNets {missing}: "
+                                    "re-export on a machine with TensorRT, or use backend 'onnxruntime'")
+        return "tensorrt"
+    if backend == "auto" and device == "cuda" and ok and not missing:
+        return "tensorrt"
+    return "onnxruntime"
+
+
+def _check_steps(value: Any, table: SchedulerTable) -> int:
+    if value is None:
+        return table.num_steps
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {value}")
+    if value != table.num_steps:
+        raise RuntimeInputError(
+            f"this export's {table.name} sampler table has {table.num_steps} steps; {value} steps need "
+            f"another table: re-export with --steps {value}, or pass num_inference_steps={table.num_steps}"
+        )
+    return int(value)
+
+
+def _check_guidance(value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise RuntimeInputError(f"guidance_scale must be a finite number (e.g. 7.5), got {value!r}")
+    return float(value)
+
+
+def _check_size(value: Any, name: str, default: int, artifacts: ExportArtifacts) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise RuntimeInputError(f"{name} must be a positive number of pixels, got {value!r}")
+    multiple = artifacts.size_multiple
+    if value % multiple:
+        raise RuntimeInputError(f"{name} {value} is not a multiple of {multiple} (VAE factor x UNet downsampling); "
+                                f"try {max(multiple, value // multiple * multiple)}")
+    low = artifacts.min_size or min(artifacts.image_height, artifacts.image_width)
+    high = artifacts.max_size or max(artifacts.image_height, artifacts.image_width)
+    if not low <= value <= high:
+        raise RuntimeInputError(f"{name} {value} is outside this export's range [{low}, {high}] pixels; re-export "
+                                "with --min-resolution/--max-resolution to cover it")
+    return int(value)
+
+
+def _check_seeds(seeds: Any, count: int) -> list[int]:
+    if seeds is None:
+        return [secrets.randbelow(_MAX_SEED) for _ in range(count)]
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        seeds = [int(seeds) + i for i in range(count)]
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != count:
+        raise RuntimeInputError(f"seeds must be an integer or a list of {count} integers (one per prompt), "
+                                f"got {seeds!r}")
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
+            raise RuntimeInputError(f"seeds[{i}] must be an integer in [0, 2**63), got {seed!r}")
+    return [int(s) for s in seeds]
+
+
+class AptpPipeline:
+    """Routed text-to-image generation from one export directory; torch-free.
+
+    Args:
+        artifacts: a verified export (`load_artifacts`); `from_export` loads it for you.
+        backend: ``"auto"``, ``"onnxruntime"`` or ``"tensorrt"`` (see `resolve_backend`).
+        device: ``"cpu"`` or ``"cuda"``. On CUDA the loop keeps latents on the GPU when
+            ``aptp._C_cuda`` sees a device, else it runs on the host between GPU model calls.
+        device_id: GPU ordinal.
+        threads: intra-op threads per session (default: ``$OMP_NUM_THREADS``, else all cores).
+        scheduler: another sampler table (`SchedulerTable` or its dict) for the export's models,
+            e.g. one exported for another sampler or step count; default: the manifest's.
+        preload: create every session now instead of on first use.
+    """
+
+    def __init__(self, artifacts: ExportArtifacts, *, backend: str = "auto", device: str = "cpu",
+                 device_id: int = 0, threads: int | None = None,
+                 scheduler: SchedulerTable | Mapping[str, Any] | None = None, preload: bool = False):
+        self.artifacts = artifacts
+        self.device = device
+        self.device_id = int(device_id)
+        self.backend = resolve_backend(backend, device, artifacts)
+        self.threads = threads
+        self.scheduler: SchedulerTable = artifacts.scheduler
+        self.on_device_loop = device == "cuda" and kernels.cuda_available()
+        if device == "cuda" and not self.on_device_loop:
+            logger.warning("device 'cuda' without the CUDA kernels (%s): latents go through the host every "
+                           "step", kernels.cuda_status())
+        self.text_tokenizer = PromptTokenizer(
+            artifacts.tokenizer.path, artifacts.tokenizer.max_length, artifacts.tokenizer.pad_token_id,
+            pad_to_max_length=True, warn_truncation=True, name="text encoder")
+        self.router = Router(
+            PromptTokenizer(artifacts.router_tokenizer.path, artifacts.router_tokenizer.max_length,
+                            artifacts.router_tokenizer.pad_token_id, pad_to_max_length=False, warn_truncation=False, name="router encoder"),
+            self._make_engine(artifacts.router_encoder.onnx), self._make_engine(artifacts.router_head.onnx),
+            artifacts.num_codes)
+        self._engines: dict[Any, Engine] = {
+            "text_encoder": self._make_engine(artifacts.text_encoder.onnx),
+            "vae_decoder": self._make_engine(artifacts.vae_decoder.onnx),
+            "router_encoder": self.router.encoder,
+            "router_head": self.router.head,
+        }
+        self._lock = threading.Lock()  # engine creation and the unconditional text states
+        self._device_lock = threading.Lock()  # the on-device loop reuses the UNets' buffers
+        self._uncond: np.ndarray | None = None
+        if scheduler is not None:
+            self.scheduler = self.with_scheduler(scheduler).scheduler
+        if preload:
+            self.load()
+
+    @classmethod
+    def from_export(cls, path: str | os.PathLike, *, verify: bool = True, **kwargs: Any) -> AptpPipeline:
+        """Verify the export at `path` (every file's sha256 unless ``verify=False``) and build a
+        pipeline on it; keyword arguments go to the constructor."""
+        return cls(load_artifacts(path, verify=verify), **kwargs)
+
+    # ---- engines -------------------------------------------------------------------------
+
+    def _make_engine(self, path: os.PathLike, plan: os.PathLike | None = None) -> Engine:
+        if plan is not None and self.backend == "tensorrt":
+            return TensorRTEngine(plan, self.device_id)
+        return OnnxRuntimeEngine(path, self.device, threads=self.threads, backend=self.backend,
+                                 device_id=self.device_id)
+
+    def unet(self, key: int | str) -> Engine:
+        """The loaded UNet engine of expert `key` or ``"dense"`` (created once, then reused)."""
+        name = ("unet", key)
+        engine = self._engines.get(name)
+        if engine is None:
+            with self._lock:
+                engine = self._engines.get(name)
+                if engine is None:
+                    entry = self.artifacts.unet(key)
+                    engine = self._make_engine(entry.onnx, entry.tensorrt)
+                    engine.load()
+                    self._engines[name] = engine
+        return engine
+
+    def load(self) -> None:
+        """Create every session now (router, text encoder, VAE decoder, every UNet)."""
+        for engine in list(self._engines.values()):
+            engine.load()
+        for key in self.artifacts.model_keys:
+            self.unet(key)
+
+    def with_scheduler(self, scheduler: SchedulerTable | Mapping[str, Any]) -> AptpPipeline:
+        """A pipeline sampling with another table on the same sessions (nothing is reloaded).
+
+        The table must fit the export's models (same training schedule and prediction type);
+        `aptp.export.scheduler_tables.build_scheduler_table` writes one for any sampler.
+        """
+        if not isinstance(scheduler, SchedulerTable):
+            scheduler = SchedulerTable.from_dict(scheduler, source="scheduler argument")
+        if scheduler.prediction_type != self.scheduler.prediction_type:
+            raise RuntimeInputError(
+                f"the new sampler table predicts {scheduler.prediction_type!r}, the export's models "
+                f"{self.scheduler.prediction_type!r}: build the table from the model's own scheduler config")
+        other = copy.copy(self)  # shares engines, locks and the cached unconditional states
+        other.scheduler = scheduler
+        return other
+
+    def close(self) -> None:
+        """Drop every session and device buffer."""
+        with self._lock:
+            for engine in self._engines.values():
+                engine.unload()
+            self._engines = {k: v for k, v in self._engines.items() if not (isinstance(k, tuple) and k[0] == "unet")}
+
+    def __enter__(self) -> AptpPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one sample's latents at the options' image size."""
+        factor = self.artifacts.vae_scale_factor
+        return (self.artifacts.latent_channels, options.height // factor, options.width // factor)
+
+    def options(self, *, guidance_scale: Any = None, num_inference_steps: Any = None, expert: Any = None,
+                output_type: str = "np", height: Any = None, width: Any = None) -> GenerationOptions:
+        """Check request options and fill in the export's defaults.
+
+        Raises:
+            RuntimeInputError: steps not a positive integer (or not the table's step count), a
+                guidance scale that is not a finite number, an unknown expert, an unknown
+                output type, an image size outside the export's range or not a multiple of its
+                ``size_multiple``.
+        """
+        a = self.artifacts
+        steps = _check_steps(num_inference_steps, self.scheduler)
+        scale = _check_guidance(guidance_scale, self.artifacts.guidance_scale)
+        if expert is not None:
+            keys = self.artifacts.model_keys
+            if isinstance(expert, bool) or expert not in keys:
+                raise RuntimeInputError(f"expert must be one of {keys} (or None to route), got {expert!r}")
+            expert = int(expert) if expert != DENSE else DENSE
+        if output_type not in OUTPUT_TYPES:
+            raise RuntimeInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        return GenerationOptions(scale, steps, _check_size(height, "height", a.image_height, a),
+                                 _check_size(width, "width", a.image_width, a), expert, output_type)
+
+    def check_seeds(self, seeds: Any, count: int) -> list[int]:
+        """`seeds` as `count` integers: an int ``s`` gives ``s, s+1, ...``; ``None`` draws fresh ones."""
+        return _check_seeds(seeds, count)
+
+    def route(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """The expert code of each prompt, ``(B,)`` int64."""
+        return self.router.route(check_prompts(prompts))
+
+    def _uncond_states(self) -> np.ndarray:
+        """Text states of the empty prompt ``(1, L, D)``: diffusers' unconditional input, computed once."""
+        with self._lock:
+            if self._uncond is None:
+                tokens = self.text_tokenizer([""])
+                self._uncond = self._encode_text(tokens.input_ids)
+            return self._uncond
+
+    def _encode_text(self, input_ids: np.ndarray) -> np.ndarray:
+        out = self._engines["text_encoder"].infer({"input_ids": input_ids})["last_hidden_state"]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def __call__(self, prompts: str | Sequence[str], *, seeds: int | Sequence[int] | None = None,
+                 guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                 expert: int | str | None = None, output_type: str = "np", height: int | None = None,
+                 width: int | None = None) -> list[GenerationResult]:
+        """Generate one image per prompt; results in the order of `prompts`.
+
+        Args:
+            prompts: one prompt or a list of prompts (non-empty text each).
+            seeds: one integer per prompt; an int ``s`` means ``s, s+1, ...``; ``None`` draws
+                fresh seeds (see the module docstring for how noise follows from a seed).
+            guidance_scale: classifier-free guidance (default: the manifest's); ``<= 1`` runs
+                the conditional model only, as diffusers does.
+            num_inference_steps: must equal the sampler table's step count (default).
+            expert: ``None`` routes each prompt; a code or ``"dense"`` forces that UNet.
+            output_type: ``"np"`` decodes images; ``"latent"`` stops after the loop.
+            height, width: image size in pixels (default: the export's nominal size).
+
+        Raises:
+            RuntimeInputError: bad prompts or options (nothing is run).
+            ArtifactError: a model file that onnxruntime cannot load or run.
+        """
+        prompts = check_prompts(prompts)
+        opts = self.options(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                            expert=expert, output_type=output_type, height=height, width=width)
+        seed_list = self.check_seeds(seeds, len(prompts))
+        return self.generate(prompts, seed_list, opts)
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], options: GenerationOptions,
+                 codes: np.ndarray | None = None) -> list[GenerationResult]:
+        """`__call__` on already checked prompts, seeds and options (the server's entry).
+
+        `codes` (one per prompt) skips the router when the caller routed already.
+        """
+        batch = len(prompts)
+        timings = dict.fromkeys(STAGES, 0.0)
+        clock = time.perf_counter()
+        tokens = self.text_tokenizer(prompts)
+        router_tokens = self.router.tokenize(prompts) if options.expert is None and codes is None else None
+        timings["tokenise"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        num_codes = self.artifacts.num_codes
+        if options.expert is not None:
+            index = np.full(batch, num_codes if options.expert == DENSE else options.expert, dtype=np.int64)
+        elif codes is not None:
+            index = np.asarray(codes, dtype=np.int64)
+        else:
+            index = self.router.route(router_tokens)
+        timings["route"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        cond = self._encode_text(tokens.input_ids)
+        guided = uses_guidance(options.guidance_scale)
+        uncond = self._uncond_states() if guided else None
+        timings["text_encode"] = time.perf_counter() - clock
+
+        noise = np.stack([initial_noise(seed, self.latent_shape(options)) for seed in seeds])
+        latents = np.ascontiguousarray(self.scheduler.initial_latents(noise), dtype=np.float32)
+        final = np.empty_like(latents)
+        pixels: np.ndarray | None = None
+        group_timings: dict[int, dict[str, float]] = {}
+        order, offsets = kernels.group_by_code(index, num_codes + 1)  # slot K is the dense model
+        for slot in range(num_codes + 1):
+            rows = order[offsets[slot]:offsets[slot + 1]]
+            if rows.size == 0:
+                continue
+            key: int | str = DENSE if slot == num_codes else slot
+            spent = {"denoise": 0.0, "decode": 0.0}
+            clock = time.perf_counter()
+            x = kernels.gather_rows(latents, rows)
+            text = kernels.gather_rows(cond, rows)
+            if guided:
+                text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
+            x = self._denoise(key, x, text, options.guidance_scale)
+            kernels.scatter_rows(x, rows, final)
+            spent["denoise"] = time.perf_counter() - clock
+            if options.output_type == "np":
+                clock = time.perf_counter()
+                decoded = self._engines["vae_decoder"].infer({"latent_sample": x})["sample"]
+                decoded = np.ascontiguousarray(decoded, dtype=np.float32)
+                if pixels is None:
+                    pixels = np.empty((batch, *decoded.shape[1:]), dtype=np.float32)
+                kernels.scatter_rows(decoded, rows, pixels)
+                spent["decode"] = time.perf_counter() - clock
+            for row in rows.tolist():
+                group_timings[row] = spent
+            logger.info("expert %s: %d prompt(s), %d steps, %.3f s", key, rows.size, self.scheduler.num_steps,
+                        spent["denoise"] + spent["decode"])
+
+        images = to_uint8(pixels) if pixels is not None else None
+        results = []
+        for i, prompt in enumerate(prompts):
+            slot = int(index[i])
+            results.append(GenerationResult(
+                prompt=prompt, seed=int(seeds[i]), expert=DENSE if slot == num_codes else slot,
+                latents=final[i], image=None if images is None else images[i], truncated=tokens.truncated[i],
+                timings={**timings, **group_timings[i]},
+            ))
+        return results
+
+    def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float) -> np.ndarray:
+        unet = self.unet(key)
+        if self.on_device_loop:
+            with self._device_lock:
+                return denoise_on_device(unet, x, text, self.scheduler, guidance_scale)
+        try:
+            return denoise(unet, x, text, self.scheduler, guidance_scale)
+        except ValueError as err:  # a graph whose shapes do not match its manifest entry
+            raise ArtifactError(f"expert {key}: {err}") from err

@@ -1,0 +1,240 @@
+"""Serving under load: a request queue and a worker thread that batches per expert.
+
+    with GenerationServer(pipe, max_batch=4, max_wait=0.02) as server:
+        future = server.submit("a red car", seed=7)
+        result = future.result()              # a GenerationResult
+
+`submit` checks the request at once (bad input raises there, in the caller's thread), draws
+a seed when none is given, and returns a ``concurrent.futures.Future``. One worker thread
+takes queued requests, routes every new arrival in one router call, and keeps them in one
+pending list per (expert, options). A list runs as one batch when it holds ``max_batch``
+requests, when its oldest request has waited ``max_wait`` seconds, or when the server is
+closing; the list whose oldest request is oldest goes first. A request gives the same result
+batched or alone: its noise comes from its own seed (see `aptp.runtime.pipeline`).
+
+At most ``max_queue`` requests wait at any time (queued or pending, not yet running);
+`submit` beyond that raises `QueueFullError` instead of letting latency grow without bound.
+A failing batch fails its own futures only; the worker goes on with the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aptp.errors import AptpError
+
+from .pipeline import AptpPipeline, GenerationOptions, GenerationResult
+from .tokenize import check_prompts
+
+__all__ = ["GenerationServer", "QueueFullError", "ServerClosedError"]
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(AptpError):
+    """The server already holds `max_queue` waiting requests: retry later or raise max_queue."""
+
+
+class ServerClosedError(AptpError):
+    """A request submitted to a server that is closing or closed."""
+
+
+@dataclass
+class _Request:
+    prompt: str
+    seed: int
+    options: GenerationOptions
+    future: Future
+    arrived: float = field(default_factory=time.monotonic)
+    expert: int | str | None = None
+    route_time: float = 0.0
+
+
+_STOP = object()
+
+
+class GenerationServer:
+    """A thread-safe front of an `AptpPipeline` that forms batches per expert.
+
+    Args:
+        pipeline: the pipeline to run (the server's worker is its only caller while serving;
+            direct calls from other threads remain safe).
+        max_batch: prompts per batch; default: the export's ``max_batch``.
+        max_wait: seconds a request may wait for others to fill its batch.
+        max_queue: requests that may wait at once; more are refused with `QueueFullError`.
+    """
+
+    def __init__(self, pipeline: AptpPipeline, *, max_batch: int | None = None, max_wait: float = 0.01,
+                 max_queue: int = 64):
+        max_batch = pipeline.artifacts.max_batch if max_batch is None else max_batch
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        if not max_wait >= 0:
+            raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait!r}")
+        self.pipeline = pipeline
+        self.max_batch = max_batch
+        self.max_wait = float(max_wait)
+        self.max_queue = max_queue
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = 0  # submitted, not yet running
+        self._closing = False
+        self._worker = threading.Thread(target=self._run, name="aptp-generation-server", daemon=True)
+        self._worker.start()
+
+    # ---- client side ---------------------------------------------------------------------
+
+    def submit(self, prompt: str, *, seed: int | None = None, guidance_scale: float | None = None,
+               num_inference_steps: int | None = None, expert: int | str | None = None,
+               output_type: str = "np", height: int | None = None, width: int | None = None) -> Future:
+        """Queue one request; the future resolves to its `GenerationResult`.
+
+        Raises:
+            RuntimeInputError: a bad prompt or option (checked here, before queueing).
+            QueueFullError: `max_queue` requests are already waiting.
+            ServerClosedError: the server is closing.
+        """
+        (prompt,) = check_prompts([prompt])
+        options = self.pipeline.options(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                        expert=expert, output_type=output_type, height=height, width=width)
+        (seed,) = self.pipeline.check_seeds(None if seed is None else [seed], 1)
+        request = _Request(prompt, seed, options, Future())
+        with self._lock:
+            if self._closing:
+                raise ServerClosedError("the generation server is closed; create a new one")
+            if self._waiting >= self.max_queue:
+                raise QueueFullError(f"the generation server already holds {self.max_queue} waiting requests "
+                                     "(max_queue): retry later, or create it with a larger max_queue")
+            self._waiting += 1
+            self._queue.put(request)
+        return request.future
+
+    def generate(self, prompt: str, timeout: float | None = None, **options: Any) -> GenerationResult:
+        """`submit` and wait for the result."""
+        return self.submit(prompt, **options).result(timeout)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet running."""
+        with self._lock:
+            return self._waiting
+
+    def close(self, wait: bool = True) -> None:
+        """Stop accepting requests; the ones already submitted still run. `wait` joins the worker."""
+        with self._lock:
+            if not self._closing:
+                self._closing = True
+                self._queue.put(_STOP)
+        if wait:
+            self._worker.join()
+
+    def __enter__(self) -> GenerationServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- worker side ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pending: dict[tuple, deque[_Request]] = {}
+        stopping = False
+        while True:
+            arrivals, stop = self._take(self._timeout(pending, stopping))
+            stopping = stopping or stop
+            self._route(arrivals, pending)
+            key = self._ready(pending, stopping)
+            if key is not None:
+                batch = [pending[key].popleft() for _ in range(min(self.max_batch, len(pending[key])))]
+                if not pending[key]:
+                    del pending[key]
+                self._execute(batch)
+            elif stopping and not pending:
+                return
+
+    def _timeout(self, pending: dict[tuple, deque[_Request]], stopping: bool) -> float | None:
+        if not pending:
+            return None  # sleep until a request (or the stop mark) arrives
+        if stopping:
+            return 0.0
+        oldest = min(q[0].arrived for q in pending.values())
+        return max(0.0, oldest + self.max_wait - time.monotonic())
+
+    def _take(self, timeout: float | None) -> tuple[list[_Request], bool]:
+        """Everything queued now, waiting up to `timeout` for the first item."""
+        items: list[Any] = []
+        try:
+            items.append(self._queue.get(timeout=timeout) if timeout != 0.0 else self._queue.get_nowait())
+            while True:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return [i for i in items if i is not _STOP], any(i is _STOP for i in items)
+
+    def _route(self, arrivals: Sequence[_Request], pending: dict[tuple, deque[_Request]]) -> None:
+        """Route new requests in one router call and file them under (expert, options)."""
+        to_route = [r for r in arrivals if r.options.expert is None]
+        if to_route:
+            clock = time.perf_counter()
+            try:
+                codes = self.pipeline.route([r.prompt for r in to_route])
+            except Exception as err:  # noqa: BLE001 - the requests fail, the server goes on
+                self._fail(to_route, err)
+                arrivals = [r for r in arrivals if r.options.expert is not None]
+                codes = np.zeros(0, dtype=np.int64)
+            per_request = (time.perf_counter() - clock) / max(1, len(to_route))
+            for request, code in zip(to_route, codes.tolist()):
+                request.expert, request.route_time = int(code), per_request
+        for request in arrivals:
+            if request.expert is None:
+                request.expert = request.options.expert
+            if request.expert is None:
+                continue  # its routing failed
+            pending.setdefault((request.expert, request.options), deque()).append(request)
+
+    def _ready(self, pending: dict[tuple, deque[_Request]], stopping: bool) -> tuple | None:
+        """The key of the list to run now (oldest first), or None to keep waiting."""
+        now = time.monotonic()
+        ready = [k for k, q in pending.items()
+                 if stopping or len(q) >= self.max_batch or now - q[0].arrived >= self.max_wait]
+        return min(ready, key=lambda k: pending[k][0].arrived) if ready else None
+
+    def _execute(self, batch: list[_Request]) -> None:
+        with self._lock:
+            self._waiting -= len(batch)
+        batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        first = batch[0]
+        options = dataclasses.replace(first.options, expert=first.expert)
+        try:
+            results = self.pipeline.generate([r.prompt for r in batch], [r.seed for r in batch], options)
+        except Exception as err:  # noqa: BLE001 - this batch fails, the server goes on
+            logger.warning("batch of %d on expert %s failed: %s", len(batch), first.expert, err)
+            for request in batch:
+                request.future.set_exception(err)
+            return
+        for request, result in zip(batch, results):
+            result.timings["route"] = request.route_time
+            request.future.set_result(result)
+
+    def _fail(self, requests: Sequence[_Request], err: BaseException) -> None:
+        logger.warning("routing %d request(s) failed: %s", len(requests), err)
+        with self._lock:
+            self._waiting -= len(requests)
+        for request in requests:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(err)
