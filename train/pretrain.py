@@ -1,0 +1,342 @@
+"""Train the tiny text-to-image pipeline from scratch on procedural data (the dense teacher).
+
+No pretrained diffusion weights can be downloaded offline, so the ``tiny`` pipeline that pruning
+starts from is trained here, in two stages, with the trainer's own step machinery
+(`StepBatchSampler`, `step_generator`, `make_loader`, `JsonlLog`) and its denoising loss:
+
+1. **VAE**: the random `AutoencoderKL` of `build_tiny_pipeline` learns to reconstruct procedural
+   images (L1 + MSE + a small KL term), then its ``scaling_factor`` is recalibrated so that
+   scaled latents have unit variance, as SD's 0.18215 does.
+2. **UNet and text encoder**: trained together, densely, on the frozen VAE's latents with
+   `aptp.train.losses.denoising_loss` (min-SNR weighting, the scheduler's prediction type).
+   A fraction of captions is replaced by the empty prompt so that classifier-free guidance works.
+
+The result is a diffusers pipeline directory (``StableDiffusionPipeline.save_pretrained``) that
+`aptp.train.models.load_components` loads; commit it at `aptp.train.models.TINY_WEIGHTS` to make
+it the default ``tiny`` model. Config: `PretrainConfig`, read from YAML with `load_pretrain_config`
+(preset ``train/presets/tiny_teacher.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from aptp.errors import ConfigError
+
+from .data import ProceduralCaptions
+from .losses import denoising_loss
+from .models import build_tiny_pipeline, load_components
+from .training import JsonlLog, StepBatchSampler, make_loader, step_generator
+
+logger = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "tiny_teacher"
+
+
+@dataclass
+class VaeStageConfig:
+    """Autoencoder stage: reconstruction of procedural images."""
+
+    max_steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    # Weight of the KL term against the per-pixel reconstruction terms (kept small: the latents
+    # must stay informative; the unit-variance scaling factor absorbs their scale).
+    kl_weight: float = 1e-3
+
+
+@dataclass
+class UnetStageConfig:
+    """Denoiser stage: UNet (and text encoder) on the frozen VAE's latents."""
+
+    max_steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    text_encoder_learning_rate: float = 3e-4
+    train_text_encoder: bool = True
+    # Probability of training on the empty prompt, for classifier-free guidance.
+    uncond_probability: float = 0.1
+    snr_gamma: float | None = 5.0
+    # Cosine decay to this fraction of the rate, after a linear warm-up.
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    # Exponential moving average of the UNet weights (what is saved); 0 disables it.
+    ema_decay: float = 0.999
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `run_pretrain` needs. Build with `load_pretrain_config` or directly."""
+
+    resolution: int = 64
+    text_length: int = 32
+    # Procedural training set: ProceduralCaptions(num_samples, seed=data_seed).
+    num_samples: int = 50000
+    data_seed: int = 0
+    text_fraction: float = 0.25
+    seed: int = 0
+    num_threads: int | None = 2
+    vae: VaeStageConfig = field(default_factory=VaeStageConfig)
+    unet: UnetStageConfig = field(default_factory=UnetStageConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_pretrain_config(name_or_path: str = DEFAULT_PRESET, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """A `PretrainConfig` from a preset name (``tiny_teacher``) or a YAML path, with ``a.b=value`` overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"pretrain config '{name_or_path}' not found (looked for {path}); pass a YAML file or 'tiny_teacher'")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return pretrain_config_from_dict(raw, source=str(path))
+
+
+def pretrain_config_from_dict(raw: dict[str, Any], source: str = "config") -> PretrainConfig:
+    """Build a `PretrainConfig`, refusing unknown keys with the list of known ones."""
+    def build(cls: type, values: dict[str, Any], section: str) -> Any:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown} in {section or 'top level'}; known: {sorted(known)}")
+        kwargs = {}
+        for name, value in values.items():
+            nested = {"vae": VaeStageConfig, "unet": UnetStageConfig}.get(name) if cls is PretrainConfig else None
+            kwargs[name] = build(nested, value or {}, name) if nested else value
+        return cls(**kwargs)
+
+    config = build(PretrainConfig, dict(raw), "")
+    if config.resolution % 16:
+        raise ConfigError(f"{source}: resolution {config.resolution} must be a multiple of 16")
+    for stage in (config.vae, config.unet):
+        if stage.max_steps < 0 or stage.batch_size < 1:
+            raise ConfigError(f"{source}: max_steps must be >= 0 and batch_size >= 1")
+    return config
+
+
+def run_pretrain(
+    config: PretrainConfig,
+    output_dir: str | Path,
+    *,
+    init_from: str | Path | None = None,
+    stages: Sequence[str] = ("vae", "unet"),
+    overwrite: bool = False,
+) -> Path:
+    """Train the tiny pipeline and write it to ``output_dir`` as a diffusers pipeline directory.
+
+    Args:
+        config: the training recipe.
+        output_dir: where the pipeline goes (written to a sibling temp directory, then renamed).
+        init_from: a pipeline directory to start from; default: a fresh random tiny pipeline
+            (`build_tiny_pipeline` with ``config.seed``). Use it to run the stages separately.
+        stages: which of ``"vae"`` and ``"unet"`` to train (in that order).
+        overwrite: replace an existing ``output_dir``.
+
+    Returns:
+        ``output_dir``. Logs go to ``output_dir/pretrain_log.jsonl`` (one line per step).
+    """
+    unknown = sorted(set(stages) - {"vae", "unet"})
+    if unknown:
+        raise ConfigError(f"unknown pretrain stage(s) {unknown}; choose from 'vae' and 'unet'")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"{output_dir} is not empty; pass overwrite=True (--overwrite) or choose another directory")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        if init_from is None:
+            init_from = build_tiny_pipeline(staging / "init", seed=config.seed, resolution=config.resolution,
+                                            text_length=config.text_length)
+        components = load_components(str(init_from))
+        dataset = ProceduralCaptions(config.num_samples, config.resolution, seed=config.data_seed,
+                                     text_fraction=config.text_fraction)
+        log = JsonlLog(staging / "pretrain_log.jsonl", None)
+        if "vae" in stages:
+            train_vae(components, dataset, config, log)
+        if "unet" in stages:
+            train_unet(components, dataset, config, log)
+        save_pipeline(components, staging / "pipeline", scheduler_source=init_from)
+        shutil.move(str(staging / "pretrain_log.jsonl"), staging / "pipeline" / "pretrain_log.jsonl")
+        (staging / "pipeline" / "pretrain_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        (staging / "pipeline").chmod(0o755)
+        shutil.move(str(staging / "pipeline"), output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote the trained pipeline to %s", output_dir)
+    return output_dir
+
+
+def _cosine_rate(step: int, total: int, warmup: int, final_fraction: float) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then cosine decay to `final_fraction`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_vae(components: Any, dataset: ProceduralCaptions, config: PretrainConfig, log: JsonlLog) -> None:
+    """Stage 1: the VAE reconstructs procedural images; then its scaling factor is recalibrated."""
+    cfg = config.vae
+    vae = components.vae
+    vae.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_rate(s, cfg.max_steps, 50, 0.05))
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed, 0, cfg.max_steps)
+    started = time.perf_counter()
+    progress = tqdm(total=cfg.max_steps, desc="pretrain vae")
+    for step, batch in zip(range(cfg.max_steps), make_loader(dataset, sampler, 0)):
+        generator = step_generator(config.seed, step, 0)
+        pixels = batch["pixel_values"]
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(latents).sample
+        l1 = F.l1_loss(recon, pixels)
+        mse = F.mse_loss(recon, pixels)
+        # KL summed over a latent, per image pixel value: on the scale of the per-pixel terms.
+        kl = posterior.kl().mean() / pixels[0].numel()
+        loss = l1 + mse + cfg.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        log.write({"stage": "vae", "step": step, "l1": l1.item(), "mse": mse.item(), "kl": kl.item(),
+                   "elapsed_s": round(time.perf_counter() - started, 1)})
+        progress.update(1)
+        progress.set_postfix(l1=f"{l1.item():.4f}", mse=f"{mse.item():.4f}")
+    progress.close()
+    vae.requires_grad_(False).eval()
+    scale = calibrate_scaling_factor(vae, dataset)
+    vae.register_to_config(scaling_factor=scale)
+    logger.info("VAE trained %d steps; scaling_factor %.5f", cfg.max_steps, scale)
+
+
+@torch.no_grad()
+def calibrate_scaling_factor(vae: Any, dataset: ProceduralCaptions, num_images: int = 256) -> float:
+    """``1 / std`` of the VAE's latent means on the first images of `dataset` (SD's 0.18215 recipe)."""
+    count = min(num_images, len(dataset))
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)])
+    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)])
+    return round(float(1.0 / latents.std()), 5)
+
+
+def train_unet(components: Any, dataset: ProceduralCaptions, config: PretrainConfig, log: JsonlLog) -> None:
+    """Stage 2: UNet (and text encoder) trained from scratch with `denoising_loss` on VAE latents."""
+    cfg = config.unet
+    unet, text_encoder, vae, scheduler = components.unet, components.text_encoder, components.vae, components.noise_scheduler
+    vae.requires_grad_(False).eval()
+    unet.requires_grad_(True).train()
+    groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_encoder_learning_rate})
+    else:
+        text_encoder.requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _cosine_rate(s, cfg.max_steps, cfg.warmup_steps, cfg.final_lr_fraction))
+    ema = _Ema(unet, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema_text = _Ema(text_encoder, cfg.ema_decay) if cfg.ema_decay > 0 and cfg.train_text_encoder else None
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed + 1, 0, cfg.max_steps)
+    num_timesteps = scheduler.config.num_train_timesteps
+    scale = vae.config.scaling_factor
+    started = time.perf_counter()
+    progress = tqdm(total=cfg.max_steps, desc="pretrain unet")
+    for step, batch in zip(range(cfg.max_steps), make_loader(dataset, sampler, 0)):
+        generator = step_generator(config.seed + 1, step, 0)
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixel_values"]).latent_dist
+            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)) * scale
+        drop = torch.rand(len(batch["text"]), generator=generator) < cfg.uncond_probability
+        texts = ["" if d else t for d, t in zip(drop.tolist(), batch["text"])]
+        context = text_encoder(components.tokenize(texts, config.text_length))[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        loss = denoising_loss(pred, noise, latents, timesteps, scheduler, cfg.snr_gamma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        schedule.step()
+        for average in (ema, ema_text):
+            if average is not None:
+                average.update()
+        log.write({"stage": "unet", "step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+                   "elapsed_s": round(time.perf_counter() - started, 1)})
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    progress.close()
+    for average in (ema, ema_text):
+        if average is not None:
+            average.copy_to_model()
+    unet.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+
+
+class _Ema:
+    """Exponential moving average of a module's parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module, self.decay, self.updates = module, decay, 0
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        # Early on the average would be dominated by the random initialisation: shorten its memory.
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, param in zip(self.shadow, self.module.parameters()):
+            shadow.lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for shadow, param in zip(self.shadow, self.module.parameters()):
+            param.copy_(shadow)
+
+
+def save_pipeline(components: Any, directory: str | Path, scheduler_source: str | Path) -> Path:
+    """Write the components as a `StableDiffusionPipeline` directory, with the sampling scheduler of
+    the pipeline at ``scheduler_source`` (training never changes it)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler.from_pretrained(str(scheduler_source), subfolder="scheduler")
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory)
+    return Path(directory)
