@@ -1,0 +1,201 @@
+"""``aptp-bench``: latency and quality suites over an aptp export.
+
+    aptp-bench latency --artifacts A [--backends onnxruntime,torch] [--batch-sizes 1,2,4,8]
+                       [--resolutions 64,128] [--repeats N] [--warmup N] [--threads N]
+                       [--output-dir R] [--e2e-batch N] [--e2e-steps N] [--no-e2e] ...
+    aptp-bench --artifacts A ...              (same as `aptp-bench latency --artifacts A ...`)
+    aptp-bench quality ...                    (aptp.benchmarks.quality.table.main_quality)
+    aptp-bench make-synthetic --unet-config sd21 --resolution 256 --output A
+
+Bad input (any `AptpError`) prints one line, ``aptp-bench: error: <message>``, and exits 2;
+Ctrl-C exits 130. torch is imported only after the arguments parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from aptp import __version__
+from aptp.errors import AptpError, ConfigError
+
+PROG = "aptp-bench"
+COMMANDS = ("latency", "quality", "make-synthetic")
+
+logger = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got '{text}'") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got '{text}'")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    return [v for v in text.replace(" ", "").split(",") if v]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line too (the usage text goes to --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _latency_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} latency", description="UNet-step latency of every expert next to the dense "
+                "UNet, the static pruned baseline and the masked full UNet, end-to-end routed throughput, on "
+                "every backend present; writes results.json, results.md and latency_vs_macs.png.")
+    p.add_argument("--artifacts", type=Path, required=True, metavar="DIR", help="export directory (aptp-export)")
+    p.add_argument("--output-dir", type=Path, default=Path("bench-results"), metavar="DIR",
+                   help="where the reports go (default: ./bench-results)")
+    p.add_argument("--backends", type=_name_list, metavar="LIST",
+                   help="comma-separated: onnxruntime, onnxruntime-cuda, tensorrt, torch, torch-compile, torch-cuda "
+                   "(default: every one present except torch-compile)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8], metavar="LIST",
+                   help="UNet batch sizes (default: 1,2,4,8)")
+    p.add_argument("--resolutions", type=_int_list, metavar="LIST",
+                   help="image sizes in pixels (default: the export's and half of it)")
+    p.add_argument("--repeats", type=_positive_int, default=10, metavar="N", help="timed calls per variant (10)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls per variant first (2)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="intra-op threads (default: all cores)")
+    p.add_argument("--no-masked", dest="masked", action="store_false", help="skip the masked full UNet")
+    p.add_argument("--no-static", dest="static", action="store_false", help="skip the static pruned baseline")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip end-to-end throughput")
+    p.add_argument("--e2e-batch", type=_positive_int, default=8, metavar="N", help="prompts per request (8)")
+    p.add_argument("--e2e-steps", type=_positive_int, metavar="N",
+                   help="sampler steps end to end (default: the export's table)")
+    p.add_argument("--e2e-repeats", type=_positive_int, default=3, metavar="N", help="timed requests per model (3)")
+    p.add_argument("--gap-threshold", type=float, default=0.15, metavar="X",
+                   help="relative latency/MACs gap that triggers a profile (0.15)")
+    p.add_argument("--static-dir", type=Path, metavar="DIR",
+                   help="cache of the static baseline's ONNX graph (default: OUTPUT_DIR/static)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _synthetic_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} make-synthetic", description="A real UNet config with random weights and K "
+                "experts whose masks hit target MACs ratios, exported with aptp-export's exporter.")
+    p.add_argument("--unet-config", default="sd21", metavar="NAME",
+                   help="a config under benchmarks/configs (sd21) or a YAML path (default: sd21)")
+    p.add_argument("--resolution", type=_positive_int, metavar="PX",
+                   help="image size the MACs targets and the export use (default: the config's cpu_resolution)")
+    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="export directory to write")
+    p.add_argument("--work-dir", type=Path, metavar="DIR",
+                   help="where the pipeline and checkpoint go (default: beside --output)")
+    p.add_argument("--steps", type=_positive_int, default=10, metavar="N", help="sampler table steps (10)")
+    p.add_argument("--max-batch", type=_positive_int, default=4, metavar="N", help="prompts per UNet call (4)")
+    p.add_argument("--full-components", action="store_true",
+                   help="use the config's full text encoder and VAE instead of the reduced stand-ins")
+    p.add_argument("--seed", type=int, default=0, help="weights, masks and router seed (0)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="aptp benchmarks. Commands: latency (default), quality, make-synthetic; "
+                "`aptp-bench COMMAND --help` for each.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("command", choices=COMMANDS)
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _latency(argv: Sequence[str]) -> int:
+    args = _latency_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .latency import LatencyOptions, run_latency
+
+    options = LatencyOptions(
+        backends=args.backends, batch_sizes=args.batch_sizes, resolutions=args.resolutions, repeats=args.repeats,
+        warmup=args.warmup, threads=args.threads, masked=args.masked, static=args.static, e2e=args.e2e,
+        e2e_batch=args.e2e_batch, e2e_steps=args.e2e_steps, e2e_repeats=args.e2e_repeats,
+        gap_threshold=args.gap_threshold, static_dir=args.static_dir,
+    )
+    options.check()
+    if not args.artifacts.exists():
+        raise ConfigError(f"--artifacts {args.artifacts} does not exist; pass the directory aptp-export wrote")
+    results = run_latency(args.artifacts, args.output_dir, options)
+    checks = results["checks"]
+    print(f"wrote {args.output_dir}/results.json, results.md, latency_vs_macs.png")
+    print(f"  onnxruntime expert rows within {100 * options.gap_threshold:.0f}% of MACs: "
+          f"{checks['onnxruntime_expert_rows_within_threshold']}/{checks['onnxruntime_expert_rows']}")
+    if checks.get("routed_speedup_vs_dense") is not None:
+        print(f"  routed end-to-end speedup vs dense: {checks['routed_speedup_vs_dense']:.2f}x "
+              f"(MACs ratio {checks['routed_macs_ratio']:.3f})")
+    return 0
+
+
+def _make_synthetic(argv: Sequence[str]) -> int:
+    args = _synthetic_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .synthetic import load_bench_config, make_synthetic
+
+    load_bench_config(args.unet_config)  # an unknown config fails before anything heavy
+    manifest = make_synthetic(args.unet_config, args.resolution, args.output, steps=args.steps,
+                              max_batch=args.max_batch, full_components=args.full_components, seed=args.seed,
+                              work_dir=args.work_dir)
+    print(f"exported {len(manifest['experts'])} synthetic experts to {args.output}")
+    for entry in manifest["experts"]:
+        print(f"  expert {entry['code']}: MACs ratio {entry['macs_ratio']:.3f}, share {entry['share']}")
+    return 0
+
+
+def _quality(argv: Sequence[str]) -> int:
+    try:
+        from .quality.table import main_quality
+    except ImportError as err:
+        raise ConfigError(f"the quality suite is not available in this checkout (aptp.benchmarks.quality.table: "
+                          f"{err}); update aptp or run the latency suite") from err
+    return int(main_quality(list(argv)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aptp-bench``; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-h", "--help") or not argv:
+        _top_parser().parse_args(argv or ["--help"])
+        return 0
+    if argv[0].startswith("-"):
+        command, rest = "latency", argv  # `aptp-bench --artifacts A` is the latency suite
+    else:
+        command, rest = argv[0], argv[1:]
+        if command not in COMMANDS:
+            print(f"{PROG}: error: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+    handlers = {"latency": _latency, "quality": _quality, "make-synthetic": _make_synthetic}
+    try:
+        return handlers[command](rest)
+    except AptpError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

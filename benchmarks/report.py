@@ -1,0 +1,219 @@
+"""Reports of the latency suite: ``results.json`` (every figure and the machine), ``results.md``
+(tables) and ``latency_vs_macs.png`` (latency ratio against MACs ratio, with the ideal line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
+
+logger = logging.getLogger(__name__)
+
+JSON_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
+PLOT_FILE = "latency_vs_macs.png"
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1e3 * seconds:.1f}"
+
+
+def _ratio(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _variant_order(name: str) -> tuple[int, int]:
+    if name == "dense":
+        return (0, 0)
+    if name.startswith("expert_"):
+        return (1, int(name.split("_")[1]))
+    if name == "static":
+        return (2, 0)
+    return (3, int(name.split("_")[1]) if "_" in name else 0)
+
+
+def _machine_lines(machine: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
+    gpu = machine.get("gpu")
+    load = machine.get("load_average") or []
+    after = machine.get("load_average_after") or []
+    return [
+        f"- Machine: {machine.get('cpu_model')}, {machine.get('logical_cores')} logical cores, "
+        f"{machine.get('memory_gib')} GiB; GPU: {gpu['name'] + ' (CUDA ' + str(gpu['cuda']) + ')' if gpu else 'none'}",
+        f"- Software: Python {machine.get('python')}, {versions}",
+        f"- Threads: {settings.get('threads')} (onnxruntime intra-op, torch); repeats {settings.get('repeats')}, "
+        f"warm-up {settings.get('warmup')}, interleaved round-robin; {settings.get('statistic')}",
+        f"- Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in load)}; after: "
+        f"{', '.join(f'{x:.2f}' for x in after)}",
+    ]
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The Markdown report: model, machine, one UNet-step table per backend and resolution,
+    end-to-end throughput, overheads, gaps with their profiles, and the checks."""
+    model, settings = results["model"], results["settings"]
+    lines = [f"# aptp-bench latency: {Path(results['artifacts']).name}", ""]
+    synthetic = model.get("synthetic")
+    lines.append(f"- Export: `{results['artifacts']}` ({model['num_codes']} experts, nominal "
+                 f"{model['nominal_resolution']} px, text length {model['text_length']}, {model.get('precision')})")
+    if synthetic:
+        lines.append(f"- **Synthetic**: {synthetic.get('config')} config with {synthetic.get('weights')}; routing "
+                     f"{synthetic.get('routing')}")
+    lines += _machine_lines(results["machine"], settings)
+    lines.append(f"- Created {results['created']}; batch = {settings.get('batch_meaning')}")
+    for note in results.get("notes", []):
+        lines.append(f"- Note: {note}")
+    lines.append("")
+
+    rows_by = defaultdict(list)
+    for row in results["unet_step"]:
+        rows_by[(row["backend"], row["resolution"])].append(row)
+    lines.append("## UNet step latency")
+    lines.append("")
+    lines.append("Per cell: median ms (IQR ms) | latency ratio to dense | latency ratio / MACs ratio "
+                 "(1.00 = exactly MACs-proportional). `masked_k`: the full UNet under expert k's mask.")
+    for (backend, resolution), rows in rows_by.items():
+        batches = sorted({r["batch"] for r in rows})
+        lines += ["", f"### {backend}, {resolution} px", ""]
+        lines.append("| variant | MACs ratio | " + " | ".join(f"batch {b}" for b in batches) + " |")
+        lines.append("|---|---|" + "---|" * len(batches))
+        by_variant = defaultdict(dict)
+        for r in rows:
+            by_variant[r["variant"]][r["batch"]] = r
+        for variant in sorted(by_variant, key=_variant_order):
+            cells = by_variant[variant]
+            any_row = next(iter(cells.values()))
+            macs = _ratio(any_row.get("macs_ratio"))
+            out = []
+            for b in batches:
+                r = cells.get(b)
+                if r is None:
+                    out.append("")
+                    continue
+                flag = " **!**" if r.get("within_threshold") is False else ""
+                out.append(f"{_ms(r['median_s'])} ({_ms(r['iqr_s'])}) \\| {_ratio(r['latency_ratio'], 2)} \\| "
+                           f"{_ratio(r.get('latency_per_macs'), 2)}{flag}")
+            lines.append(f"| {variant} | {macs} | " + " | ".join(out) + " |")
+    lines += ["", f"**!**: latency ratio more than {100 * settings.get('gap_threshold', 0.15):.0f}% away from the "
+              "MACs ratio (see Gaps).", ""]
+
+    e2e = results.get("end_to_end") or []
+    if e2e:
+        first = e2e[0]
+        routing = results.get("routing", {})
+        lines += ["## End to end", "",
+                  f"{first['batch']} mixed prompts per request, {first['steps']} sampler steps, guidance "
+                  f"{first['guidance_scale']}, {first['resolution']} px, {first['backend']}; routing: "
+                  f"{routing.get('method')}; assignment per expert: "
+                  f"{next((r['assignment'] for r in e2e if r['variant'] == 'routed'), None)}.", "",
+                  "| model | MACs ratio | median s/request (IQR) | images/s | speedup vs dense | "
+                  "tokenise+route / text / denoise / decode (s) |", "|---|---|---|---|---|---|"]
+        for r in e2e:
+            st = r.get("stages_median_s", {})
+            stages = " / ".join(_ratio(st.get(k), 3) for k in ("route", "text_encode", "denoise", "decode"))
+            lines.append(f"| {r['variant']} | {_ratio(r['macs_ratio'])} | {r['median_s']:.3f} ({r['iqr_s']:.3f}) | "
+                         f"{r['images_per_s']:.2f} | {r['speedup_vs_dense']:.2f}x | {stages} |")
+        routed = next((r for r in e2e if r["variant"] == "routed"), None)
+        if routed:
+            lines += ["", f"Router (tokenise + encoder + head): {1e3 * routed['router_s']:.1f} ms "
+                      f"({100 * routed['router_share']:.2f}% of the routed request); dispatch (grouping, gathers, "
+                      f"scatters): {1e3 * routed['dispatch_s']:.3f} ms ({100 * routed['dispatch_share']:.3f}%); "
+                      f"together {100 * routed['overhead_share']:.2f}%."]
+        lines.append("")
+
+    gaps = results.get("gaps") or []
+    if gaps:
+        lines += ["## Gaps between latency and MACs (onnxruntime profiles)", ""]
+        for g in gaps:
+            lines.append(f"- **{g['variant']}** ({g['resolution']} px, batch {g['batch']}): {g['explanation']}")
+            top = g["op_types"][:6]
+            lines += ["", "  | op type | dense ms | expert ms | time ratio | excess ms |", "  |---|---|---|---|---|"]
+            for op in top:
+                lines.append(f"  | {op['op_type']} | {_ms(op['dense_s'])} | {_ms(op['expert_s'])} | "
+                             f"{_ratio(op['ratio'], 2)} | {1e3 * op['excess_s']:+.2f} |")
+            lines.append("")
+    checks = results.get("checks") or {}
+    if checks:
+        lines += ["## Checks (reported, never asserted)", ""]
+        lines.append(f"- onnxruntime expert rows within {100 * settings.get('gap_threshold', 0.15):.0f}% of their MACs "
+                     f"ratio: {checks.get('onnxruntime_expert_rows_within_threshold')} of "
+                     f"{checks.get('onnxruntime_expert_rows')}; profiled gaps: {', '.join(checks.get('gaps_profiled') or []) or 'none'}")
+        if checks.get("routed_speedup_vs_dense") is not None:
+            lines.append(f"- routed end-to-end speedup vs dense: {checks['routed_speedup_vs_dense']:.2f}x at MACs ratio "
+                         f"{checks['routed_macs_ratio']:.3f} (>= 1.4x: {checks['routed_speedup_at_least_1.4']}); "
+                         f"static: {_ratio(checks.get('static_speedup_vs_dense'), 2)}x")
+        lines.append("")
+    backends = results.get("backends", {})
+    skipped = [f"{name} ({info['reason']})" for name, info in backends.items() if not info.get("available")]
+    if skipped:
+        lines += [f"Backends not run: {'; '.join(skipped)}.", ""]
+    return "\n".join(lines)
+
+
+def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Latency ratio against MACs ratio per expert (and the static model), one marker per
+    backend, one colour per variant, all batch sizes and resolutions; the ideal y = x line and
+    the +-threshold band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threshold = float(results["settings"].get("gap_threshold", 0.15))
+    rows = [r for r in results["unet_step"] if r["variant"].startswith("expert_") or r["variant"] == "static"]
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
+    line = [0.0, 1.05]
+    ax.plot(line, line, "k--", linewidth=1, label="ideal (latency = MACs)")
+    ax.fill_between(line, [x * (1 - threshold) for x in line], [x * (1 + threshold) for x in line], color="0.9",
+                    label=f"±{100 * threshold:.0f}%")
+    markers = dict(zip(["onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-compile", "torch-cuda"],
+                       "os^DvP"))
+    variants = sorted({r["variant"] for r in rows}, key=_variant_order)
+    colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    seen = set()
+    for r in rows:
+        key = (r["backend"], r["variant"])
+        label = f"{r['variant']} [{r['backend']}]" if key not in seen else None
+        seen.add(key)
+        ax.scatter(r["macs_ratio"], r["latency_ratio"], marker=markers.get(r["backend"], "o"),
+                   color=colours[r["variant"]], s=14 + 6 * r["batch"], alpha=0.8, label=label)
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, max([1.05] + [r["latency_ratio"] * 1.05 for r in rows]))
+    ax.set_xlabel("MACs ratio (expert / dense)")
+    ax.set_ylabel("latency ratio (expert / dense, median)")
+    ax.set_title(f"{Path(results['artifacts']).name}: latency vs MACs (marker size = batch)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
+    """Write the three reports into `directory`; returns their paths by kind."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"json": directory / JSON_FILE, "markdown": directory / MARKDOWN_FILE, "plot": directory / PLOT_FILE}
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+    os.replace(tmp, paths["json"])
+    paths["markdown"].write_text(markdown(results))
+    plot(results, paths["plot"])
+    logger.info("reports written to %s", directory)
+    return paths
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
