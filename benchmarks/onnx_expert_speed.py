@@ -1,7 +1,7 @@
 """Time the dense ONNX UNet and every expert under onnxruntime (CPU), side by side in one run.
 
     python benchmarks/onnx_expert_speed.py --artifacts A [--repeats 20] [--warmup 3] [--batch 2]
-                                           [--threads N] [--json FILE]
+                                           [--threads N] [--resolution PX] [--json FILE]
 
 All sessions are loaded first; after each model's warm-up calls, the timed calls go round-robin
 over the models (dense, expert 0, expert 1, ...) so that background load hits them equally.
@@ -44,12 +44,17 @@ def _session(path: Path, threads: int | None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _inputs(manifest: dict[str, Any], batch: int, seed: int) -> dict[str, np.ndarray]:
-    """UNet inputs at the manifest's nominal latent size and text length."""
+def _inputs(manifest: dict[str, Any], batch: int, seed: int, resolution: int | None = None) -> dict[str, np.ndarray]:
+    """UNet inputs at the manifest's nominal latent size (or `resolution` pixels) and text length."""
     rng = np.random.default_rng(seed)
     io = manifest.get("io", {}).get("unet", {}).get("inputs", {})
     dtype = _NUMPY_DTYPES[io.get("sample", {}).get("dtype", "float32")]
-    latent = manifest["latent"]
+    latent = dict(manifest["latent"])
+    if resolution:
+        multiple = int(manifest["image"].get("size_multiple", manifest["vae"]["scale_factor"]))
+        if resolution % multiple:
+            raise ArtifactError(f"--resolution {resolution} is not a multiple of {multiple} for this export")
+        latent["height"] = latent["width"] = resolution // int(manifest["vae"]["scale_factor"])
     length = int(manifest["tokenizer"]["max_length"])
     hidden = int(manifest["text_encoder"]["hidden_size"])
     steps = manifest["scheduler"]["timesteps"]
@@ -61,8 +66,11 @@ def _inputs(manifest: dict[str, Any], batch: int, seed: int) -> dict[str, np.nda
 
 
 def benchmark(artifacts: str | Path, repeats: int = 20, warmup: int = 3, batch: int = 2,
-              threads: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+              threads: int | None = None, seed: int = 0, resolution: int | None = None) -> list[dict[str, Any]]:
     """Median latency of every UNet of an export; one row per model, dense first.
+
+    `resolution` (pixels) overrides the export's nominal size; the graphs are dynamic, but the
+    manifest's MACs ratios were counted at the checkpoint's resolution.
 
     Each row: ``name``, ``macs_ratio``, ``median_ms``, ``min_ms``, ``latency_ratio`` (median over
     the dense median; None without a dense UNet), ``repeats``.
@@ -78,7 +86,7 @@ def benchmark(artifacts: str | Path, repeats: int = 20, warmup: int = 3, batch: 
         models.append(("dense", 1.0, _session(root / manifest["dense"]["unet"], threads)))
     for entry in manifest["experts"]:
         models.append((f"expert_{entry['code']}", float(entry["macs_ratio"]), _session(root / entry["unet"], threads)))
-    feed = _inputs(manifest, batch, seed)
+    feed = _inputs(manifest, batch, seed, resolution)
     for _, _, session in models:
         for _ in range(warmup):
             session.run(None, feed)
@@ -120,10 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model first (default: 3)")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one prompt with guidance)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
+    parser.add_argument("--resolution", type=int, default=None, metavar="PX",
+                        help="image size to time at (default: the export's nominal size)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     try:
-        rows = benchmark(args.artifacts, args.repeats, args.warmup, args.batch, args.threads)
+        rows = benchmark(args.artifacts, args.repeats, args.warmup, args.batch, args.threads,
+                         resolution=args.resolution)
     except AptpError as error:
         print(f"onnx_expert_speed: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

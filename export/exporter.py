@@ -185,12 +185,47 @@ def _read_checkpoint(checkpoint: Path) -> tuple[Any, Any, torch.Tensor, torch.Te
     return info, layout, logits, masks, shares
 
 
+def _sibling_prefix(output: Path, kind: str, pid: int | None = None) -> str:
+    return f".{output.name}.{kind}-" + ("" if pid is None else f"{pid}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _clean_stale_siblings(output: Path) -> None:
+    """Remove what killed exports to `output` left beside it (staging and set-aside dirs of
+    processes that no longer exist). An old export set aside by an export killed between its
+    two renames is put back when nothing took its place."""
+    if not output.parent.is_dir():
+        return
+    for kind in ("partial", "old"):
+        prefix = _sibling_prefix(output, kind)
+        for path in sorted(output.parent.glob(f"{prefix}*")):
+            pid_text = path.name[len(prefix):].split("-", 1)[0]
+            if not pid_text.isdigit() or _alive(int(pid_text)):
+                continue
+            aside = path / output.name
+            if kind == "old" and aside.is_dir() and not output.exists():
+                logger.warning("restoring %s, set aside by an interrupted export", output)
+                os.replace(aside, output)
+            logger.info("removing %s, left by an interrupted export", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _make_staging(output: Path) -> Path:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} exists and is not a directory; choose another path")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        _clean_stale_siblings(output)
+        return Path(tempfile.mkdtemp(prefix=_sibling_prefix(output, "partial", os.getpid()), dir=output.parent))
     except OSError as err:
         raise ConfigError(f"cannot write the export to {output} ({err.strerror or err}); choose a writable --output") from err
 
@@ -199,7 +234,7 @@ def _commit(staging: Path, output: Path) -> None:
     """Rename the finished staging directory to `output`; an old export is moved aside first
     and deleted only after the new one is in place."""
     if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(output, "old", os.getpid()), dir=output.parent))
         os.replace(output, old / output.name)
         try:
             os.replace(staging, output)
@@ -282,7 +317,8 @@ def load_checkpoint_expert(ctx: _Context, code: int) -> tuple[nn.Module, Any, di
 
 
 def _finetuned(info: dict) -> bool:
-    return "fine" in str(info.get("weights", "")).lower()
+    """Whether `aptp-train finetune` replaced the sliced weights (its expert.json says so)."""
+    return str(info.get("weights", "")).lower() in ("fine-tuned", "finetuned") or "finetune_steps" in info
 
 
 def _check_macs(ctx: _Context) -> None:
@@ -304,7 +340,6 @@ def _tensorrt_profile(ctx: _Context, config: UNetOnnxConfig) -> dict[str, Any]:
         "opt": {"batch": 2, "steps": 2, "height": ctx.latent_height, "width": ctx.latent_width},
         "max": {"batch": batch_max, "steps": batch_max, "height": high, "width": high},
     }
-    dims["opt"]["batch"] = dims["opt"]["steps"] = min(2, batch_max)
     return {"dims": dims, "shapes": config.input_profile(dims["min"], dims["opt"], dims["max"])}
 
 

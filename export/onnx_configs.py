@@ -335,7 +335,7 @@ class UNetOnnxConfig(OnnxConfig):
     def validation_dims(self):
         base = dict(self.dims)
         step = int(base.get("latent_multiple", 1))
-        other = {**base, "batch": 1 if base["batch"] > 1 else 2, "steps": 1,
+        other = {**base, "batch": 1 if base["batch"] > 1 else 2, "steps": 1, "sequence": base["sequence"] + 5,
                  "height": base["height"] + step, "width": base["width"] + 2 * step}
         return [base, other]
 
@@ -380,8 +380,9 @@ class TextEncoderOnnxConfig(OnnxConfig):
                     "vocab_size": config.vocab_size}, precision)
 
     def validation_dims(self):
-        # Only the batch varies: CLIP's position embeddings fix the longest sequence.
-        return [dict(self.dims), {**self.dims, "batch": self.dims["batch"] + 1}]
+        # Shorter sequences only: the position embeddings fix the longest one.
+        shorter = max(1, self.dims["sequence"] // 2)
+        return [dict(self.dims), {**self.dims, "batch": self.dims["batch"] + 1, "sequence": shorter}]
 
     def wrap(self, model):
         return _TextEncoderWrapper(model)

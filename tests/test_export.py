@@ -279,17 +279,19 @@ def test_onnx_pipeline_dirs_generate_images(exported, components):
 # -- benchmark script --------------------------------------------------------------------------
 
 
-def test_benchmark_script_times_dense_and_experts(exported, capsys):
-    from aptp.benchmarks.onnx_expert_speed import benchmark, main
+def test_benchmark_script_times_dense_and_experts(exported, capsys, tmp_path):
+    from aptp.benchmarks.onnx_expert_speed import main
 
-    rows = benchmark(exported.root, repeats=2, warmup=1, threads=1)
+    out = tmp_path / "rows.json"
+    assert main(["--artifacts", str(exported.root), "--repeats", "2", "--warmup", "1", "--threads", "1",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "latency ratio" in printed and "expert_1" in printed
+    rows = json.loads(out.read_text())
     assert [r["name"] for r in rows] == ["dense", "expert_0", "expert_1"]
     assert [r["macs_ratio"] for r in rows[1:]] == [e["macs_ratio"] for e in exported.manifest["experts"]]
     assert rows[0]["latency_ratio"] == 1.0
-    assert all(r["median_ms"] > 0 and r["latency_ratio"] > 0 for r in rows)
-    assert main(["--artifacts", str(exported.root), "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "latency ratio" in printed and "expert_1" in printed
+    assert all(r["median_ms"] > 0 and r["latency_ratio"] > 0 and r["repeats"] == 2 for r in rows)
 
 
 # -- precision and external data ---------------------------------------------------------------
@@ -423,6 +425,38 @@ def test_group_norm_padding_keeps_the_expert_output(tiny_checkpoint, components)
         got = padded(sample, timestep, context).sample
     assert (got - want).abs().max() < 1e-5
     assert sum(p.numel() for p in padded.parameters()) > sum(p.numel() for p in expert.parameters())
+
+
+def test_engine_step_pads_validates_and_profiles(monkeypatch, tiny_checkpoint, tmp_path, components):
+    """The exporter's TensorRT step up to the builder call (the builder itself is faked: no
+    TensorRT here): padded graph validated against the unpadded expert, profile over batch
+    1..2*max_batch and the resolution range, padding recorded."""
+    from aptp.export import exporter
+    from aptp.export.tensorrt import Engine, group_norm_padding_plan
+
+    calls = []
+
+    def fake_build(self, onnx_path, input_profile, *, fp16=True, timing_cache=None, workspace_bytes=None):
+        calls.append({"onnx": Path(onnx_path), "profile": input_profile, "fp16": fp16, "exists": Path(onnx_path).is_file()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(b"plan")
+        return self.path
+
+    monkeypatch.setattr(Engine, "build", fake_build)
+    info, layout, logits, masks, shares = exporter._read_checkpoint(tiny_checkpoint)
+    ctx = exporter._Context(checkpoint=tiny_checkpoint, staging=tmp_path, options=exporter.ExportOptions(max_batch=3),
+                            info=info, layout=layout, code_logits=logits, hard_masks=masks, shares=shares,
+                            components=components, latent_height=16, latent_width=16, latent_range=(8, 32),
+                            text_length=32, trt={"built": True})
+    expert, _, _ = exporter.load_checkpoint_expert(ctx, 1)
+    entry = exporter.build_unet_engine(ctx, "expert 1", expert, tmp_path / "experts" / "expert_1")
+    assert entry["tensorrt"] == "experts/expert_1/unet.plan" and (tmp_path / entry["tensorrt"]).is_file()
+    assert entry["group_norm_padding"] == group_norm_padding_plan(expert) != []
+    (call,) = calls
+    assert call["exists"] and call["fp16"] and not call["onnx"].exists()  # scratch graph removed afterwards
+    assert call["profile"]["sample"] == ((1, 4, 8, 8), (2, 4, 16, 16), (6, 4, 32, 32))
+    assert call["profile"]["encoder_hidden_states"] == ((1, 32, 64), (2, 32, 64), (6, 32, 64))
+    assert ctx.trt["profile"]["max"]["batch"] == 6
 
 
 @pytest.mark.skipif(not _trt()[0], reason=f"TensorRT engines cannot be built here: {_trt()[1]}")
@@ -564,6 +598,67 @@ def test_commit_replaces_an_old_export_whole(tmp_path):
     assert sorted(p.name for p in old.iterdir()) == ["manifest.json", "only-new.txt"]
     assert read_manifest(old)["files"] == {"only-new.txt": read_manifest(old)["files"]["only-new.txt"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+
+
+def test_stale_siblings_of_killed_exports_are_cleaned(tmp_path):
+    from aptp.export.exporter import _clean_stale_siblings
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "A"
+    stale = tmp_path / f".A.partial-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "half.onnx").write_bytes(b"half")
+    live = tmp_path / f".A.partial-{os.getpid()}-def"  # a running export's staging: kept
+    live.mkdir()
+    aside = tmp_path / f".A.old-{dead.pid}-ghi"
+    _fake_export(aside / "A")  # killed between "old aside" and "new in"
+    _clean_stale_siblings(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["A", live.name])
+    read_manifest(target)
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_checkpoint_shares_and_consistency(tiny_checkpoint, tmp_path):
+    from aptp.export.exporter import _read_checkpoint
+
+    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    assert _read_checkpoint(ckpt)[4] == [0.5, 0.5]  # checkpoint.json's training share
+    (ckpt / "routing.json").write_text(json.dumps({"format": 1, "share": [0.25, 0.75]}))
+    assert _read_checkpoint(ckpt)[4] == [0.25, 0.75]  # routing.json wins
+    data = json.loads((ckpt / "checkpoint.json").read_text())
+    data["num_codes"] = 3
+    (ckpt / "checkpoint.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="K=3"):
+        _read_checkpoint(ckpt)
+
+
+def test_expert_without_directory_is_sliced_and_mismatched_spec_rejected(tiny_checkpoint, tmp_path, components):
+    import shutil
+
+    from aptp.export import load_expert
+    from aptp.export.exporter import ExportOptions, _Context, _read_checkpoint, load_checkpoint_expert
+
+    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    info, layout, logits, masks, shares = _read_checkpoint(ckpt)
+    ctx = _Context(checkpoint=ckpt, staging=tmp_path, options=ExportOptions(), info=info, layout=layout,
+                   code_logits=logits, hard_masks=masks, shares=shares, components=components)
+    shutil.rmtree(ckpt / "experts" / "expert_0")
+    unet, spec, expert_info = load_checkpoint_expert(ctx, 0)
+    want = load_expert(tiny_checkpoint / "experts" / "expert_0").state_dict()
+    got = unet.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert "sliced" in expert_info["weights"]
+    # An expert directory sliced from another code is refused.
+    (ckpt / "experts" / "expert_1").rename(ckpt / "experts" / "expert_0")
+    with pytest.raises(ArtifactError, match="does not match code 0"):
+        load_checkpoint_expert(ctx, 0)
 
 
 # -- bad input ---------------------------------------------------------------------------------
