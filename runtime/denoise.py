@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .engine import DeviceTensor, Engine
+from .engine import DeviceTensor, Engine, TensorRTEngine
 from .scheduler import SchedulerTable
 
 __all__ = ["denoise", "denoise_on_device", "uses_guidance"]
@@ -109,7 +109,9 @@ def _synchronize() -> None:
         if status != 0:
             raise RuntimeError(f"cudaDeviceSynchronize failed with CUDA error {status}")
     else:
-        _FENCE.setdefault("fence", DeviceTensor((1,), np.float32)).download()
+        if "fence" not in _FENCE:
+            _FENCE["fence"] = DeviceTensor((1,), np.float32)
+        _FENCE["fence"].download()
 
 
 _FENCE: dict[str, DeviceTensor] = {}
@@ -147,7 +149,7 @@ def denoise_on_device(unet: Engine, latents: np.ndarray, text_states: np.ndarray
     # History needs no initialisation: coefficient 0 at step 0 drops the term unread.
     prev_x = DeviceTensor((batch, *shape), dtype, unet.device_id)
     prev_m = DeviceTensor((batch, *shape), dtype, unet.device_id)
-    native_stream = not hasattr(unet, "session")  # TensorRT runs on `stream` itself
+    native_stream = isinstance(unet, TensorRTEngine)  # it runs on `stream` itself, after the kernels
     for i in range(table.num_steps):
         kernels.cfg_input_cuda(x, float(table.input_scale[i]), doubled, stream)
         if not native_stream:

@@ -122,7 +122,13 @@ class DeviceTensor:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.device_id = device_id
-        self.ortvalue = ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype.type, "cuda", device_id)
+        try:
+            self.ortvalue = ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype.type, "cuda",
+                                                                      device_id)
+        except Exception as err:  # a CPU-only onnxruntime cannot allocate on "cuda"
+            raise RuntimeInputError(
+                f"cannot allocate a {self.shape} {self.dtype} buffer on cuda:{device_id} through onnxruntime "
+                f"{ort.__version__} ({err}); GPU buffers need onnxruntime-gpu") from err
 
     @property
     def ptr(self) -> int:
@@ -255,6 +261,7 @@ class OnnxRuntimeEngine(Engine):
         self._inputs: dict[str, np.dtype] = {}
         self._outputs: dict[str, np.dtype] = {}
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     @property
     def loaded(self) -> bool:
@@ -263,6 +270,11 @@ class OnnxRuntimeEngine(Engine):
     def load(self) -> None:
         if self.session is not None:
             return
+        with self._load_lock:  # concurrent first calls create one session, not several
+            if self.session is None:
+                self._create_session()
+
+    def _create_session(self) -> None:
         import onnxruntime as ort
 
         if not self.path.is_file():
@@ -273,12 +285,13 @@ class OnnxRuntimeEngine(Engine):
         options.log_severity_level = 3
         providers = onnxruntime_providers(self.device, self.backend, self.device_id)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {err}") from err
-        self._inputs = {i.name: _ORT_DTYPES.get(i.type, np.dtype(np.float32)) for i in self.session.get_inputs()}
-        self._outputs = {o.name: _ORT_DTYPES.get(o.type, np.dtype(np.float32)) for o in self.session.get_outputs()}
-        logger.debug("loaded %s with %s", self.path, self.session.get_providers())
+        self._inputs = {i.name: _ORT_DTYPES.get(i.type, np.dtype(np.float32)) for i in session.get_inputs()}
+        self._outputs = {o.name: _ORT_DTYPES.get(o.type, np.dtype(np.float32)) for o in session.get_outputs()}
+        self.session = session  # last: a thread that sees the session also sees its I/O tables
+        logger.debug("loaded %s with %s", self.path, session.get_providers())
 
     @property
     def input_names(self) -> list[str]:

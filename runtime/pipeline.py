@@ -42,7 +42,15 @@ from aptp.errors import ArtifactError, RuntimeInputError
 from . import kernels
 from .artifacts import DENSE, ExportArtifacts, load_artifacts
 from .denoise import denoise, denoise_on_device, uses_guidance
-from .engine import BACKENDS, DEVICES, Engine, OnnxRuntimeEngine, TensorRTEngine, tensorrt_available
+from .engine import (
+    BACKENDS,
+    DEVICES,
+    Engine,
+    OnnxRuntimeEngine,
+    TensorRTEngine,
+    onnxruntime_providers,
+    tensorrt_available,
+)
 from .images import to_uint8
 from .router import Router
 from .scheduler import SchedulerTable
@@ -205,6 +213,7 @@ class AptpPipeline:
         self.device = device
         self.device_id = int(device_id)
         self.backend = resolve_backend(backend, device, artifacts)
+        onnxruntime_providers(device, self.backend, self.device_id)  # CUDA without onnxruntime-gpu fails here
         self.threads = threads
         self.scheduler: SchedulerTable = artifacts.scheduler
         self.on_device_loop = device == "cuda" and kernels.cuda_available()
@@ -216,7 +225,8 @@ class AptpPipeline:
             pad_to_max_length=True, warn_truncation=True, name="text encoder")
         self.router = Router(
             PromptTokenizer(artifacts.router_tokenizer.path, artifacts.router_tokenizer.max_length,
-                            artifacts.router_tokenizer.pad_token_id, pad_to_max_length=False, warn_truncation=False, name="router encoder"),
+                            artifacts.router_tokenizer.pad_token_id, pad_to_max_length=False,
+                            warn_truncation=False, name="router encoder"),
             self._make_engine(artifacts.router_encoder.onnx), self._make_engine(artifacts.router_head.onnx),
             artifacts.num_codes)
         self._engines: dict[Any, Engine] = {
@@ -280,7 +290,7 @@ class AptpPipeline:
             raise RuntimeInputError(
                 f"the new sampler table predicts {scheduler.prediction_type!r}, the export's models "
                 f"{self.scheduler.prediction_type!r}: build the table from the model's own scheduler config")
-        other = copy.copy(self)  # shares engines, locks and the cached unconditional states
+        other = copy.copy(self)  # shares the engines and their locks
         other.scheduler = scheduler
         return other
 

@@ -1,0 +1,97 @@
+"""One tiny export shared by the runtime test files (built once per test session).
+
+The checkpoint is `export_fixtures.build_tiny_checkpoint` (two codes over the tiny pipeline)
+with one change: its random router head would send every prompt to the same code, so the
+head is rewritten to split prompts along one direction of the sentence-embedding space
+(vehicle prompts -> one code, food prompts -> the other). Routing, grouping and the return
+order are then exercised by real routes.
+
+For quicker iterations, ``APTP_TEST_RUNTIME_EXPORT=<dir>`` reuses an export that `tiny_export`
+wrote before (its manifest names its checkpoint); by default each session builds its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+VEHICLE_PROMPTS = ("a red sports car on a highway", "an old truck parked in a city street",
+                   "a yellow taxi in new york")
+FOOD_PROMPTS = ("a bowl of tomato soup", "a plate of fresh pasta", "a slice of chocolate cake")
+STEPS = 4
+MAX_BATCH = 4
+
+_BUILT: dict[str, Path] = {}
+
+
+def _splitting_head(checkpoint: Path) -> None:
+    """Router head whose vector is ``silu(k (e . v - mid)) * (code_0 - code_1)``: the sign of
+    ``e . v - mid`` picks the code (the cosine ignores the magnitude)."""
+    import torch
+
+    from aptp.train import checkpoint as ckpt
+    from aptp.train.router import RouterHead, SentenceEncoder
+
+    from export_fixtures import ENCODER
+
+    encoder = SentenceEncoder(ENCODER, device="cpu")
+    vehicles = encoder.encode(list(VEHICLE_PROMPTS)).mean(0)
+    food = encoder.encode(list(FOOD_PROMPTS)).mean(0)
+    direction = vehicles - food
+    mid = float(((vehicles + food) / 2) @ direction)
+    logits, _ = ckpt.load_codes(checkpoint)
+    head = RouterHead.from_pretrained(str(checkpoint / ckpt.ROUTER_HEAD_DIR))
+    scale = 5.0
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+        head.fc1.weight[0] = scale * direction
+        head.fc1.bias[0] = -scale * mid
+        head.fc2.weight[:, 0] = logits[0] - logits[1]
+    head.save_pretrained(str(checkpoint / ckpt.ROUTER_HEAD_DIR))
+
+
+def tiny_export(root: Path) -> Path:
+    """The export (``STEPS``-step DDIM, dense UNet included) under `root`, built on first call."""
+    if "export" in _BUILT:
+        return _BUILT["export"]
+    reuse = os.environ.get("APTP_TEST_RUNTIME_EXPORT")
+    if reuse:
+        _BUILT["export"] = Path(reuse)
+        return _BUILT["export"]
+    from aptp.export import ExportOptions, export_checkpoint
+    from aptp.train.models import resolve_pretrained
+
+    from export_fixtures import build_tiny_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    checkpoint = build_tiny_checkpoint(root / "checkpoint", resolve_pretrained("tiny"))
+    _splitting_head(checkpoint)
+    export = root / "export"
+    export_checkpoint(checkpoint, export, ExportOptions(steps=STEPS, max_batch=MAX_BATCH, scheduler="ddim"))
+    _BUILT["export"] = export
+    return export
+
+
+def checkpoint_of_export() -> Path:
+    """The checkpoint `tiny_export` exported (recorded in its manifest)."""
+    manifest = json.loads((_BUILT["export"] / "manifest.json").read_text())
+    return Path(manifest["checkpoint"]["path"])
+
+
+def shallow_copy(export: Path, target: Path, copy: tuple[str, ...] = ()) -> Path:
+    """A copy of `export` whose files are symlinks, except ``manifest.json`` and `copy` (real
+    copies that a test may modify without touching the shared export)."""
+    for dirpath, _, filenames in os.walk(export):
+        for name in filenames:
+            src = Path(dirpath) / name
+            rel = src.relative_to(export)
+            dst = target / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if rel.as_posix() == "manifest.json" or rel.as_posix() in copy:
+                shutil.copyfile(src, dst)
+            else:
+                dst.symlink_to(src)
+    return target

@@ -1,0 +1,139 @@
+"""GenerationServer under load: per-expert batches, equal-to-alone results, a bounded queue.
+
+Uses the tiny export of `runtime_fixtures` (shared with test_runtime.py when both run in one
+session); vehicle prompts route to code 0, food prompts to code 1.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from aptp.errors import ArtifactError, RuntimeInputError
+from aptp.runtime import AptpPipeline, GenerationServer, QueueFullError, ServerClosedError
+from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS, tiny_export
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    return tiny_export(tmp_path_factory.mktemp("runtime"))
+
+
+@pytest.fixture(scope="module")
+def pipe(export_dir) -> AptpPipeline:
+    return AptpPipeline.from_export(export_dir, threads=1)
+
+
+class RecordingPipeline:
+    """Delegates to a pipeline; records every batch the server runs and can hold or fail it."""
+
+    def __init__(self, pipe: AptpPipeline, fail_on: str | None = None):
+        self._pipe = pipe
+        self.batches: list[tuple[list[str], object]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on = fail_on
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def generate(self, prompts, seeds, options, codes=None):
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        self.batches.append((list(prompts), options.expert))
+        if self.fail_on is not None and self.fail_on in prompts:
+            raise ArtifactError(f"simulated engine failure on {self.fail_on!r}")
+        return self._pipe.generate(prompts, seeds, options, codes)
+
+
+def test_four_threads_ten_requests_each_equal_their_single_runs(pipe):
+    unique = [(prompt, 500 + i) for i, prompt in enumerate((*VEHICLE_PROMPTS, *FOOD_PROMPTS, "a blue bicycle",
+                                                             "a hamburger with fries", "a green apple", "logo"))]
+    recorder = RecordingPipeline(pipe)
+    server = GenerationServer(recorder, max_batch=4, max_wait=0.05, max_queue=64)
+
+    def client(t: int):
+        # Every thread sends the ten requests in its own order: batches mix threads and seeds.
+        order = unique[t * 3:] + unique[:t * 3]
+        futures = [(p, s, server.submit(p, seed=s, output_type="latent")) for p, s in order]
+        return [(p, s, f.result(timeout=300)) for p, s, f in futures]
+
+    with ThreadPoolExecutor(4) as pool:
+        served = [item for chunk in pool.map(client, range(4)) for item in chunk]
+    server.close()
+    assert len(served) == 40
+    alone = {(p, s): pipe([p], seeds=[s], output_type="latent")[0] for p, s in unique}
+    for prompt, seed, result in served:
+        want = alone[(prompt, seed)]
+        assert (result.prompt, result.seed, result.expert) == (prompt, seed, want.expert)
+        np.testing.assert_allclose(result.latents, want.latents, rtol=0, atol=1e-5)
+    assert {want.expert for want in alone.values()} == {0, 1}
+    sizes = [len(prompts) for prompts, _ in recorder.batches]
+    assert sum(sizes) == 40 and max(sizes) <= 4 and max(sizes) > 1
+    expert_of = {p: alone[(p, s)].expert for p, s in unique}
+    for prompts, expert in recorder.batches:  # one expert per batch, the one the router picks alone
+        assert all(expert_of[p] == expert for p in prompts)
+
+
+def test_full_queue_refuses_work_then_recovers(pipe):
+    recorder = RecordingPipeline(pipe)
+    recorder.gate.clear()
+    server = GenerationServer(recorder, max_batch=1, max_wait=0.0, max_queue=2)
+    try:
+        running = server.submit(VEHICLE_PROMPTS[0], seed=1, output_type="latent")
+        assert recorder.entered.wait(timeout=60)  # the worker holds it: it no longer waits
+        waiting = [server.submit(FOOD_PROMPTS[0], seed=2, output_type="latent"),
+                   server.submit(FOOD_PROMPTS[1], seed=3, output_type="latent")]
+        with pytest.raises(QueueFullError, match="max_queue"):
+            server.submit(FOOD_PROMPTS[2], seed=4)
+        assert server.waiting == 2
+        recorder.gate.set()
+        for future in (running, *waiting):
+            assert future.result(timeout=120).latents.shape == (4, 16, 16)
+        assert server.generate(FOOD_PROMPTS[2], seed=4, output_type="latent", timeout=120).expert == 1
+    finally:
+        recorder.gate.set()
+        server.close()
+
+
+def test_bad_requests_are_refused_at_submit_and_serving_goes_on(pipe):
+    with GenerationServer(pipe, max_batch=2, max_wait=0.0) as server:
+        for prompt, options, message in [
+            ("", {}, "0 characters"),
+            ("a cat", {"num_inference_steps": 0}, "positive integer"),
+            ("a cat", {"num_inference_steps": -2}, "positive integer"),
+            ("a cat", {"guidance_scale": "high"}, "finite number"),
+            ("a cat", {"seed": -5}, "seeds"),
+            ("a cat", {"expert": "sparse"}, "expert must be one of"),
+        ]:
+            with pytest.raises(RuntimeInputError, match=message):
+                server.submit(prompt, **options)
+        assert server.waiting == 0
+        result = server.generate(VEHICLE_PROMPTS[1], seed=3, output_type="latent", timeout=120)
+        alone = pipe([VEHICLE_PROMPTS[1]], seeds=[3], output_type="latent")[0]
+        np.testing.assert_array_equal(result.latents, alone.latents)
+    with pytest.raises(ServerClosedError):
+        server.submit("a cat")
+
+
+def test_failing_batch_fails_only_its_requests(pipe):
+    recorder = RecordingPipeline(pipe, fail_on="boom")
+    with GenerationServer(recorder, max_batch=1, max_wait=0.0) as server:
+        bad = server.submit("boom", seed=1, expert=0, output_type="latent")
+        good = server.submit(FOOD_PROMPTS[0], seed=2, expert=1, output_type="latent")
+        with pytest.raises(ArtifactError, match="simulated engine failure"):
+            bad.result(timeout=120)
+        assert good.result(timeout=120).expert == 1
+        forced = server.generate(FOOD_PROMPTS[0], seed=2, expert="dense", output_type="latent", timeout=120)
+    assert forced.expert == "dense"
+    assert [expert for _, expert in recorder.batches] == [0, 1, "dense"]
+
+
+def test_server_arguments_are_checked(pipe):
+    for kwargs in ({"max_batch": 0}, {"max_queue": 0}, {"max_wait": -1.0}):
+        with pytest.raises(ValueError):
+            GenerationServer(pipe, **kwargs)
