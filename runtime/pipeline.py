@@ -204,17 +204,23 @@ class AptpPipeline:
         scheduler: another sampler table (`SchedulerTable` or its dict) for the export's models,
             e.g. one exported for another sampler or step count; default: the manifest's.
         preload: create every session now instead of on first use.
+        max_batch: prompts per UNet call (a larger expert group runs in chunks); default: the
+            export's ``max_batch``.
     """
 
     def __init__(self, artifacts: ExportArtifacts, *, backend: str = "auto", device: str = "cpu",
                  device_id: int = 0, threads: int | None = None,
-                 scheduler: SchedulerTable | Mapping[str, Any] | None = None, preload: bool = False):
+                 scheduler: SchedulerTable | Mapping[str, Any] | None = None, preload: bool = False,
+                 max_batch: int | None = None):
         self.artifacts = artifacts
         self.device = device
         self.device_id = int(device_id)
         self.backend = resolve_backend(backend, device, artifacts)
         onnxruntime_providers(device, self.backend, self.device_id)  # CUDA without onnxruntime-gpu fails here
         self.threads = threads
+        self.max_batch = artifacts.max_batch if max_batch is None else max_batch
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.scheduler: SchedulerTable = artifacts.scheduler
         self.on_device_loop = device == "cuda" and kernels.cuda_available()
         if device == "cuda" and not self.on_device_loop:
@@ -420,30 +426,34 @@ class AptpPipeline:
         group_timings: dict[int, dict[str, float]] = {}
         order, offsets = kernels.group_by_code(index, num_codes + 1)  # slot K is the dense model
         for slot in range(num_codes + 1):
-            rows = order[offsets[slot]:offsets[slot + 1]]
-            if rows.size == 0:
+            group = order[offsets[slot]:offsets[slot + 1]]
+            if group.size == 0:
                 continue
             key: int | str = DENSE if slot == num_codes else slot
             spent = {"denoise": 0.0, "decode": 0.0}
-            clock = time.perf_counter()
-            x = kernels.gather_rows(latents, rows)
-            text = kernels.gather_rows(cond, rows)
-            if guided:
-                text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
-            x = self._denoise(key, x, text, options.guidance_scale)
-            kernels.scatter_rows(x, rows, final)
-            spent["denoise"] = time.perf_counter() - clock
-            if options.output_type == "np":
+            # Chunks of max_batch prompts: the batch the export was built for (TensorRT profiles
+            # cover 2 * max_batch rows with guidance); each row's result does not depend on it.
+            for start in range(0, group.size, self.max_batch):
+                rows = group[start:start + self.max_batch]
                 clock = time.perf_counter()
-                decoded = self._engines["vae_decoder"].infer({"latent_sample": x})["sample"]
-                decoded = np.ascontiguousarray(decoded, dtype=np.float32)
-                if pixels is None:
-                    pixels = np.empty((batch, *decoded.shape[1:]), dtype=np.float32)
-                kernels.scatter_rows(decoded, rows, pixels)
-                spent["decode"] = time.perf_counter() - clock
-            for row in rows.tolist():
+                x = kernels.gather_rows(latents, rows)
+                text = kernels.gather_rows(cond, rows)
+                if guided:
+                    text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
+                x = self._denoise(key, x, text, options.guidance_scale)
+                kernels.scatter_rows(x, rows, final)
+                spent["denoise"] += time.perf_counter() - clock
+                if options.output_type == "np":
+                    clock = time.perf_counter()
+                    decoded = self._engines["vae_decoder"].infer({"latent_sample": x})["sample"]
+                    decoded = np.ascontiguousarray(decoded, dtype=np.float32)
+                    if pixels is None:
+                        pixels = np.empty((batch, *decoded.shape[1:]), dtype=np.float32)
+                    kernels.scatter_rows(decoded, rows, pixels)
+                    spent["decode"] += time.perf_counter() - clock
+            for row in group.tolist():
                 group_timings[row] = spent
-            logger.info("expert %s: %d prompt(s), %d steps, %.3f s", key, rows.size, self.scheduler.num_steps,
+            logger.info("expert %s: %d prompt(s), %d steps, %.3f s", key, group.size, self.scheduler.num_steps,
                         spent["denoise"] + spent["decode"])
 
         images = to_uint8(pixels) if pixels is not None else None

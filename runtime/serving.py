@@ -70,14 +70,14 @@ class GenerationServer:
     Args:
         pipeline: the pipeline to run (the server's worker is its only caller while serving;
             direct calls from other threads remain safe).
-        max_batch: prompts per batch; default: the export's ``max_batch``.
+        max_batch: prompts per batch; default: the pipeline's ``max_batch`` (the export's).
         max_wait: seconds a request may wait for others to fill its batch.
         max_queue: requests that may wait at once; more are refused with `QueueFullError`.
     """
 
     def __init__(self, pipeline: AptpPipeline, *, max_batch: int | None = None, max_wait: float = 0.01,
                  max_queue: int = 64):
-        max_batch = pipeline.artifacts.max_batch if max_batch is None else max_batch
+        max_batch = pipeline.max_batch if max_batch is None else max_batch
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:

@@ -230,6 +230,21 @@ def test_mixed_batch_returns_in_caller_order_and_equals_single_runs(pipe):
     assert set(batch[0].timings) == {"tokenise", "route", "text_encode", "denoise", "decode"}
 
 
+def test_groups_larger_than_max_batch_run_in_chunks(pipe, monkeypatch):
+    prompts = [VEHICLE_PROMPTS[0], FOOD_PROMPTS[0], VEHICLE_PROMPTS[1], VEHICLE_PROMPTS[2], FOOD_PROMPTS[1]]
+    whole = pipe(prompts, seeds=7, output_type="latent")
+    calls = []
+    real = kernels.guided_step
+    monkeypatch.setattr(kernels, "guided_step", lambda x, *a: (calls.append(x.shape[0]), real(x, *a)))
+    monkeypatch.setattr(pipe, "max_batch", 2)
+    chunked = pipe(prompts, seeds=7, output_type="latent")
+    # code 0: 3 prompts -> chunks of 2 and 1; code 1: 2 prompts -> one chunk
+    assert sorted(set(calls)) == [1, 2] and len(calls) == 3 * STEPS
+    for a, b in zip(whole, chunked):
+        assert a.expert == b.expert
+        np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5)
+
+
 def test_forced_expert_skips_the_router(pipe):
     results = pipe([VEHICLE_PROMPTS[0], FOOD_PROMPTS[0]], seeds=[1, 2], expert=1, output_type="latent")
     assert [r.expert for r in results] == [1, 1] and results[0].timings["route"] < 1e-3
