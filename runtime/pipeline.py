@@ -223,6 +223,12 @@ class AptpPipeline:
             raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.scheduler: SchedulerTable = artifacts.scheduler
         self.on_device_loop = device == "cuda" and kernels.cuda_available()
+        if self.backend == "tensorrt" and not self.on_device_loop:
+            # TensorRT engines hand back device buffers: only the on-device loop consumes them.
+            if backend == "tensorrt":
+                raise RuntimeInputError(f"backend 'tensorrt' needs the CUDA kernels ({kernels.cuda_status()}); "
+                                        "rebuild aptp with a CUDA toolkit or use backend 'onnxruntime'")
+            self.backend = "onnxruntime"
         if device == "cuda" and not self.on_device_loop:
             logger.warning("device 'cuda' without the CUDA kernels (%s): latents go through the host every "
                            "step", kernels.cuda_status())

@@ -525,6 +525,11 @@ def test_unavailable_backend_and_device_are_clear(pipe):
         AptpPipeline(pipe.artifacts, backend="openvino")
     with pytest.raises(RuntimeInputError, match="device 'cuda' only"):
         AptpPipeline(pipe.artifacts, backend="tensorrt", device="cpu")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeInputError, match="install onnxruntime-gpu"):
+            AptpPipeline(pipe.artifacts, device="cuda")
     table = pipe.scheduler.to_dict()
     table["prediction_type"] = "v_prediction"
     with pytest.raises(RuntimeInputError, match="v_prediction"):
