@@ -1,0 +1,451 @@
+"""`aptp-bench quality`: the reduced replication of the APTP paper's quality table, offline.
+
+Rows (each pruned and fine-tuned by aptp's own trainer, with the same step counts):
+
+- ``dense``: the teacher (the ``tiny`` pipeline), no pruning.
+- ``aptp``: prompt-routed pruning, K codes (default 4) at a MACs budget (default 0.6).
+- ``static``: the paper's baseline, one architecture for every prompt: the same code with
+  ``codes.num_codes=1`` (same budget, data and steps).
+- ``aptp_no_ot``: APTP without the optimal-transport (Sinkhorn) assignment during training
+  (``sinkhorn.enabled=false``); skipped, with the reason, if the trainer has no such switch.
+
+Every row generates one image per held-out procedural prompt (``ProceduralCaptions`` seed
+``--prompt-seed``, never trained on), with the same initial noise per prompt in every row, and
+is scored against the real rendering of the same prompts:
+
+- MACs ratio: mean over the prompts of the MACs ratio of the expert each prompt is routed to.
+- FID-like: Frechet distance in the feature space of the procedural classifier
+  (`aptp.benchmarks.quality.classifier`), generated versus real images.
+- CMMD: unbiased RBF-kernel MMD (x1000) in the same feature space, with the bandwidth set once
+  from the real features (median pairwise distance) and shared by every row.
+- Alignment: the classifier reads shape, colour, position, count and word off each generated
+  image; accuracy against the prompt's attributes (mean over attributes, and all five right).
+- Routing: share of prompts per code, and mean MACs of text prompts versus shape-only prompts.
+
+It also routes PartiPrompts through the APTP router and reports mean MACs per Challenge.
+Outputs: ``quality.json``, ``quality.md`` and a sample grid per row, in ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from aptp.errors import AptpError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+ROWS = ("dense", "aptp", "static", "aptp_no_ot")
+PARTI_DEFAULT = Path("/work/shared/data/PartiPrompts.tsv")
+ROW_TITLES = {
+    "dense": "dense teacher",
+    "aptp": "APTP (K={k})",
+    "static": "static pruned (K=1)",
+    "aptp_no_ot": "APTP without OT (K={k})",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_noise(num_prompts: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Initial latents per prompt; prompt i's noise depends only on (seed, i), so every row shares it."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in range(num_prompts)])
+
+
+@torch.no_grad()
+def generate_images(
+    components: Any,
+    prompts: Sequence[str],
+    unets: dict[int, nn.Module] | nn.Module,
+    codes: Sequence[int] | None = None,
+    *,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    batch_size: int = 32,
+    scheduler: Any = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample one image per prompt with DDIM and classifier-free guidance; (N, 3, R, R) in [0, 1].
+
+    Args:
+        components: `aptp.train.models.DiffusionComponents` (text encoder, tokenizer, VAE).
+        prompts: the prompts.
+        unets: one UNet, or experts by code (each prompt uses ``unets[codes[i]]``).
+        codes: the code of each prompt (required with a dict of experts).
+        seed: selects the initial noise (see `prompt_noise`).
+        steps, guidance: DDIM steps and guidance scale.
+        scheduler: a diffusers scheduler; default: DDIM from the pipeline's scheduler config.
+    """
+    from diffusers import DDIMScheduler
+
+    if isinstance(unets, nn.Module):
+        unets, codes = {0: unets}, [0] * len(prompts)
+    if codes is None or len(codes) != len(prompts):
+        raise ConfigError("generate_images needs one code per prompt when given several experts")
+    if scheduler is None:
+        scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
+    scheduler.set_timesteps(steps)
+    any_unet = next(iter(unets.values()))
+    side = any_unet.config.sample_size
+    noise = prompt_noise(len(prompts), (any_unet.config.in_channels, side, side), seed)
+    uncond = components.encode_prompts([""], "cpu")
+    out = torch.zeros(len(prompts), 3, side * components.vae_scale_factor, side * components.vae_scale_factor)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, code in enumerate(codes):
+        groups[int(code)].append(i)
+    batches = [(code, idx[s : s + batch_size]) for code, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
+    for code, index in tqdm(batches, desc="sampling", disable=not progress, leave=False):
+        unet = unets[code]
+        context = components.encode_prompts([prompts[i] for i in index], "cpu")
+        context = torch.cat([uncond.expand(len(index), -1, -1), context])
+        latents = noise[index] * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            eps_uncond, eps_text = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+            latents = scheduler.step(eps_uncond + guidance * (eps_text - eps_uncond), t, latents).prev_sample
+        images = components.vae.decode(latents / components.vae.config.scaling_factor).sample
+        out[index] = (images * 0.5 + 0.5).clamp(0, 1)
+    return out
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8, captions: Sequence[str] | None = None) -> Path:
+    """Save a PNG grid of (N, 3, R, R) [0, 1] images (captions, if given, go to a .txt beside it)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.ones(3, rows * (h + 2), columns * (w + 2))
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = images[i]
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).resize((array.shape[1] * 2, array.shape[0] * 2), Image.Resampling.NEAREST).save(path)
+    if captions is not None:
+        path.with_suffix(".txt").write_text("".join(f"{i}: {c}\n" for i, c in enumerate(captions)))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Training the rows
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RowSpec:
+    """How one pruned row is trained: its trainer overrides."""
+
+    name: str
+    num_codes: int
+    overrides: list[str]
+
+
+def row_specs(args: argparse.Namespace) -> list[RowSpec]:
+    common = [
+        f"model.pretrained={args.pretrained}",
+        f"budget.target={args.target}",
+        f"prune.max_steps={args.prune_steps}",
+        f"prune.router_warmup_steps={max(1, args.prune_steps // 10)}",
+        f"prune.batch_size={args.batch_size}",
+        "prune.checkpoint_every=1000000",  # no intermediate states: rows are short
+        f"finetune.max_steps={args.finetune_steps}",
+        f"finetune.batch_size={args.batch_size}",
+        "finetune.checkpoint_every=1000000",
+        f"data.num_samples={args.train_samples}",
+        f"seed={args.train_seed}",
+    ] + list(args.set or [])
+    specs = {
+        "aptp": RowSpec("aptp", args.num_codes, common + [f"codes.num_codes={args.num_codes}"]),
+        "static": RowSpec("static", 1, common + ["codes.num_codes=1"]),
+        "aptp_no_ot": RowSpec("aptp_no_ot", args.num_codes, common + [f"codes.num_codes={args.num_codes}", "sinkhorn.enabled=false"]),
+    }
+    return [specs[name] for name in args.rows if name in specs]
+
+
+def sinkhorn_switch_available() -> bool:
+    """Whether the trainer's config has `sinkhorn.enabled` (the no-OT ablation needs it)."""
+    from aptp.train.config import SinkhornConfig
+
+    return "enabled" in {f.name for f in dataclasses.fields(SinkhornConfig)}
+
+
+def train_row(spec: RowSpec, directory: Path, reuse: bool) -> dict[str, Any]:
+    """Prune then fine-tune every expert of one row into `directory`; returns what happened."""
+    from aptp.train import checkpoint as ckpt
+    from aptp.train.config import load_config
+    from aptp.train.finetune import run_finetune
+    from aptp.train.prune import run_prune
+
+    done = directory / "finetune_done.json"
+    if reuse and done.is_file():
+        logger.info("reusing the trained row %s in %s", spec.name, directory)
+        return json.loads(done.read_text())
+    started = time.perf_counter()
+    config = load_config("tiny", spec.overrides)
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    run_prune(config, directory)
+    prune_s = time.perf_counter() - started
+    finetuned, skipped = [], []
+    for k in range(ckpt.CheckpointInfo.load(directory).num_codes):
+        try:
+            run_finetune(directory, k)
+            finetuned.append(k)
+        except AptpError as error:  # an expert no training prompt is routed to keeps its sliced weights
+            logger.warning("row %s: expert %d not fine-tuned: %s", spec.name, k, error)
+            skipped.append({"expert": k, "reason": str(error)})
+    record = {"row": spec.name, "overrides": spec.overrides, "prune_seconds": round(prune_s, 1),
+              "total_seconds": round(time.perf_counter() - started, 1), "finetuned": finetuned, "not_finetuned": skipped}
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def median_bandwidth(features: np.ndarray) -> float:
+    """Median pairwise Euclidean distance (the usual RBF bandwidth heuristic)."""
+    sq = np.sum(features**2, axis=1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * features @ features.T, 0.0))
+    return float(np.median(dist[np.triu_indices(len(features), k=1)]))
+
+
+def score_row(images: torch.Tensor, real_features: np.ndarray, targets: list[dict], extractor: Any, classifier: Any,
+              sigma: float) -> dict[str, Any]:
+    from .metrics import alignment_accuracy, cmmd, fid_from_features
+
+    features = extractor(images)
+    predicted = classifier.predict(images)
+    return {
+        "fid_like": fid_from_features(features, real_features),
+        "cmmd": cmmd(features, real_features, sigma=sigma),
+        "alignment": alignment_accuracy(predicted, targets),
+    }
+
+
+def routing_stats(codes: Sequence[int], ratios: Sequence[float], is_text: Sequence[bool]) -> dict[str, Any]:
+    """Expected MACs ratio, share per code, mean MACs of text versus shape-only prompts."""
+    per_prompt = np.array([ratios[c] for c in codes])
+    text = np.array(is_text, dtype=bool)
+    counts = np.bincount(np.asarray(codes, dtype=int), minlength=len(ratios))
+    return {
+        "macs_ratio": float(per_prompt.mean()),
+        "code_macs_ratio": [round(float(r), 4) for r in ratios],
+        "code_share": [round(float(c) / len(codes), 4) for c in counts],
+        "text_macs": float(per_prompt[text].mean()) if text.any() else None,
+        "shape_macs": float(per_prompt[~text].mean()) if (~text).any() else None,
+    }
+
+
+def parti_routing(directory: Path, parti_path: Path) -> dict[str, Any] | None:
+    """Mean MACs ratio and code shares per PartiPrompts Challenge, through a row's router."""
+    from aptp.train.data import load_parti_prompts
+    from aptp.train.prune import route_texts
+    from aptp.train.route import load_router
+
+    if not parti_path.is_file():
+        logger.warning("no PartiPrompts file at %s: routing analysis skipped", parti_path)
+        return None
+    rows = load_parti_prompts(parti_path)
+    info, encoder, head, logits, layout = load_router(directory)
+    codes = route_texts([r["prompt"] for r in rows], encoder, head, logits, layout.unit_weights).tolist()
+    by_challenge: dict[str, list[int]] = defaultdict(list)
+    for row, code in zip(rows, codes):
+        by_challenge[row["challenge"]].append(code)
+    ratios = info.code_macs_ratio
+    result = {}
+    for challenge, group in sorted(by_challenge.items()):
+        counts = np.bincount(group, minlength=info.num_codes)
+        result[challenge] = {"prompts": len(group), "mean_macs": float(np.mean([ratios[c] for c in group])),
+                             "code_share": [round(float(c) / len(group), 3) for c in counts]}
+    return {"num_prompts": len(rows), "overall_mean_macs": float(np.mean([ratios[c] for c in codes])), "challenges": result}
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return " / ".join(f"{v:.2f}" for v in value)
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The quality table (and the PartiPrompts routing table) as Markdown."""
+    lines = [
+        "| row | MACs ratio | FID-like (lower better) | CMMD (lower better) | alignment mean | all 5 right | share per code | MACs per code | text-prompt MACs | shape-prompt MACs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    real = results.get("real_reference")
+    if real:
+        lines.append(f"| real renderings (ceiling) | - | 0 | 0 | {_fmt(real['alignment']['mean'])} | {_fmt(real['alignment']['all'])} | - | - | - | - |")
+    for name, row in results["rows"].items():
+        if "skipped" in row:
+            lines.append(f"| {row['title']} | skipped: {row['skipped']} |||||||||")
+            continue
+        r = row["routing"]
+        lines.append(
+            f"| {row['title']} | {_fmt(r['macs_ratio'])} | {_fmt(row['fid_like'], 2)} | {_fmt(row['cmmd'], 1)} | "
+            f"{_fmt(row['alignment']['mean'])} | {_fmt(row['alignment']['all'])} | {_fmt(r['code_share'])} | "
+            f"{_fmt(r['code_macs_ratio'])} | {_fmt(r['text_macs'])} | {_fmt(r['shape_macs'])} |"
+        )
+    attrs = [a for a in next((row["alignment"] for row in results["rows"].values() if "alignment" in row), {}) if a not in ("mean", "all")]
+    if attrs:
+        lines += ["", "Alignment per attribute:", "", "| row | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
+        if real:
+            lines.append("| real renderings | " + " | ".join(_fmt(real["alignment"][a]) for a in attrs) + " |")
+        for row in results["rows"].values():
+            if "alignment" in row:
+                lines.append(f"| {row['title']} | " + " | ".join(_fmt(row["alignment"][a]) for a in attrs) + " |")
+    parti = results.get("parti_routing")
+    if parti:
+        lines += ["", f"PartiPrompts routed by the APTP router ({parti['num_prompts']} prompts, mean MACs ratio "
+                      f"{parti['overall_mean_macs']:.3f}):", "", "| Challenge | prompts | mean MACs ratio | share per code |", "|---|---|---|---|"]
+        for challenge, stats in sorted(parti["challenges"].items(), key=lambda kv: -kv[1]["mean_macs"]):
+            lines.append(f"| {challenge} | {stats['prompts']} | {stats['mean_macs']:.3f} | {_fmt(stats['code_share'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aptp-bench quality", description="Offline replication of the APTP quality table.")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--pretrained", default="tiny", help="the dense teacher pipeline (default: tiny)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--reuse", action="store_true", help="reuse rows already trained in --output-dir")
+    parser.add_argument("--num-codes", type=int, default=4)
+    parser.add_argument("--target", type=float, default=0.6, help="MACs budget (fraction of the dense UNet)")
+    parser.add_argument("--prune-steps", type=int, default=200)
+    parser.add_argument("--finetune-steps", type=int, default=50, help="per expert")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-samples", type=int, default=512, help="procedural training prompts (seed --train-seed)")
+    parser.add_argument("--train-seed", type=int, default=0)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra trainer override for every pruned row")
+    parser.add_argument("--num-samples", type=int, default=256, help="held-out prompts (one image each)")
+    parser.add_argument("--prompt-seed", type=int, default=1, help="ProceduralCaptions seed of the held-out prompts")
+    parser.add_argument("--noise-seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--classifier", type=Path, default=None, help="classifier weights (default: committed)")
+    parser.add_argument("--parti", type=Path, default=PARTI_DEFAULT, help="PartiPrompts TSV for the routing analysis")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    return parser
+
+
+def run_quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or reuse) the rows, sample, score, and write quality.json / quality.md."""
+    from aptp.train import checkpoint as ckpt
+    from aptp.train.data import ProceduralCaptions
+    from aptp.train.experts import load_expert
+    from aptp.train.models import load_components, resolve_pretrained
+    from aptp.train.prune import route_texts
+    from aptp.train.route import load_router
+
+    from .classifier import DEFAULT_WEIGHTS, load_classifier, procedural_extractor, target_attributes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.num_samples < 2:
+        raise ConfigError(f"--num-samples must be at least 2 (CMMD needs two images), got {args.num_samples}")
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classifier = load_classifier(args.classifier or DEFAULT_WEIGHTS)
+    extractor = procedural_extractor(classifier)
+
+    dataset = ProceduralCaptions(args.num_samples, 64, seed=args.prompt_seed)
+    prompts = [dataset.caption(i) for i in range(len(dataset))]
+    attributes = [dataset.attributes(i) for i in range(len(dataset))]
+    targets = [target_attributes(a) for a in attributes]
+    is_text = [a["is_text"] for a in attributes]
+    real = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))]) * 0.5 + 0.5
+    real_features = extractor(real)
+    sigma = median_bandwidth(real_features)
+    save_grid(real[:32], out / "samples_real.png", captions=prompts[:32])
+    from .metrics import alignment_accuracy
+
+    results: dict[str, Any] = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "pretrained": resolve_pretrained(args.pretrained), "feature_extractor": extractor.name, "cmmd_sigma": sigma,
+        "real_reference": {"alignment": alignment_accuracy(classifier.predict(real), targets)},
+        "rows": {},
+    }
+    components = load_components(args.pretrained)
+
+    def evaluate(name: str, title: str, unets: Any, codes: list[int], ratios: list[float]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        images = generate_images(components, prompts, unets, codes, seed=args.noise_seed, steps=args.steps, guidance=args.guidance)
+        save_grid(images[:32], out / f"samples_{name}.png", captions=prompts[:32])
+        row = {"title": title, **score_row(images, real_features, targets, extractor, classifier, sigma),
+               "routing": routing_stats(codes, ratios, is_text), "sampling_seconds": round(time.perf_counter() - t0, 1)}
+        logger.info("%s: %s", name, {k: row[k] for k in ("fid_like", "cmmd")} | {"align": row["alignment"]["mean"]})
+        return row
+
+    for name in args.rows:
+        title = ROW_TITLES[name].format(k=args.num_codes)
+        if name == "dense":
+            results["rows"][name] = evaluate(name, title, components.unet, [0] * len(prompts), [1.0])
+            continue
+        if name == "aptp_no_ot" and not sinkhorn_switch_available():
+            results["rows"][name] = {"title": title, "skipped": "the trainer has no sinkhorn.enabled switch yet"}
+            continue
+        spec = next(s for s in row_specs(args) if s.name == name)
+        directory = out / "rows" / name
+        training = train_row(spec, directory, args.reuse)
+        info, encoder, head, logits, layout = load_router(directory)
+        codes = route_texts(prompts, encoder, head, logits, layout.unit_weights).tolist()
+        experts = {k: load_expert(ckpt.expert_dir(directory, k)) for k in sorted(set(codes))}
+        row = evaluate(name, title, experts, codes, info.code_macs_ratio)
+        row["training"] = training
+        results["rows"][name] = row
+        if name == "aptp":
+            results["parti_routing"] = parti_routing(directory, Path(args.parti))
+        (out / "quality.json").write_text(json.dumps(results, indent=1))  # partial results survive a later failure
+
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
+    (out / "quality.md").write_text(markdown_table(results))
+    return results
+
+
+def main_quality(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``aptp-bench quality`` (and ``python -m aptp.benchmarks.quality.table``)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        results = run_quality(args)
+    except AptpError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(results))
+    print(f"wrote {Path(args.output_dir) / 'quality.json'} and quality.md ({results['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_quality())

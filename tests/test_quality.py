@@ -1,0 +1,180 @@
+"""The offline quality replication's machinery: teacher pretraining, the procedural classifier,
+and the quality table end to end, all on tiny step counts (no test depends on long training)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aptp.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pretrain_writes_a_loadable_pipeline(tmp_path):
+    from aptp.train.models import load_components
+    from aptp.train.pretrain import load_pretrain_config, run_pretrain
+
+    config = load_pretrain_config("tiny_teacher", [
+        "num_samples=16", "num_threads=null",
+        "vae.max_steps=2", "vae.batch_size=2", "unet.max_steps=3", "unet.batch_size=2", "unet.warmup_steps=1",
+    ])
+    before = load_components("tiny")  # random or committed: pretraining starts from a fresh random build
+    out = run_pretrain(config, tmp_path / "teacher")
+    components = load_components(str(out))
+    assert (out / "model_index.json").is_file() and (out / "pretrain_config.yaml").is_file()
+    log = [json.loads(line) for line in (out / "pretrain_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["vae"] * 2 + ["unet"] * 3
+    assert all(np.isfinite(r.get("loss", r.get("l1"))) for r in log)
+    # The scaling factor is recalibrated on the trained VAE: scaled latents have unit std.
+    from aptp.train.data import ProceduralCaptions
+
+    pixels = torch.stack([ProceduralCaptions(16, seed=0)[i]["pixel_values"] for i in range(16)])
+    with torch.no_grad():
+        latents = components.vae.encode(pixels).latent_dist.mean * components.vae.config.scaling_factor
+    assert 0.8 < float(latents.std()) < 1.25
+    assert type(components.unet) is type(before.unet)
+    assert components.unet.config.block_out_channels == before.unet.config.block_out_channels
+    # Refuses to overwrite without being asked.
+    with pytest.raises(ConfigError, match="not empty"):
+        run_pretrain(config, out)
+
+
+def test_pretrain_config_rejects_unknown_keys():
+    from aptp.train.pretrain import load_pretrain_config
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_pretrain_config("tiny_teacher", ["unet.max_stepz=3"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_pretrain_config("no_such_preset")
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier / feature extractor
+# ----------------------------------------------------------------------------------------------
+
+
+def test_classifier_shapes_and_extractor():
+    from aptp.benchmarks.quality.classifier import FEATURE_DIM, LABELS, ProceduralClassifier, procedural_extractor
+
+    model = ProceduralClassifier().eval()
+    images = torch.rand(3, 3, 64, 64)
+    logits = model(images)
+    assert {name: tuple(v.shape) for name, v in logits.items()} == {name: (3, len(l)) for name, l in LABELS.items()}
+    predicted = model.predict(images)
+    assert len(predicted) == 3 and all(p["shape"] in LABELS["shape"] for p in predicted)
+    features = procedural_extractor(model)(images)
+    assert features.shape == (3, FEATURE_DIM) and features.dtype == np.float32
+
+
+def test_committed_classifier_beats_chance_on_real_images():
+    from aptp.benchmarks.quality.classifier import DEFAULT_WEIGHTS, LABELS, heldout_accuracy, load_classifier
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.fail(f"the classifier weights must be committed at {DEFAULT_WEIGHTS}")
+    accuracy = heldout_accuracy(load_classifier(), num_images=64, seed=4242)
+    for name, labels in LABELS.items():
+        # Chance is at most 1/2 here (shape/word: the "None" class covers 3/4 or 1/4 of images).
+        assert accuracy[name] > 0.8, (name, accuracy)
+
+
+def test_load_classifier_refuses_missing_file(tmp_path):
+    from aptp.benchmarks.quality.classifier import load_classifier
+    from aptp.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="no classifier weights"):
+        load_classifier(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Table helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_routing_stats_by_hand():
+    from aptp.benchmarks.quality.table import routing_stats
+
+    stats = routing_stats([0, 1, 1, 0], [0.5, 0.9], [True, True, False, False])
+    assert stats["macs_ratio"] == pytest.approx(0.7)
+    assert stats["code_share"] == [0.5, 0.5]
+    assert stats["text_macs"] == pytest.approx(0.7) and stats["shape_macs"] == pytest.approx(0.7)
+    stats = routing_stats([1, 1, 0], [0.5, 0.9], [True, True, False])
+    assert stats["text_macs"] == pytest.approx(0.9) and stats["shape_macs"] == pytest.approx(0.5)
+
+
+def test_median_bandwidth_by_hand():
+    from aptp.benchmarks.quality.table import median_bandwidth
+
+    points = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # distances 3, 4, 5
+    assert median_bandwidth(points) == pytest.approx(4.0)
+
+
+def test_same_prompt_same_noise_across_rows():
+    from aptp.benchmarks.quality.table import prompt_noise
+
+    a, b = prompt_noise(5, (4, 2, 2), seed=3), prompt_noise(3, (4, 2, 2), seed=3)
+    assert torch.equal(a[:3], b) and not torch.equal(a[0], a[1])
+
+
+def test_row_specs_share_everything_but_codes_and_assignment():
+    from aptp.benchmarks.quality.table import build_parser, row_specs, sinkhorn_switch_available
+    from aptp.train.config import load_config
+
+    args = build_parser().parse_args(["--num-codes", "4", "--prune-steps", "30", "--finetune-steps", "7"])
+    specs = {spec.name: spec for spec in row_specs(args)}
+    assert set(specs) == {"aptp", "static", "aptp_no_ot"}
+    configs = {}
+    for name, spec in specs.items():
+        if name == "aptp_no_ot" and not sinkhorn_switch_available():
+            continue
+        configs[name] = load_config("tiny", spec.overrides)
+    assert configs["aptp"].codes.num_codes == 4 and configs["static"].codes.num_codes == 1
+    assert configs["aptp"].prune == configs["static"].prune and configs["aptp"].finetune == configs["static"].finetune
+    assert configs["aptp"].prune.max_steps == 30 and configs["aptp"].finetune.max_steps == 7
+    if "aptp_no_ot" in configs:
+        assert configs["aptp_no_ot"].sinkhorn.enabled is False and configs["aptp"].sinkhorn.enabled is True
+
+
+def test_quality_table_end_to_end(tmp_path):
+    from aptp.benchmarks.quality.table import build_parser, run_quality
+
+    parti = tmp_path / "parti.tsv"
+    parti.write_text("Prompt\tCategory\tChallenge\tNote\n"
+                     "a sign that says HELLO\tArtifacts\tWriting & Symbols\t\n"
+                     "a red circle\tAbstract\tBasic\t\n"
+                     "a dog\tAnimals\tBasic\t\n")
+    args = build_parser().parse_args([
+        "--output-dir", str(tmp_path / "q"), "--rows", "dense", "aptp", "static",
+        "--num-codes", "2", "--prune-steps", "2", "--finetune-steps", "1", "--batch-size", "2",
+        "--train-samples", "8", "--num-samples", "4", "--steps", "2", "--parti", str(parti),
+    ])
+    results = run_quality(args)
+    saved = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert saved["rows"].keys() == results["rows"].keys() == {"dense", "aptp", "static"}
+    for name in ("dense", "aptp", "static"):
+        row = saved["rows"][name]
+        assert np.isfinite(row["fid_like"]) and np.isfinite(row["cmmd"])
+        assert 0 <= row["alignment"]["mean"] <= 1
+        routing = row["routing"]
+        assert len(routing["code_share"]) == len(routing["code_macs_ratio"]) == {"dense": 1, "aptp": 2, "static": 1}[name]
+        assert sum(routing["code_share"]) == pytest.approx(1.0, abs=1e-3)
+        assert routing["text_macs"] is not None or routing["shape_macs"] is not None
+    assert saved["rows"]["dense"]["routing"]["macs_ratio"] == 1.0
+    assert saved["rows"]["aptp"]["routing"]["macs_ratio"] <= 1.0
+    assert saved["rows"]["aptp"]["training"]["overrides"][-1] == "codes.num_codes=2"
+    parti_stats = saved["parti_routing"]["challenges"]
+    assert parti_stats["Basic"]["prompts"] == 2 and parti_stats["Writing & Symbols"]["prompts"] == 1
+    table = (tmp_path / "q" / "quality.md").read_text()
+    for column in ("MACs ratio", "FID-like", "CMMD", "alignment", "share per code", "text-prompt MACs", "shape-prompt MACs"):
+        assert column in table
+    assert (tmp_path / "q" / "samples_aptp.png").is_file()
+    # A second run with --reuse trains nothing and gives the same routing.
+    args.reuse, args.rows = True, ["aptp"]
+    again = run_quality(args)
+    assert again["rows"]["aptp"]["routing"] == saved["rows"]["aptp"]["routing"]
