@@ -312,13 +312,13 @@ def load_checkpoint_expert(ctx: _Context, code: int) -> tuple[nn.Module, Any, di
     else:
         logger.info("checkpoint has no %s; slicing the dense UNet by code %d's mask", source, code)
         unet, spec = slice_unet(ctx.components.unet, ctx.layout, mask)
-        info = {"code": code, "weights": "sliced from the dense UNet"}
+        info = {"code": code, "finetuned": False}
     return unet.eval(), spec, info
 
 
 def _finetuned(info: dict) -> bool:
-    """Whether `aptp-train finetune` replaced the sliced weights (its expert.json says so)."""
-    return str(info.get("weights", "")).lower() in ("fine-tuned", "finetuned") or "finetune_steps" in info
+    """Whether an expert's weights were fine-tuned (training writes a boolean `finetuned`)."""
+    return bool(info.get("finetuned", False))
 
 
 def _check_macs(ctx: _Context) -> None:

@@ -92,7 +92,7 @@ def build_tiny_checkpoint(
         for code in range(num_codes):
             sliced, spec = slice_unet(unet, layout, masks[code])
             save_expert(ckpt.expert_dir(directory, code), sliced, spec, unet.config,
-                        info={"code": code, "macs_ratio": ratios[code], "weights": "sliced from the dense UNet"})
+                        info={"code": code, "macs_ratio": ratios[code], "finetuned": False})
     share = list(shares) if shares is not None else [1.0 / num_codes] * num_codes
     ckpt.CheckpointInfo(
         pretrained=str(pipeline), num_codes=num_codes, encoder=ENCODER, resolution=resolution,

@@ -654,7 +654,7 @@ def test_expert_without_directory_is_sliced_and_mismatched_spec_rejected(tiny_ch
     want = load_expert(tiny_checkpoint / "experts" / "expert_0").state_dict()
     got = unet.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert "sliced" in expert_info["weights"]
+    assert expert_info["finetuned"] is False
     # An expert directory sliced from another code is refused.
     (ckpt / "experts" / "expert_1").rename(ckpt / "experts" / "expert_0")
     with pytest.raises(ArtifactError, match="does not match code 0"):

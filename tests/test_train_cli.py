@@ -67,7 +67,7 @@ def test_route_then_finetune(pruned, tmp_path, capsys):
     after = load_file(str(after_dir / "diffusion_pytorch_model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[n], after[n]) for n in before), "fine-tuning changed no weight"
-    assert json.loads((after_dir / "expert.json").read_text())["weights"] == "fine-tuned"
+    assert json.loads((after_dir / "expert.json").read_text())["finetuned"] is True
     from aptp.train.experts import load_expert
 
     load_expert(after_dir)  # rebuilds from base config + arch spec + weights

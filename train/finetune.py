@@ -104,7 +104,7 @@ def run_finetune(checkpoint_dir: Path, expert: int, max_steps: int | None = None
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(student).eval()
         save_expert(target_dir, trained, spec, teacher.config,
-                    info={"code": expert, "macs_ratio": info.code_macs_ratio[expert], "weights": "fine-tuned",
+                    info={"code": expert, "macs_ratio": info.code_macs_ratio[expert], "finetuned": True,
                           "finetune_steps": steps, "train_prompts": len(subset)})
         print(f"expert {expert}: fine-tuned {steps} steps on {len(subset)} routed prompts -> {target_dir}")
     return target_dir

@@ -254,7 +254,7 @@ def write_pruned_checkpoint(output_dir: Path, config: TrainConfig, components: D
     for k in tqdm(range(model.codes.num_codes), desc="slice experts", leave=False):
         sliced, spec = slice_unet(unet, layout, hard[k].cpu())
         save_expert(ckpt.expert_dir(output_dir, k), sliced, spec, unet.config,
-                    info={"code": k, "macs_ratio": ratios[k], "weights": "sliced from the dense UNet"})
+                    info={"code": k, "macs_ratio": ratios[k], "finetuned": False})
     info = ckpt.CheckpointInfo(
         pretrained=components.pretrained, num_codes=model.codes.num_codes, encoder=encoder.name_or_path,
         resolution=config.model.resolution, latent_height=shape.latent_height, latent_width=shape.latent_width,
