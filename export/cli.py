@@ -20,21 +20,11 @@ from pathlib import Path
 from typing import Sequence
 
 from aptp import __version__
-from aptp.errors import AptpError
+from aptp.cli import positive_int, run_command
 
 PROG = "aptp-export"
 
 logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,17 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                         help="weights and activations of the UNets, text encoder and VAE decoder (default: fp32; "
                         "the router stays fp32)")
-    parser.add_argument("--resolution", type=_positive_int, metavar="PX",
+    parser.add_argument("--resolution", type=positive_int, metavar="PX",
                         help="nominal image size in pixels (default: the checkpoint's)")
-    parser.add_argument("--min-resolution", type=_positive_int, metavar="PX",
+    parser.add_argument("--min-resolution", type=positive_int, metavar="PX",
                         help="smallest image size the runtime may ask for (default: --resolution)")
-    parser.add_argument("--max-resolution", type=_positive_int, metavar="PX",
+    parser.add_argument("--max-resolution", type=positive_int, metavar="PX",
                         help="largest image size the runtime may ask for (default: --resolution)")
-    parser.add_argument("--max-batch", type=_positive_int, default=4, metavar="N",
+    parser.add_argument("--max-batch", type=positive_int, default=4, metavar="N",
                         help="prompts per UNet call; TensorRT profiles cover 2N for guidance (default: 4)")
     parser.add_argument("--scheduler", default="ddim", metavar="NAME",
                         help="sampler whose coefficient table is stored: ddim, euler or dpmpp_2m (default: ddim)")
-    parser.add_argument("--steps", type=_positive_int, default=50, metavar="N",
+    parser.add_argument("--steps", type=positive_int, default=50, metavar="N",
                         help="inference steps of the stored scheduler table (default: 50)")
     parser.add_argument("--tensorrt", action="store_true",
                         help="also build fp16 TensorRT engines (needs the tensorrt package and a GPU; "
@@ -81,29 +71,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        from .exporter import ExportOptions, export_checkpoint
+    return run_command(PROG, lambda: _export(args), interrupted=f"interrupted; {args.output} was left as it was")
 
-        options = ExportOptions(
-            precision=args.precision, resolution=args.resolution, min_resolution=args.min_resolution,
-            max_resolution=args.max_resolution, max_batch=args.max_batch, scheduler=args.scheduler,
-            steps=args.steps, tensorrt=args.tensorrt, pipeline_dirs=args.pipeline_dirs, dense=args.dense,
-        )
-        manifest = export_checkpoint(args.checkpoint, args.output, options)
-    except AptpError as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {args.output} was left as it was", file=sys.stderr)
-        return 130
+
+def _export(args: argparse.Namespace) -> None:
+    from .exporter import ExportOptions, export_checkpoint
+
+    options = ExportOptions(
+        precision=args.precision, resolution=args.resolution, min_resolution=args.min_resolution,
+        max_resolution=args.max_resolution, max_batch=args.max_batch, scheduler=args.scheduler,
+        steps=args.steps, tensorrt=args.tensorrt, pipeline_dirs=args.pipeline_dirs, dense=args.dense,
+    )
+    manifest = export_checkpoint(args.checkpoint, args.output, options)
     experts = manifest["experts"]
     print(f"exported {len(experts)} experts to {args.output}")
     for entry in experts:
         share = "n/a" if entry["share"] is None else f"{entry['share']:.1%}"
         print(f"  expert {entry['code']}: MACs ratio {entry['macs_ratio']:.3f}, prompt share {share}, "
               f"ONNX max abs error {entry['max_abs_error']:.2g}")
-    return 0
 
 
 if __name__ == "__main__":

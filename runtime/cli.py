@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 from aptp import __version__
-from aptp.errors import AptpError, RuntimeInputError
+from aptp.cli import run_command
+from aptp.errors import RuntimeInputError
 
 PROG = "aptp-generate"
 
@@ -138,16 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except AptpError as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -19,23 +19,14 @@ from pathlib import Path
 from typing import Sequence
 
 from aptp import __version__
-from aptp.errors import AptpError, DatasetError
+from aptp.cli import positive_int, run_command
+from aptp.errors import DatasetError
 from aptp.train.config import DataFormat
 
 PROG = "aptp-train"
 DATA_FORMATS = typing.get_args(DataFormat)
 
 logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -71,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="train the router and the architecture codes on a frozen UNet")
     prune.add_argument("--config", required=True, metavar="NAME_OR_YAML", help="preset name (e.g. tiny) or YAML path")
     prune.add_argument("--output-dir", required=True, type=Path, metavar="DIR", help="checkpoint directory")
-    prune.add_argument("--max-steps", type=_positive_int, metavar="N", help="override prune.max_steps")
+    prune.add_argument("--max-steps", type=positive_int, metavar="N", help="override prune.max_steps")
     prune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     _add_set(prune)
     prune.set_defaults(handler=_prune)
@@ -88,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="fine-tune one expert, sliced from the dense UNet")
     finetune.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="a pruned and routed directory")
     finetune.add_argument("--expert", required=True, type=_non_negative_int, metavar="I", help="expert (code) index")
-    finetune.add_argument("--max-steps", type=_positive_int, metavar="N", help="override finetune.max_steps")
+    finetune.add_argument("--max-steps", type=positive_int, metavar="N", help="override finetune.max_steps")
     finetune.add_argument("--resume", action="store_true", help="continue this expert's latest checkpoint")
     _add_set(finetune)
     finetune.set_defaults(handler=_finetune)
@@ -152,16 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        args.handler(args)
-    except AptpError as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(PROG, lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""What every aptp command line shares: argument types and the error contract.
+
+Bad input (`AptpError`) prints one line `<prog>: error: <message>` and exits 2 with no
+traceback; Ctrl-C exits 130; anything else is a bug and keeps its traceback. Torch-free, so
+`aptp-generate` can use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from aptp.errors import AptpError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def run_command(prog: str, command: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """Run `command` under the error contract; returns the process exit code."""
+    try:
+        result = command()
+    except AptpError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0 if result is None else int(result)
