@@ -87,6 +87,9 @@ def _latency_parser() -> argparse.ArgumentParser:
                    help="relative latency/MACs gap that triggers a profile (0.15)")
     p.add_argument("--static-dir", type=Path, metavar="DIR",
                    help="cache of the static baseline's ONNX graph (default: OUTPUT_DIR/static)")
+    p.add_argument("--pairwise", action="store_true",
+                   help="low memory: load dense plus one variant at a time, each interleaved with dense "
+                   "(for models whose variants do not all fit in memory at once)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -132,7 +135,7 @@ def _latency(argv: Sequence[str]) -> int:
         backends=args.backends, batch_sizes=args.batch_sizes, resolutions=args.resolutions, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, masked=args.masked, static=args.static, e2e=args.e2e,
         e2e_batch=args.e2e_batch, e2e_steps=args.e2e_steps, e2e_repeats=args.e2e_repeats,
-        gap_threshold=args.gap_threshold, static_dir=args.static_dir,
+        gap_threshold=args.gap_threshold, static_dir=args.static_dir, pairwise=args.pairwise,
     )
     options.check()
     if not args.artifacts.exists():

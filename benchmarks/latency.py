@@ -101,6 +101,8 @@ class LatencyOptions:
         gap_threshold: relative distance of latency ratio from MACs ratio that asks for a profile.
         profile_repeats: runs per session under the onnxruntime profiler.
         static_dir: where the static baseline's ONNX graph is cached (None: output_dir/static).
+        pairwise: low memory: hold only dense and one other variant at a time, interleaving each
+            variant with dense (ratios against the dense timings of the same pair).
     """
 
     backends: Sequence[str] | None = None
@@ -116,8 +118,9 @@ class LatencyOptions:
     e2e_steps: int | None = None
     e2e_repeats: int = 3
     gap_threshold: float = 0.15
-    profile_repeats: int = 3
+    profile_repeats: int = 5
     static_dir: str | os.PathLike | None = None
+    pairwise: bool = False
 
     def check(self) -> None:
         """Raise `ConfigError` for values no run can use."""
@@ -481,8 +484,6 @@ def _route_prompts(model: _Model, prompts: Sequence[str], threads: int) -> tuple
 
 def _static_baseline(model: _Model, target: float, directory: Path, nominal_latent: int) -> dict[str, Any]:
     """Slice the dense UNet by one uniform mask at `target` MACs and export it (cached by mask)."""
-    import torch
-
     from aptp.export.onnx_configs import UNetOnnxConfig
     from aptp.export.onnx_export import export_and_validate
     from aptp.train.macs import DeployShape, MacsModel
@@ -495,16 +496,16 @@ def _static_baseline(model: _Model, target: float, directory: Path, nominal_late
     dense_sha = str(model.manifest.get("files", {}).get(model.manifest["dense"]["unet"], model.root))
     digest = hashlib.sha256(search.mask.numpy().tobytes() + dense_sha.encode()).hexdigest()[:16]
     target_dir = directory / f"static_{digest}"
-    unet, _ = slice_unet(model.dense_torch, model.layout, search.mask)
     onnx_path = target_dir / "unet.onnx"
     if not onnx_path.is_file():
+        unet, _ = slice_unet(model.dense_torch, model.layout, search.mask)
         logger.info("exporting the static baseline (MACs ratio %.4f for target %.4f) to %s", search.ratio, target,
                     target_dir)
         staging = Path(tempfile.mkdtemp(prefix=".static-", dir=directory))
         config = UNetOnnxConfig.from_unet(unet, nominal_latent, nominal_latent, model.shape["text_length"],
                                           batch=2, precision=model.manifest.get("precision", "fp32"))
         graph = export_and_validate(unet, config, staging / "unet.onnx")
-        del graph
+        del graph, unet
         (staging / "mask.json").write_text(json.dumps({"target": target, "ratio": search.ratio,
                                                        "mask": search.mask.int().tolist()}))
         if target_dir.exists():
@@ -514,7 +515,7 @@ def _static_baseline(model: _Model, target: float, directory: Path, nominal_late
         os.replace(staging, target_dir)
     else:
         logger.info("reusing the static baseline in %s", target_dir)
-    return {"onnx": onnx_path, "torch": unet.eval(), "mask": search.mask, "ratio": search.ratio,
+    return {"onnx": onnx_path, "mask": search.mask, "ratio": search.ratio,
             "target": float(target), "dir": str(target_dir)}
 
 
@@ -538,46 +539,98 @@ def _interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: i
     return samples
 
 
-def _steps_for_backend(backend: str, model: _Model, static: dict[str, Any] | None, threads: int,
-                       masked: bool) -> dict[str, _Step]:
-    steps: dict[str, _Step] = {}
+def _step_factories(backend: str, model: _Model, static: dict[str, Any] | None,
+                    threads: int, masked: bool) -> dict[str, Callable[[], _Step]]:
+    """Per variant, a function loading it on `backend` (so a low-memory run holds few at once)."""
     m = model.manifest
+    made: dict[str, Callable[[], _Step]] = {}
     if backend in ORT_BACKENDS:
         device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
-        steps[DENSE] = _ort_step(model.root / m["dense"]["unet"], model.shape, threads, device)
-        for e in m["experts"]:
-            steps[f"expert_{e['code']}"] = _ort_step(model.root / e["unet"], model.shape, threads, device)
+        paths = {DENSE: model.root / m["dense"]["unet"],
+                 **{f"expert_{e['code']}": model.root / e["unet"] for e in m["experts"]}}
         if static:
-            steps[STATIC] = _ort_step(static["onnx"], model.shape, threads, device)
+            paths[STATIC] = Path(static["onnx"])
+        for name, path in paths.items():
+            made[name] = lambda path=path: _ort_step(path, model.shape, threads, device)
     elif backend == "tensorrt":
-        steps[DENSE] = _trt_step(model.root / m["dense"]["tensorrt"], model.shape)
+        made[DENSE] = lambda: _trt_step(model.root / m["dense"]["tensorrt"], model.shape)
         for e in m["experts"]:
-            steps[f"expert_{e['code']}"] = _trt_step(model.root / e["tensorrt"], model.shape)
+            made[f"expert_{e['code']}"] = lambda e=e: _trt_step(model.root / e["tensorrt"], model.shape)
     else:
         from aptp.train.experts import load_expert
+        from aptp.train.slicing import slice_unet
 
-        steps[DENSE] = _torch_step(model.dense_torch, model.shape, backend)
+        made[DENSE] = lambda: _torch_step(model.dense_torch, model.shape, backend)
         for e in m["experts"]:
-            expert = load_expert(model.root / "experts" / f"expert_{e['code']}")
-            steps[f"expert_{e['code']}"] = _torch_step(expert, model.shape, backend)
+            made[f"expert_{e['code']}"] = lambda e=e: _torch_step(
+                load_expert(model.root / "experts" / f"expert_{e['code']}"), model.shape, backend)
         if static:
-            steps[STATIC] = _torch_step(static["torch"], model.shape, backend)
+            made[STATIC] = lambda: _torch_step(slice_unet(model.dense_torch, model.layout, static["mask"])[0],
+                                               model.shape, backend)
         if masked:
-            # The reference's way: the full UNet, zeroing the pruned units of expert 0 by hooks.
+            # The reference's way: the full UNet, the pruned units zeroed by hooks (apply_gates).
             for code in range(model.num_codes):
-                steps[f"{MASKED}_{code}"] = _torch_step(model.dense_torch, model.shape, backend,
-                                                        gates=model.masks[code], layout=model.layout)
-    return steps
+                made[f"{MASKED}_{code}"] = lambda code=code: _torch_step(
+                    model.dense_torch, model.shape, backend, gates=model.masks[code], layout=model.layout)
+    return made
+
+
+def _time_backend(backend: str, factories: Mapping[str, Callable[[], _Step]], configs: Sequence[tuple[int, int]],
+                  model: _Model, options: LatencyOptions
+                  ) -> tuple[dict[tuple[int, int], dict[str, list[float]]], dict[tuple[int, int], dict[str, float]]]:
+    """Samples per configuration and variant, and the dense median each variant is compared with.
+
+    Default: every variant loaded, all interleaved. ``pairwise``: dense stays loaded and each
+    other variant is loaded alone and interleaved with it (memory for two models); each ratio
+    is then against the dense timings of its own pair."""
+    samples: dict[tuple[int, int], dict[str, list[float]]] = {c: defaultdict(list) for c in configs}
+    reference: dict[tuple[int, int], dict[str, float]] = {c: {} for c in configs}
+
+    def run(steps: Mapping[str, _Step], label: str) -> None:
+        for res, batch in tqdm(configs, desc=f"unet step [{backend}{label}]", leave=False):
+            latent = res // model.vae_factor
+            calls = {name: step.prepare(batch, latent, latent) for name, step in steps.items()}
+            got = _interleaved(calls, options.repeats, options.warmup)
+            dense = statistics.median(got[DENSE])
+            for name, values in got.items():
+                samples[(res, batch)][name] += values
+                if name != DENSE:
+                    reference[(res, batch)][name] = dense
+
+    dense = factories[DENSE]()
+    try:
+        if options.pairwise:
+            for name, make in factories.items():
+                if name == DENSE:
+                    continue
+                step = make()
+                try:
+                    run({DENSE: dense, name: step}, f" {name}")
+                finally:
+                    step.close()
+        else:
+            steps = {DENSE: dense, **{name: make() for name, make in factories.items() if name != DENSE}}
+            try:
+                run(steps, "")
+            finally:
+                for name, step in steps.items():
+                    if name != DENSE:
+                        step.close()
+    finally:
+        dense.close()
+    return samples, reference
 
 
 def _step_rows(backend: str, resolution: int, batch: int, samples: Mapping[str, list[float]],
-               ratios: Mapping[str, float], threshold: float) -> list[dict[str, Any]]:
-    dense = statistics.median(samples[DENSE])
+               ratios: Mapping[str, float], threshold: float,
+               reference: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    dense_all = statistics.median(samples[DENSE])
     rows = []
     for name, values in samples.items():
         stats = summarize(values)
         macs_key = f"expert_{name.split('_')[1]}" if name.startswith(MASKED) else name
         macs_ratio = 1.0 if name.startswith(MASKED) else ratios.get(macs_key)
+        dense = (reference or {}).get(name, dense_all)
         latency_ratio = stats["median_s"] / dense
         row = {"backend": backend, "resolution": resolution, "batch": batch, "variant": name, **stats,
                "macs_ratio": macs_ratio, "latency_ratio": latency_ratio,
@@ -613,19 +666,39 @@ def profile_by_op(path: Path, shape: Mapping[str, int], batch: int, height: int,
     for _ in range(repeats + 1):
         session.run(None, feed)
     events = json.loads(Path(session.end_profiling()).read_text())
-    # The first run allocates; keep the node events of the later runs only.
+    # Per run, seconds per op type; the first run (allocations) is dropped, and the least
+    # disturbed run of each op type is kept (the minimum): kernel times are wall times, and a
+    # preemption by background load lands on whichever op happened to run.
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    begin = starts[1] if len(starts) > 1 else 0
-    per_op: dict[str, float] = defaultdict(float)
-    runs = max(1, len(starts) - 1)
+    per_run: list[dict[str, float]] = [defaultdict(float) for _ in starts]
     for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] >= begin:
-            per_op[event.get("args", {}).get("op_name", "?")] += float(event.get("dur", 0)) * 1e-6 / runs
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        run = max((i for i, t in enumerate(starts) if t <= event["ts"]), default=0)
+        per_run[run][event.get("args", {}).get("op_name", "?")] += float(event.get("dur", 0)) * 1e-6
+    kept = per_run[1:] or per_run
+    ops = set().union(*kept) if kept else set()
+    per_op = {op: min(run.get(op, 0.0) for run in kept) for op in ops}
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 
+def fixed_cost_fit(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """Least-squares ``latency = fixed + slope * MACs ratio`` over the sliced models (dense,
+    experts, static) of one backend, resolution and batch: `fixed` is the per-call cost that
+    slicing cannot remove (op dispatch, memory-bound and fixed-width ops)."""
+    points = [(float(r["macs_ratio"]), float(r["median_s"])) for r in rows
+              if r["variant"] == DENSE or r["variant"].startswith("expert_") or r["variant"] == STATIC]
+    if len(points) < 3 or len({x for x, _ in points}) < 2:
+        return None
+    xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    slope, fixed = np.polyfit(xs, ys, 1)
+    dense = float(next(r["median_s"] for r in rows if r["variant"] == DENSE))
+    return {"fixed_s": float(fixed), "slope_s": float(slope), "fixed_share": float(fixed) / dense,
+            "points": len(points)}
+
+
 def _explain_gap(expert_ops: Mapping[str, float], dense_ops: Mapping[str, float], macs_ratio: float,
-                 latency_ratio: float) -> tuple[list[dict[str, Any]], str]:
+                 latency_ratio: float, fit: Mapping[str, float] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Per op type: dense and expert seconds, their ratio, and the excess over MACs-proportional
     time; a sentence naming the op types that account for most of the gap."""
     rows = []
@@ -644,9 +717,16 @@ def _explain_gap(expert_ops: Mapping[str, float], dense_ops: Mapping[str, float]
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
         parts.append(f"{r['op_type']} ({share:.0f}% of dense op time, time ratio {ratio}, "
                      f"excess {1e3 * r['excess_s']:+.2f} ms)")
+    profiled = sum(expert_ops.values()) / total_dense
     text = (f"latency ratio {latency_ratio:.3f} vs MACs ratio {macs_ratio:.3f}: the expert is {direction} than "
-            f"MACs-proportional; summed over op types the excess is {1e3 * total_excess:+.2f} ms per step "
-            f"(profiled), led by " + "; ".join(parts) + ". Op types whose time ratio exceeds the MACs ratio do "
+            f"MACs-proportional. ")
+    if fit is not None:
+        share = min(max(fit["fixed_share"], 0.0), 1.0)
+        text += (f"A linear fit of latency against MACs over the sliced models at this size gives a fixed cost of "
+                 f"{1e3 * fit['fixed_s']:.2f} ms per call ({100 * fit['fixed_share']:.0f}% of dense), which slicing "
+                 f"cannot remove: with it the expected latency ratio is {share + (1 - share) * macs_ratio:.3f}. ")
+    text += (f"The profile (op time ratio {profiled:.3f}) puts the excess over MACs-proportional time at "
+             f"{1e3 * total_excess:+.2f} ms per step, led by " + "; ".join(parts) + ". Op types whose time ratio exceeds the MACs ratio do "
             "not shrink with width (fixed-cost ops such as GroupNorm, Softmax, reshapes and elementwise "
             "kernels, or GEMMs at widths that tile poorly); a time ratio below it means that op got more "
             "efficient.")
@@ -733,6 +813,7 @@ def _end_to_end(model: _Model, static: dict[str, Any] | None, options: LatencyOp
     for name, values in samples.items():
         stats = summarize(values)
         row = {"backend": "onnxruntime", "resolution": model.nominal, "batch": len(batch), "steps": table.num_steps,
+               "max_batch_per_unet_call": pipes["dense"].max_batch,
                "guidance_scale": routed_opts.guidance_scale, "variant": name, **stats,
                "images_per_s": len(batch) / stats["median_s"], "speedup_vs_dense": dense_median / stats["median_s"],
                "macs_ratio": expected if name == "routed" else (1.0 if name == "dense" else static["ratio"]),
@@ -849,7 +930,7 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
         "machine": machine_info(),
         "settings": {"threads": threads, "repeats": options.repeats, "warmup": options.warmup,
                      "batch_sizes": [int(b) for b in options.batch_sizes], "resolutions": resolutions,
-                     "backends": backends, "interleaved": True, "gap_threshold": options.gap_threshold,
+                     "backends": backends, "interleaved": "pairwise with dense" if options.pairwise else "all variants", "gap_threshold": options.gap_threshold,
                      "statistic": "median and interquartile range over repeats",
                      "batch_meaning": "rows per UNet call (classifier-free guidance runs 2 rows per image)"},
         "backends": status, "variants": {}, "unet_step": [], "end_to_end": [], "gaps": [], "notes": notes,
@@ -881,26 +962,25 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
 
     configs = [(res, int(b)) for res in resolutions for b in options.batch_sizes]
     for backend in backends:
-        steps = _steps_for_backend(backend, model, static, threads, options.masked and backend in TORCH_BACKENDS)
+        factories = _step_factories(backend, model, static, threads, options.masked and backend in TORCH_BACKENDS)
         try:
-            for res, batch in tqdm(configs, desc=f"unet step [{backend}]", leave=False):
-                latent = res // model.vae_factor
-                try:
-                    calls = {name: step.prepare(batch, latent, latent) for name, step in steps.items()}
-                    samples = _interleaved(calls, options.repeats, options.warmup)
-                except Exception as err:  # e.g. torch.compile failing: record and go on
-                    if backend != "torch-compile":
-                        raise
-                    status[backend] = {"available": False, "reason": f"failed: {type(err).__name__}: {err}"[:300]}
-                    logger.warning("torch.compile failed, skipping it: %s", err)
-                    break
-                ratios = {n: v["macs_ratio"] for n, v in results["variants"][str(res)].items()}
-                results["unet_step"] += _step_rows(backend, res, batch, samples, ratios, options.gap_threshold)
-        finally:
-            for step in steps.values():
-                step.close()
-            steps.clear()
+            samples, reference = _time_backend(backend, factories, configs, model, options)
+        except Exception as err:  # e.g. torch.compile failing: record it and go on
+            if backend != "torch-compile":
+                raise
+            status[backend] = {"available": False, "reason": f"failed: {type(err).__name__}: {err}"[:300]}
+            logger.warning("torch.compile failed, skipping it: %s", err)
+            continue
+        for res, batch in configs:
+            ratios = {n: v["macs_ratio"] for n, v in results["variants"][str(res)].items()}
+            results["unet_step"] += _step_rows(backend, res, batch, samples[(res, batch)], ratios,
+                                               options.gap_threshold, reference[(res, batch)])
 
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in results["unet_step"]:
+        groups[(row["backend"], row["resolution"], row["batch"])].append(row)
+    results["fixed_cost_fits"] = [{"backend": b, "resolution": r, "batch": n, **fit}
+                                  for (b, r, n), rows in groups.items() if (fit := fixed_cost_fit(rows))]
     # Profiles where onnxruntime's latency ratio strays from the MACs ratio.
     results["gaps"] = _profile_gaps(model, results, static, threads, options, out)
 
@@ -936,11 +1016,14 @@ def _profile_gaps(model: _Model, results: Mapping[str, Any], static: dict[str, A
                                              options.profile_repeats, prof_dir)
         ops = profile_by_op(paths[name], model.shape, row["batch"], latent, latent, threads, options.profile_repeats,
                             prof_dir)
-        table, text = _explain_gap(ops, dense_cache[key], row["macs_ratio"], row["latency_ratio"])
+        peers = [r for r in results["unet_step"] if (r["backend"], r["resolution"], r["batch"]) ==
+                 (row["backend"], row["resolution"], row["batch"])]
+        fit = fixed_cost_fit(peers)
+        table, text = _explain_gap(ops, dense_cache[key], row["macs_ratio"], row["latency_ratio"], fit)
         gaps.append({"backend": row["backend"], "variant": name, "resolution": row["resolution"], "batch": row["batch"],
                      "latency_ratio": row["latency_ratio"], "macs_ratio": row["macs_ratio"],
                      "deviation": row["deviation"], "profiled_ratio": sum(ops.values()) / (sum(dense_cache[key].values()) or 1),
-                     "op_types": table, "explanation": text})
+                     "fixed_cost_fit": fit, "op_types": table, "explanation": text})
     return gaps
 
 

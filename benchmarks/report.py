@@ -102,6 +102,15 @@ def markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {variant} | {macs} | " + " | ".join(out) + " |")
     lines += ["", f"**!**: latency ratio more than {100 * settings.get('gap_threshold', 0.15):.0f}% away from the "
               "MACs ratio (see Gaps).", ""]
+    fits = results.get("fixed_cost_fits") or []
+    if fits:
+        lines += ["Fixed per-call cost, from a least-squares fit latency = fixed + slope x MACs ratio over the "
+                  "sliced models (dense, experts, static) of each configuration: the share of a step that slicing "
+                  "cannot remove.", "", "| backend | px | batch | fixed ms | share of dense |", "|---|---|---|---|---|"]
+        for f in fits:
+            lines.append(f"| {f['backend']} | {f['resolution']} | {f['batch']} | {1e3 * f['fixed_s']:.1f} | "
+                         f"{100 * f['fixed_share']:.0f}% |")
+        lines.append("")
 
     e2e = results.get("end_to_end") or []
     if e2e:
