@@ -25,8 +25,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run_command(prog: str, command: Callable[[], int | None], interrupted: str = "interrupted") -> int:
-    """Run `command` under the error contract; returns the process exit code."""
+def run_command(prog: str, command: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Run `command` under the error contract; returns the process exit code (the command's own
+    when it returns an int, else 0)."""
     try:
         result = command()
     except AptpError as error:
@@ -36,4 +37,4 @@ def run_command(prog: str, command: Callable[[], int | None], interrupted: str =
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
-    return 0 if result is None else int(result)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
