@@ -170,6 +170,7 @@ def test_quality_table_end_to_end(tmp_path):
     assert saved["rows"]["aptp"]["training"]["overrides"][-1] == "codes.num_codes=2"
     parti_stats = saved["parti_routing"]["challenges"]
     assert parti_stats["Basic"]["prompts"] == 2 and parti_stats["Writing & Symbols"]["prompts"] == 1
+    assert np.isfinite(saved["vae_reference"]["fid_like"]) and 0 <= saved["real_reference"]["alignment"]["all"] <= 1
     table = (tmp_path / "q" / "quality.md").read_text()
     for column in ("MACs ratio", "FID-like", "CMMD", "alignment", "share per code", "text-prompt MACs", "shape-prompt MACs"):
         assert column in table

@@ -180,6 +180,9 @@ def run_pretrain(
         dataset = ProceduralCaptions(config.num_samples, config.resolution, seed=config.data_seed,
                                      text_fraction=config.text_fraction)
         log = JsonlLog(staging / "pretrain_log.jsonl", None)
+        earlier = Path(init_from) / "pretrain_log.jsonl"
+        if earlier.is_file():  # keep the history of stages trained before (run separately)
+            (staging / "pretrain_log.jsonl").write_text(earlier.read_text())
         if "vae" in stages:
             train_vae(components, dataset, config, log)
         if "unet" in stages:
@@ -209,6 +212,13 @@ def train_vae(components: Any, dataset: ProceduralCaptions, config: PretrainConf
     """Stage 1: the VAE reconstructs procedural images; then its scaling factor is recalibrated."""
     cfg = config.vae
     vae = components.vae
+    # A fresh encoder's log-variance is ~0, so the sampled latents are mostly noise and the decoder
+    # first learns to output the mean image (a long plateau). Starting the posterior narrow
+    # (std ~0.02) lets reconstruction drive learning from the first step; what matters
+    # downstream is that `latent_dist.sample()` stays close to the mean, as it does for SD's VAE.
+    with torch.no_grad():
+        latent_channels = vae.config.latent_channels
+        vae.quant_conv.bias[latent_channels:] -= 8.0
     vae.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_rate(s, cfg.max_steps, 50, 0.05))
