@@ -571,7 +571,7 @@ class RouterEncoderOnnxConfig(OnnxConfig):
 
 
 class _RouterHeadWrapper(nn.Module):
-    """RouterHead followed by the group-weighted cosine to every code."""
+    """RouterHead's routing scores: group-weighted cosine to every code plus its calibrated bias."""
 
     def __init__(self, head: nn.Module, code_logits: torch.Tensor, unit_weights: torch.Tensor):
         super().__init__()
@@ -580,9 +580,7 @@ class _RouterHeadWrapper(nn.Module):
         self.register_buffer("unit_weights", unit_weights.detach().float().clone())
 
     def forward(self, sentence_embedding):
-        from aptp.train.router import group_weighted_cosine
-
-        return group_weighted_cosine(self.head(sentence_embedding), self.code_logits, self.unit_weights)
+        return self.head.scores(sentence_embedding, self.code_logits, self.unit_weights)
 
 
 @register_onnx_config

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole aptp training flow on the offline `tiny` preset: prune (router + codes), route,
-# then fine-tune every expert. A few minutes on 2 CPU cores; no network needed.
+# The whole aptp flow on the offline `tiny` preset: prune (router + codes), route, fine-tune
+# every expert, export them to ONNX with a manifest, and generate images with the torch-free
+# runtime. A few minutes on 2 CPU cores; no network needed.
 #
 #   bash scripts/run_tiny.sh            # writes runs/tiny
 #   APTP_RUN_DIR=/tmp/t bash scripts/run_tiny.sh
@@ -15,10 +16,21 @@ if [ -e "$run_dir/config.yaml" ]; then resume=(--resume); fi
 aptp-train prune --config "$config" --output-dir "$run_dir" "${resume[@]}"
 aptp-train route --checkpoint "$run_dir"
 
-# One expert per architecture code.
-num_experts=$(python -c "import sys; from aptp.train.config import load_config; print(load_config(sys.argv[1]).codes.num_codes)" "$config")
-for ((i = 0; i < num_experts; i++)); do
+# Fine-tune every expert that the router sends training prompts to (one with none keeps the
+# dense weights sliced by its code).
+num_experts=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['num_codes'])" "$run_dir/checkpoint.json")
+routed=$(python -c "import json, sys; print(' '.join(str(k) for k, n in enumerate(json.load(open(sys.argv[1]))['counts']) if n))" "$run_dir/routing.json")
+for i in $routed; do
     aptp-train finetune --checkpoint "$run_dir" --expert "$i"
 done
 
-echo "run_tiny: pruned, routed and fine-tuned $num_experts experts in $run_dir"
+aptp-export --checkpoint "$run_dir" --output "$run_dir/export" --steps 25 --scheduler ddim
+
+aptp-generate --artifacts "$run_dir/export" --output "$run_dir/images/sample.png" --seed 0 \
+    --prompt "two red circles on the left" \
+    --prompt "a blue square at the top" \
+    --prompt "the word SUN in green" \
+    --prompt "three yellow triangles at the bottom"
+
+echo "run_tiny: pruned, routed and fine-tuned $num_experts experts in $run_dir, exported them to $run_dir/export,"
+echo "          and generated images into $run_dir/images"

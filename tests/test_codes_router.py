@@ -288,3 +288,35 @@ def test_unknown_encoder_raises_config_error(monkeypatch, name):
     with pytest.raises(ConfigError, match="local") as info:
         SentenceEncoder(name)
     assert name in str(info.value)
+
+
+def test_calibrated_bias_balances_argmax_routing():
+    from aptp.train.router import calibrate_code_bias
+
+    g = torch.Generator().manual_seed(0)
+    # Every prompt prefers code 0 a little; argmax alone would send them all there.
+    scores = torch.rand(200, 4, generator=g) * 0.1
+    scores[:, 0] += 0.2
+    assert torch.bincount(scores.argmax(1), minlength=4).tolist() == [200, 0, 0, 0]
+    bias = calibrate_code_bias(scores)
+    counts = torch.bincount((scores + bias).argmax(1), minlength=4)
+    assert (counts - 50).abs().max() <= 2, counts.tolist()
+    skewed = calibrate_code_bias(scores, torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    counts = torch.bincount((scores + skewed).argmax(1), minlength=4)
+    assert abs(counts[0].item() - 140) <= 3
+
+
+def test_router_head_scores_include_the_saved_bias(tmp_path):
+    from aptp.train.router import RouterHead
+
+    head = RouterHead(embed_dim=8, num_gates=6, hidden_dim=5, num_codes=3)
+    codes, weights = torch.randn(3, 6), torch.ones(6)
+    x = torch.randn(4, 8)
+    plain = head.scores(x, codes, weights)
+    with torch.no_grad():
+        head.code_bias.copy_(torch.tensor([0.0, 5.0, -5.0]))
+    head.save_pretrained(str(tmp_path))
+    loaded = RouterHead.from_pretrained(str(tmp_path))
+    biased = loaded.scores(x, codes, weights)
+    assert torch.allclose(biased - plain, torch.tensor([0.0, 5.0, -5.0]).expand(4, 3), atol=1e-6)
+    assert (biased.argmax(1) == 1).all()

@@ -52,6 +52,8 @@ class CheckpointInfo:
     dense_macs: float
     code_macs_ratio: list[float]
     code_share: list[float] = field(default_factory=list)
+    # Shares under plain argmax before the router's score bias was calibrated (for comparison).
+    code_share_uncalibrated: list[float] = field(default_factory=list)
     step: int = 0
     format: int = CHECKPOINT_FORMAT
 

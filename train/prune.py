@@ -27,7 +27,7 @@ from .gates import GateLayout, apply_gates, capture_block_outputs
 from .losses import assignment_loss, contrastive_loss, denoising_loss, distillation_loss, resource_loss
 from .macs import DeployShape, MacsModel
 from .models import DiffusionComponents, load_components, resolve_pretrained
-from .router import RouterHead, SentenceEncoder, group_weighted_cosine
+from .router import RouterHead, SentenceEncoder, calibrate_code_bias, group_weighted_cosine
 from .slicing import slice_unet
 from .training import (
     JsonlLog, StepBatchSampler, build_dataset, check_resume_config, dataset_texts, latest_state,
@@ -132,7 +132,8 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
     macs = MacsModel(unet, layout, shape).to(device)
     encoder = SentenceEncoder(config.router.encoder, device=device)
 
-    head = RouterHead(embed_dim=encoder.dim, num_gates=layout.num_gates, hidden_dim=config.router.hidden_dim)
+    head = RouterHead(embed_dim=encoder.dim, num_gates=layout.num_gates, hidden_dim=config.router.hidden_dim,
+                      num_codes=config.codes.num_codes)
     codes = ArchitectureCodes(config.codes.num_codes, layout.num_gates, base=config.codes.base, temperature=config.codes.temperature)
     model = RouterAndCodes(head, codes)
     optimizer = torch.optim.AdamW(
@@ -227,14 +228,20 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
 
 
 @torch.no_grad()
-def route_texts(texts: list[str], encoder: SentenceEncoder, head: RouterHead, code_logits: torch.Tensor,
-                unit_weights: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Inference routing (argmax of the similarity) for many prompts."""
+def routing_scores(texts: list[str], encoder: SentenceEncoder, head: RouterHead, code_logits: torch.Tensor,
+                   unit_weights: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(n, K) inference routing scores (similarity plus the head's calibrated bias)."""
     out = []
     for i in range(0, len(texts), batch_size):
         sentence = encoder.encode(texts[i : i + batch_size]).to(code_logits.device)
-        out.append(route_argmax(group_weighted_cosine(head(sentence), code_logits, unit_weights)))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        out.append(head.scores(sentence, code_logits, unit_weights))
+    return torch.cat(out) if out else torch.zeros(0, code_logits.shape[0])
+
+
+def route_texts(texts: list[str], encoder: SentenceEncoder, head: RouterHead, code_logits: torch.Tensor,
+                unit_weights: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Inference routing (argmax of the scores) for many prompts."""
+    return route_argmax(routing_scores(texts, encoder, head, code_logits, unit_weights, batch_size)).long()
 
 
 def write_pruned_checkpoint(output_dir: Path, config: TrainConfig, components: DiffusionComponents, layout: GateLayout,
@@ -244,12 +251,17 @@ def write_pruned_checkpoint(output_dir: Path, config: TrainConfig, components: D
     device = model.codes.logits.device
     hard = model.codes.hard_masks(layout.unit_site.to(device), layout.site_nonempty.to(device))
     ratios = [float(r) for r in macs.ratio(hard.float())]
-    model.head.save_pretrained(str(output_dir / ckpt.ROUTER_HEAD_DIR))
     ckpt.save_codes(output_dir, model.codes.logits, hard)
     texts = dataset_texts(dataset)
-    routed = route_texts(texts, encoder, model.head, model.codes.logits, layout.unit_weights.to(device))
-    counts = torch.bincount(routed.cpu(), minlength=model.codes.num_codes).float()
-    share = (counts / counts.sum()).tolist()
+    scores = routing_scores(texts, encoder, model.head, model.codes.logits, layout.unit_weights.to(device)).cpu()
+    k = model.codes.num_codes
+    raw_share = (torch.bincount(scores.argmax(dim=1), minlength=k).float() / len(texts)).tolist()
+    # Argmax routing should reproduce the balanced split training used (see calibrate_code_bias).
+    with torch.no_grad():
+        model.head.code_bias.copy_(calibrate_code_bias(scores))
+    routed = (scores + model.head.code_bias.cpu()).argmax(dim=1)
+    share = (torch.bincount(routed, minlength=k).float() / len(texts)).tolist()
+    model.head.save_pretrained(str(output_dir / ckpt.ROUTER_HEAD_DIR))
     unet = components.unet.to("cpu")
     for k in tqdm(range(model.codes.num_codes), desc="slice experts", leave=False):
         sliced, spec = slice_unet(unet, layout, hard[k].cpu())
@@ -259,9 +271,13 @@ def write_pruned_checkpoint(output_dir: Path, config: TrainConfig, components: D
         pretrained=components.pretrained, num_codes=model.codes.num_codes, encoder=encoder.name_or_path,
         resolution=config.model.resolution, latent_height=shape.latent_height, latent_width=shape.latent_width,
         text_length=shape.text_length, budget_target=config.budget.target, code_base=model.codes.base,
-        dense_macs=macs.dense_macs, code_macs_ratio=ratios, code_share=share, step=step,
+        dense_macs=macs.dense_macs, code_macs_ratio=ratios, code_share=share, code_share_uncalibrated=raw_share, step=step,
     )
     info.save(output_dir)  # written last: its presence marks a complete checkpoint
     expected = sum(s * r for s, r in zip(share, ratios))
-    logger.info("codes' MACs ratios %s, shares %s, expected MACs ratio %.3f (target %.3f)",
-                [round(r, 3) for r in ratios], [round(s, 3) for s in share], expected, config.budget.target)
+    raw_expected = sum(s * r for s, r in zip(raw_share, ratios))
+    logger.info("codes' MACs ratios %s; argmax shares %s (expected MACs ratio %.3f) -> calibrated shares %s "
+                "(expected MACs ratio %.3f, target %.3f)", [round(r, 3) for r in ratios], [round(s, 3) for s in raw_share],
+                raw_expected, [round(s, 3) for s in share], expected, config.budget.target)
+    if expected > config.budget.target + 0.02:
+        logger.warning("the routed mixture's expected MACs ratio %.3f is above the target %.3f", expected, config.budget.target)

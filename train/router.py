@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from aptp.errors import ConfigError
 
-__all__ = ["SentenceEncoder", "RouterHead", "group_weighted_cosine", "resolve_encoder_path", "OFFLINE_MINILM_NAMES"]
+__all__ = ["SentenceEncoder", "RouterHead", "calibrate_code_bias", "group_weighted_cosine", "resolve_encoder_path", "OFFLINE_MINILM_NAMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,10 +187,12 @@ class RouterHead(ModelMixin, ConfigMixin):
         embed_dim: D, the sentence embedding dimension.
         num_gates: N, the number of gates (the code length).
         hidden_dim: width of the hidden layer.
+        num_codes: K; when given, the head carries a per-code score bias (zero while training,
+            fitted afterwards by `calibrate_code_bias`) that `scores` adds to the similarities.
     """
 
     @register_to_config
-    def __init__(self, embed_dim: int, num_gates: int, hidden_dim: int = 256) -> None:
+    def __init__(self, embed_dim: int, num_gates: int, hidden_dim: int = 256, num_codes: int | None = None) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_gates", num_gates), ("hidden_dim", hidden_dim)):
             if int(value) < 1:
@@ -198,6 +200,22 @@ class RouterHead(ModelMixin, ConfigMixin):
         self.fc1 = nn.Linear(embed_dim, hidden_dim)
         self.act = nn.SiLU()
         self.fc2 = nn.Linear(hidden_dim, num_gates)
+        if num_codes is not None:
+            self.code_bias = nn.Parameter(torch.zeros(int(num_codes)), requires_grad=False)
+        else:
+            self.code_bias = None
+
+    def scores(self, embeddings: Tensor, code_logits: Tensor, unit_weights: Tensor) -> Tensor:
+        """``(B, K)`` routing scores: group-weighted cosine to the codes plus the calibrated bias.
+
+        Inference routes each prompt to the argmax of these scores.
+        """
+        similarity = group_weighted_cosine(self(embeddings), code_logits, unit_weights)
+        if self.code_bias is None:
+            return similarity
+        if self.code_bias.shape[0] != code_logits.shape[0]:
+            raise ConfigError(f"RouterHead was calibrated for {self.code_bias.shape[0]} codes, got {code_logits.shape[0]}")
+        return similarity + self.code_bias.to(similarity)
 
     def forward(self, embeddings: Tensor) -> Tensor:
         if embeddings.shape[-1] != self.config.embed_dim:
@@ -231,3 +249,34 @@ def group_weighted_cosine(router_vectors: Tensor, code_logits: Tensor, unit_weig
     router = F.normalize(router_vectors * weights, dim=-1)
     codes = F.normalize(code_logits.to(router_vectors) * weights, dim=-1)
     return router @ codes.T
+
+
+def calibrate_code_bias(scores: Tensor, target_share: Tensor | None = None, iterations: int = 2000) -> Tensor:
+    """A per-code bias b such that argmax(scores + b) splits the prompts as `target_share`.
+
+    Training assigns prompts by balanced optimal transport; plain argmax at inference does not
+    reproduce that split by itself (the router learns it only partly). The bias plays the role of
+    the transport problem's column potentials: it is fitted on the training prompts by a
+    deterministic dual ascent on the shares, and the best bias seen is returned.
+
+    Args:
+        scores: ``(n, K)`` similarities of n prompts (no bias).
+        target_share: ``(K,)`` shares summing to 1; uniform (Sinkhorn's marginals) by default.
+        iterations: ascent steps.
+    """
+    scores = scores.detach().double()
+    n, k = scores.shape
+    target = torch.full((k,), 1.0 / k, dtype=torch.float64) if target_share is None else target_share.double()
+    spread = float(scores.max() - scores.min()) or 1.0
+    bias = torch.zeros(k, dtype=torch.float64)
+    best, best_gap = bias.clone(), float("inf")
+    for step in range(iterations):
+        counts = torch.bincount((scores + bias).argmax(dim=1), minlength=k).double()
+        gap = (counts / n - target).abs().max().item()
+        if gap < best_gap:
+            best, best_gap = bias.clone(), gap
+        if gap <= 0.5 / n:
+            break
+        # Over-full codes lose score, under-full ones gain; the step shrinks so it settles.
+        bias -= spread * (counts / n - target) / (1.0 + step) ** 0.5
+    return best.float()
