@@ -20,7 +20,7 @@ from .experts import save_expert
 from .gates import capture_block_outputs
 from .losses import denoising_loss, distillation_loss
 from .macs import DeployShape
-from .models import load_components, resolve_pretrained
+from .models import load_components
 from .prune import diffusion_inputs, route_texts
 from .route import load_router
 from .slicing import slice_unet
@@ -52,7 +52,9 @@ def run_finetune(checkpoint_dir: Path, expert: int, max_steps: int | None = None
 
     accelerator = make_accelerator(config, config.prune.mixed_precision)
     device = accelerator.device
-    components = load_components(resolve_pretrained(config.model.pretrained), config.model.revision)
+    # The base model the checkpoint was pruned from (resolved then), not whatever the config's
+    # name resolves to today: the experts' shapes and the teacher must match it.
+    components = load_components(info.pretrained, config.model.revision)
     for module in (components.unet, components.vae, components.text_encoder):
         module.requires_grad_(False).eval().to(device)
     teacher = components.unet
@@ -91,10 +93,10 @@ def run_finetune(checkpoint_dir: Path, expert: int, max_steps: int | None = None
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(total)
         optimizer.step()
-        log.write({"step": step, "denoise": float(denoise), "distill_output": float(out_mse),
-                   "distill_blocks": float(block_mse), "total": float(total)})
+        log.write({"step": step, "denoise": float(denoise.detach()), "distill_output": float(out_mse.detach()),
+                   "distill_blocks": float(block_mse.detach()), "total": float(total.detach())})
         progress.update(1)
-        progress.set_postfix(loss=f"{float(total):.4f}")
+        progress.set_postfix(loss=f"{float(total.detach()):.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save_state(accelerator, work, step)
     progress.close()
