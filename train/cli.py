@@ -3,6 +3,7 @@
     aptp-train prune --config tiny --output-dir runs/tiny [--max-steps N] [--resume] [--set k=v ...]
     aptp-train route --checkpoint runs/tiny [--prompts FILE | --data-format F --data-path P] [--output FILE]
     aptp-train finetune --checkpoint runs/tiny --expert 0 [--max-steps N] [--resume] [--set k=v ...]
+    aptp-train pretrain --output-dir DIR [--config tiny_teacher] [--stages vae,unet] [--init-from DIR]
 
 Bad input (any `AptpError`) prints one line, ``aptp-train: error: <message>``, and exits 2;
 anything else is a bug and keeps its traceback. The trainer is imported only inside each
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     route = commands.add_parser("route", help="assign prompts to experts with a trained router")
     route.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="a prune output directory")
     source = route.add_mutually_exclusive_group()
-    source.add_argument("--prompts", type=Path, metavar="FILE", help="text file, one prompt per line")
+    source.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="prompts: .txt (one per line), .jsonl (text/prompt key) or .tsv with a Prompt column (PartiPrompts)")
     source.add_argument("--data-format", choices=DATA_FORMATS, help="route a dataset's captions instead")
     route.add_argument("--data-path", metavar="PATH", help="dataset file or directory for --data-format")
     route.add_argument("--output", type=Path, metavar="FILE", help="where to write the routing (default: in DIR)")
@@ -83,7 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--resume", action="store_true", help="continue this expert's latest checkpoint")
     _add_set(finetune)
     finetune.set_defaults(handler=_finetune)
+
+    pretrain = commands.add_parser("pretrain", help="train the small offline text-to-image teacher from scratch")
+    pretrain.add_argument("--config", default="tiny_teacher", metavar="NAME_OR_YAML",
+                          help="pretraining recipe (default: the tiny_teacher preset)")
+    pretrain.add_argument("--output-dir", required=True, type=Path, metavar="DIR", help="diffusers pipeline directory to write")
+    pretrain.add_argument("--init-from", type=Path, metavar="DIR", help="start from this pipeline instead of random weights")
+    pretrain.add_argument("--stages", default="vae,unet", help="comma-separated stages to train, in order (vae, unet)")
+    pretrain.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    _add_set(pretrain)
+    pretrain.set_defaults(handler=_pretrain)
     return parser
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from aptp.train.pretrain import load_pretrain_config, run_pretrain
+
+    config = load_pretrain_config(args.config, args.overrides)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    output = run_pretrain(config, args.output_dir, init_from=args.init_from, stages=stages, overwrite=args.overwrite)
+    logger.info("pretrained pipeline written to %s", output)
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -98,26 +119,13 @@ def _prune(args: argparse.Namespace) -> None:
     run_prune(config, args.output_dir, args.resume)
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Non-empty, stripped lines of a prompt file; `DatasetError` if missing or empty."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read prompt file {path}: {error}") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise DatasetError(f"prompt file {path} holds no prompt (one per line expected)")
-    return prompts
-
-
 def _route(args: argparse.Namespace) -> None:
     if args.data_path is not None and args.data_format is None:
         raise DatasetError("--data-path needs --data-format (one of " + ", ".join(DATA_FORMATS) + ")")
-    prompts = read_prompts(args.prompts) if args.prompts is not None else None
-
+    from aptp.train.data import load_prompts
     from aptp.train.trainer import run_route
+
+    prompts = list(load_prompts(args.prompts)) if args.prompts is not None else None
 
     output = run_route(args.checkpoint, prompts, args.data_format, args.data_path, args.output)
     logger.info("routing written to %s", output)
