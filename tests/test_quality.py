@@ -128,7 +128,7 @@ def test_row_specs_share_everything_but_codes_and_assignment():
 
     args = build_parser().parse_args(["--num-codes", "4", "--prune-steps", "30", "--finetune-steps", "7"])
     specs = {spec.name: spec for spec in row_specs(args)}
-    assert set(specs) == {"aptp", "static", "aptp_no_ot"}
+    assert set(specs) == {"aptp", "static", "aptp_no_ot", "static_long"}
     configs = {}
     for name, spec in specs.items():
         if name == "aptp_no_ot" and not sinkhorn_switch_available():
@@ -137,6 +137,7 @@ def test_row_specs_share_everything_but_codes_and_assignment():
     assert configs["aptp"].codes.num_codes == 4 and configs["static"].codes.num_codes == 1
     assert configs["aptp"].prune == configs["static"].prune and configs["aptp"].finetune == configs["static"].finetune
     assert configs["aptp"].prune.max_steps == 30 and configs["aptp"].finetune.max_steps == 7
+    assert configs["static_long"].finetune.max_steps == 4 * 7 and configs["static_long"].prune == configs["static"].prune
     if "aptp_no_ot" in configs:
         assert configs["aptp_no_ot"].sinkhorn.enabled is False and configs["aptp"].sinkhorn.enabled is True
 
@@ -175,7 +176,13 @@ def test_quality_table_end_to_end(tmp_path):
     for column in ("MACs ratio", "FID-like", "CMMD", "alignment", "share per code", "text-prompt MACs", "shape-prompt MACs"):
         assert column in table
     assert (tmp_path / "q" / "samples_aptp.png").is_file()
-    # A second run with --reuse trains nothing and gives the same routing.
+    # A second run with --reuse trains nothing, gives the same routing, and keeps the rows it
+    # was not asked to score (same evaluation settings) in the table.
     args.reuse, args.rows = True, ["aptp"]
     again = run_quality(args)
     assert again["rows"]["aptp"]["routing"] == saved["rows"]["aptp"]["routing"]
+    assert list(again["rows"]) == ["dense", "aptp", "static"]
+    assert again["rows"]["static"] == saved["rows"]["static"]
+    # Other evaluation settings: nothing is kept.
+    args.num_samples = 3
+    assert list(run_quality(args)["rows"]) == ["aptp"]

@@ -8,6 +8,9 @@ Rows (each pruned and fine-tuned by aptp's own trainer, with the same step count
   ``codes.num_codes=1`` (same budget, data and steps).
 - ``aptp_no_ot``: APTP without the optimal-transport (Sinkhorn) assignment during training
   (``sinkhorn.enabled=false``); skipped, with the reason, if the trainer has no such switch.
+- ``static_long``: the static baseline fine-tuned K times longer, so that it receives as many
+  fine-tuning updates as APTP's K experts together (APTP fine-tunes each expert for
+  ``--finetune-steps`` on its share of the prompts).
 
 Every row generates one image per held-out procedural prompt (``ProceduralCaptions`` seed
 ``--prompt-seed``, never trained on), with the same initial noise per prompt in every row, and
@@ -47,12 +50,13 @@ from aptp.errors import AptpError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-ROWS = ("dense", "aptp", "static", "aptp_no_ot")
+ROWS = ("dense", "aptp", "static", "aptp_no_ot", "static_long")
 PARTI_DEFAULT = Path("/work/shared/data/PartiPrompts.tsv")
 ROW_TITLES = {
     "dense": "dense teacher",
     "aptp": "APTP (K={k})",
     "static": "static pruned (K=1)",
+    "static_long": "static pruned (K=1), {k}x fine-tuning",
     "aptp_no_ot": "APTP without OT (K={k})",
 }
 
@@ -175,6 +179,7 @@ def row_specs(args: argparse.Namespace) -> list[RowSpec]:
     specs = {
         "aptp": RowSpec("aptp", args.num_codes, common + [f"codes.num_codes={args.num_codes}"]),
         "static": RowSpec("static", 1, common + ["codes.num_codes=1"]),
+        "static_long": RowSpec("static_long", 1, common + ["codes.num_codes=1", f"finetune.max_steps={args.finetune_steps * args.num_codes}"]),
         "aptp_no_ot": RowSpec("aptp_no_ot", args.num_codes, common + [f"codes.num_codes={args.num_codes}", "sinkhorn.enabled=false"]),
     }
     return [specs[name] for name in args.rows if name in specs]
@@ -223,6 +228,19 @@ def train_row(spec: RowSpec, directory: Path, reuse: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Scoring
 # ----------------------------------------------------------------------------------------------
+
+
+def _real_versus_real(real_features: np.ndarray, args: argparse.Namespace, extractor: Any, sigma: float) -> dict[str, float]:
+    """FID-like and CMMD between the real images and as many real images of other prompts
+    (seed ``prompt_seed + 1000``): the noise floor of both metrics at this sample size."""
+    from aptp.train.data import ProceduralCaptions
+
+    from .metrics import cmmd, fid_from_features
+
+    other = ProceduralCaptions(args.num_samples, 64, seed=args.prompt_seed + 1000)
+    images = torch.stack([other[i]["pixel_values"] for i in range(len(other))]) * 0.5 + 0.5
+    features = extractor(images)
+    return {"fid_like": fid_from_features(features, real_features), "cmmd": cmmd(features, real_features, sigma=sigma)}
 
 
 def median_bandwidth(features: np.ndarray) -> float:
@@ -304,7 +322,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     real = results.get("real_reference")
     if real:
-        lines.append(f"| real renderings (ceiling) | - | 0 | 0 | {_fmt(real['alignment']['mean'])} | {_fmt(real['alignment']['all'])} | - | - | - | - |")
+        fid, mmd = _fmt(real.get("fid_like"), 2), _fmt(real.get("cmmd"), 1)
+        lines.append(f"| real renderings (alignment ceiling; FID/CMMD: against renderings of other prompts, the noise floor) | - | {fid} | {mmd} | {_fmt(real['alignment']['mean'])} | "
+                     f"{_fmt(real['alignment']['all'])} | - | - | - | - |")
     vae = results.get("vae_reference")
     if vae:
         lines.append(f"| real images through the VAE (ceiling for any UNet) | - | {_fmt(vae['fid_like'], 2)} | {_fmt(vae['cmmd'], 1)} | "
@@ -343,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/quality"))
     parser.add_argument("--pretrained", default="tiny", help="the dense teacher pipeline (default: tiny)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    parser.add_argument("--reuse", action="store_true", help="reuse rows already trained in --output-dir")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse rows already trained in --output-dir, and keep rows already scored there with the "
+                             "same evaluation settings that --rows does not name")
     parser.add_argument("--num-codes", type=int, default=4)
     parser.add_argument("--target", type=float, default=0.6, help="MACs budget (fraction of the dense UNet)")
     parser.add_argument("--prune-steps", type=int, default=200)
@@ -404,9 +426,14 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "pretrained": resolve_pretrained(args.pretrained), "feature_extractor": extractor.name, "cmmd_sigma": sigma,
-        "real_reference": {"alignment": alignment_accuracy(classifier.predict(real), targets)},
+        "real_reference": {"alignment": alignment_accuracy(classifier.predict(real), targets),
+                           **_real_versus_real(real_features, args, extractor, sigma)},
         "rows": {},
     }
+    kept_rows, kept_parti = _scored_rows_to_keep(out, args)
+    results["rows"].update(kept_rows)
+    if kept_parti is not None:
+        results["parti_routing"] = kept_parti
     components = load_components(args.pretrained)
     with torch.no_grad():  # what the VAE alone keeps of the real images: a ceiling for every row
         pixels = real * 2 - 1
@@ -445,10 +472,34 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
             results["parti_routing"] = parti_routing(directory, Path(args.parti))
         (out / "quality.json").write_text(json.dumps(results, indent=1))  # partial results survive a later failure
 
+    results["rows"] = {name: results["rows"][name] for name in ROWS if name in results["rows"]}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     (out / "quality.md").write_text(markdown_table(results))
     return results
+
+
+EVALUATION_SETTINGS = ("pretrained", "num_samples", "prompt_seed", "noise_seed", "steps", "guidance", "classifier",
+                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "set")
+
+
+def _scored_rows_to_keep(out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """With --reuse, the rows of an earlier quality.json in `out` scored under the same settings
+    and not named by --rows (so a row can be added to a table without re-scoring the others)."""
+    saved_path = out / "quality.json"
+    if not args.reuse or not saved_path.is_file():
+        return {}, None
+    saved = json.loads(saved_path.read_text())
+    now = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if any(saved.get("settings", {}).get(k) != now.get(k) for k in EVALUATION_SETTINGS):
+        logger.info("%s was scored under other settings: not reusing its rows", saved_path)
+        return {}, None
+    kept = {name: row for name, row in saved.get("rows", {}).items() if name not in args.rows}
+    if kept:
+        logger.info("keeping rows %s scored earlier in %s", sorted(kept), saved_path)
+    # The PartiPrompts analysis belongs to the APTP row's router.
+    parti = saved.get("parti_routing") if "aptp" in kept else None
+    return kept, parti
 
 
 def main_quality(argv: Sequence[str] | None = None) -> int:
@@ -460,6 +511,9 @@ def main_quality(argv: Sequence[str] | None = None) -> int:
     except AptpError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.train_only:
+        print(json.dumps(results, indent=1))
+        return 0
     print(markdown_table(results))
     print(f"wrote {Path(args.output_dir) / 'quality.json'} and quality.md ({results['wall_seconds']:.0f} s)")
     return 0
