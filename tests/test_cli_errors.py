@@ -114,14 +114,14 @@ def test_route_dataset(tmp_path, fake_trainer):
 
 def test_route_missing_prompt_file(tmp_path, capsys, fake_trainer):
     assert main(["route", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "none.txt")]) == 2
-    assert_one_error_line(capsys, "prompt file not found", "none.txt")
+    assert_one_error_line(capsys, "does not exist", "none.txt")
     assert "route" not in fake_trainer
 
 
 def test_route_empty_prompt_file(tmp_path, capsys, fake_trainer):
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert main(["route", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "empty.txt")]) == 2
-    assert_one_error_line(capsys, "holds no prompt")
+    assert_one_error_line(capsys, "has no usable samples", "empty.txt")
 
 
 def test_route_data_path_without_format(tmp_path, capsys, fake_trainer):
