@@ -44,7 +44,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"aptp.train": ["presets/*.yaml", "assets/tiny-sd/*.json", "assets/tiny-sd/*/*"], "aptp.benchmarks": ["configs/*.yaml", "assets/*"], "aptp.benchmarks.quality": ["assets/*"]},
+    package_data={"aptp.train": ["presets/*.yaml", "assets/tiny-sd/*", "assets/tiny-sd/*/*"], "aptp.benchmarks": ["configs/*.yaml", "assets/*"], "aptp.benchmarks.quality": ["assets/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
