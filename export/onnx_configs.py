@@ -466,23 +466,17 @@ class _VaeEncoderWrapper(nn.Module):
 
 
 @register_onnx_config
-class VaeEncoderOnnxConfig(OnnxConfig):
+class VaeEncoderOnnxConfig(VaeDecoderOnnxConfig):
     """The VAE encoder (image in [-1, 1] -> posterior mean times `latent_scale`).
 
     Only diffusers ONNX pipeline directories need it (their loader requires a ``vae_encoder``;
     img2img multiplies its output by 0.18215, so it folds ``scaling_factor / 0.18215`` in).
-    dims as `VaeDecoderOnnxConfig`.
+    dims, validation shapes and export patches as `VaeDecoderOnnxConfig`, inputs and outputs swapped.
     """
 
     NAME = "vae_encoder"
     INPUT_SHAPES = {"sample": ("batch", "image_channels", "image_height", "image_width")}
     OUTPUT_SHAPES = {"latent_sample": ("batch", "latent_channels", "height", "width")}
-    DYNAMIC_DIMS = frozenset({"batch", "height", "width", "image_height", "image_width"})
-    DUMMY_INPUT_GENERATOR_CLASSES = (DummyNormalInputGenerator,)
-
-    def __init__(self, dims, precision="fp32", latent_scale: float = 1.0):
-        super().__init__(dims, precision)
-        self.latent_scale = float(latent_scale)
 
     @classmethod
     def from_vae(cls, vae: nn.Module, latent_height: int, latent_width: int, latent_scale: float,
@@ -491,20 +485,8 @@ class VaeEncoderOnnxConfig(OnnxConfig):
         dims["image_channels"] = vae.config.in_channels
         return cls(dims, precision, latent_scale=latent_scale)
 
-    def validation_dims(self):
-        base = dict(self.dims)
-        factor = int(base.get("vae_scale_factor", 1))
-        h, w = base["height"] + 2, base["width"] + 4
-        return [base, {**base, "batch": base["batch"] + 1, "height": h, "width": w,
-                       "image_height": h * factor, "image_width": w * factor}]
-
     def wrap(self, model):
         return _VaeEncoderWrapper(model, self.latent_scale)
-
-    @contextmanager
-    def patch(self, model):
-        with super().patch(model), plain_attention(model):
-            yield
 
 
 class _RouterEncoderWrapper(nn.Module):
