@@ -77,6 +77,8 @@ def _latency_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls per variant first (2)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="intra-op threads (default: all cores)")
     p.add_argument("--no-masked", dest="masked", action="store_false", help="skip the masked full UNet")
+    p.add_argument("--masked-codes", type=lambda t: [int(v) for v in t.split(",") if v], metavar="LIST",
+                   help="experts whose masked full UNet is timed (default: all)")
     p.add_argument("--no-static", dest="static", action="store_false", help="skip the static pruned baseline")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip end-to-end throughput")
     p.add_argument("--e2e-batch", type=_positive_int, default=8, metavar="N", help="prompts per request (8)")
@@ -87,6 +89,8 @@ def _latency_parser() -> argparse.ArgumentParser:
                    help="relative latency/MACs gap that triggers a profile (0.15)")
     p.add_argument("--static-dir", type=Path, metavar="DIR",
                    help="cache of the static baseline's ONNX graph (default: OUTPUT_DIR/static)")
+    p.add_argument("--e2e-sequential", action="store_true",
+                   help="end to end: one model at a time instead of interleaved (less memory, less robust)")
     p.add_argument("--pairwise", action="store_true",
                    help="low memory: load dense plus one variant at a time, each interleaved with dense "
                    "(for models whose variants do not all fit in memory at once)")
@@ -136,6 +140,7 @@ def _latency(argv: Sequence[str]) -> int:
         warmup=args.warmup, threads=args.threads, masked=args.masked, static=args.static, e2e=args.e2e,
         e2e_batch=args.e2e_batch, e2e_steps=args.e2e_steps, e2e_repeats=args.e2e_repeats,
         gap_threshold=args.gap_threshold, static_dir=args.static_dir, pairwise=args.pairwise,
+        masked_codes=args.masked_codes, e2e_sequential=args.e2e_sequential,
     )
     options.check()
     if not args.artifacts.exists():

@@ -11,7 +11,9 @@ For one export directory it times, per backend, resolution and batch size:
 
 Methodology: every variant is warmed up, then repetitions are interleaved round-robin across
 the variants (the order rotates each round), so background load hits them alike; figures are
-medians with the interquartile range. Thread counts are set explicitly (onnxruntime
+medians with the interquartile range. With ``pairwise`` (for models whose variants do not all
+fit in memory) dense stays loaded and each other variant is loaded alone and interleaved with
+it; each ratio is then against the dense timings of its own pair. Thread counts are set explicitly (onnxruntime
 ``intra_op_num_threads``, ``torch.set_num_threads``) and recorded with the machine.
 Timings are never asserted anywhere: they are reported.
 """
@@ -101,6 +103,9 @@ class LatencyOptions:
         gap_threshold: relative distance of latency ratio from MACs ratio that asks for a profile.
         profile_repeats: runs per session under the onnxruntime profiler.
         static_dir: where the static baseline's ONNX graph is cached (None: output_dir/static).
+        e2e_sequential: end to end, time one model at a time instead of interleaving them
+            (memory for one pipeline's UNets; less robust to changing background load).
+        masked_codes: the experts whose masked full UNet is timed (None: all).
         pairwise: low memory: hold only dense and one other variant at a time, interleaving each
             variant with dense (ratios against the dense timings of the same pair).
     """
@@ -121,6 +126,8 @@ class LatencyOptions:
     profile_repeats: int = 5
     static_dir: str | os.PathLike | None = None
     pairwise: bool = False
+    masked_codes: Sequence[int] | None = None
+    e2e_sequential: bool = False
 
     def check(self) -> None:
         """Raise `ConfigError` for values no run can use."""
@@ -137,6 +144,9 @@ class LatencyOptions:
             raise ConfigError(f"--resolutions must be positive pixel sizes, got {list(self.resolutions)}")
         if self.e2e_steps is not None and int(self.e2e_steps) < 1:
             raise ConfigError(f"--e2e-steps must be >= 1, got {self.e2e_steps}")
+        for code in self.masked_codes or ():
+            if int(code) < 0:
+                raise ConfigError(f"--masked-codes must be expert codes (>= 0), got {code}")
         for name in self.backends or ():
             if name not in ALL_BACKENDS:
                 raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(ALL_BACKENDS)}")
@@ -539,8 +549,8 @@ def _interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: i
     return samples
 
 
-def _step_factories(backend: str, model: _Model, static: dict[str, Any] | None,
-                    threads: int, masked: bool) -> dict[str, Callable[[], _Step]]:
+def _step_factories(backend: str, model: _Model, static: dict[str, Any] | None, threads: int, masked: bool,
+                    masked_codes: Sequence[int] | None = None) -> dict[str, Callable[[], _Step]]:
     """Per variant, a function loading it on `backend` (so a low-memory run holds few at once)."""
     m = model.manifest
     made: dict[str, Callable[[], _Step]] = {}
@@ -569,7 +579,7 @@ def _step_factories(backend: str, model: _Model, static: dict[str, Any] | None,
                                                model.shape, backend)
         if masked:
             # The reference's way: the full UNet, the pruned units zeroed by hooks (apply_gates).
-            for code in range(model.num_codes):
+            for code in (range(model.num_codes) if masked_codes is None else masked_codes):
                 made[f"{MASKED}_{code}"] = lambda code=code: _torch_step(
                     model.dense_torch, model.shape, backend, gates=model.masks[code], layout=model.layout)
     return made
@@ -647,39 +657,50 @@ def _step_rows(backend: str, resolution: int, batch: int, samples: Mapping[str, 
 # -- profiling ----------------------------------------------------------------------------------
 
 
-def profile_by_op(path: Path, shape: Mapping[str, int], batch: int, height: int, width: int, threads: int,
-                  repeats: int, directory: Path) -> dict[str, float]:
-    """Seconds per ONNX op type, averaged over `repeats` runs, from onnxruntime's profiler."""
+def profile_by_op(paths: Sequence[Path], shape: Mapping[str, int], batch: int, height: int, width: int,
+                  threads: int, repeats: int, directory: Path) -> list[dict[str, float]]:
+    """Seconds per ONNX op type for each graph in `paths`, from onnxruntime's profiler.
+
+    The graphs' runs alternate (A, B, A, B, ...) so that background load hits them alike, as in
+    the timings; the first run of each (allocations) is dropped, and each op type keeps its
+    least disturbed run (the minimum): kernel times are wall times, and a preemption lands on
+    whichever op happened to run.
+    """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_profiling = True
-    options.log_severity_level = 3
     directory.mkdir(parents=True, exist_ok=True)
-    options.profile_file_prefix = str(directory / path.parent.name)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = _inputs(batch, shape["channels"], height, width, shape["text_length"], shape["hidden"])
-    types = {i.name: i.type for i in session.get_inputs()}
-    feed = {k: v.astype(np.float16 if types.get(k) == "tensor(float16)" else v.dtype) for k, v in feed.items()}
+    sessions, feeds = [], []
+    for path in paths:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.enable_profiling = True
+        options.log_severity_level = 3
+        options.profile_file_prefix = str(directory / Path(path).parent.name)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = _inputs(batch, shape["channels"], height, width, shape["text_length"], shape["hidden"])
+        types = {i.name: i.type for i in session.get_inputs()}
+        feeds.append({k: v.astype(np.float16 if types.get(k) == "tensor(float16)" else v.dtype)
+                      for k, v in feed.items()})
+        sessions.append(session)
     for _ in range(repeats + 1):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
-    # Per run, seconds per op type; the first run (allocations) is dropped, and the least
-    # disturbed run of each op type is kept (the minimum): kernel times are wall times, and a
-    # preemption by background load lands on whichever op happened to run.
-    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    per_run: list[dict[str, float]] = [defaultdict(float) for _ in starts]
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        run = max((i for i, t in enumerate(starts) if t <= event["ts"]), default=0)
-        per_run[run][event.get("args", {}).get("op_name", "?")] += float(event.get("dur", 0)) * 1e-6
-    kept = per_run[1:] or per_run
-    ops = set().union(*kept) if kept else set()
-    per_op = {op: min(run.get(op, 0.0) for run in kept) for op in ops}
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+        for session, feed in zip(sessions, feeds):
+            session.run(None, feed)
+    profiles = []
+    for session in sessions:
+        events = json.loads(Path(session.end_profiling()).read_text())
+        starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+        per_run: list[dict[str, float]] = [defaultdict(float) for _ in starts]
+        for event in events:
+            if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+                continue
+            run = max((i for i, t in enumerate(starts) if t <= event["ts"]), default=0)
+            per_run[run][event.get("args", {}).get("op_name", "?")] += float(event.get("dur", 0)) * 1e-6
+        kept = per_run[1:] or per_run
+        ops = set().union(*kept) if kept else set()
+        per_op = {op: min(run.get(op, 0.0) for run in kept) for op in ops}
+        profiles.append(dict(sorted(per_op.items(), key=lambda kv: -kv[1])))
+    return profiles
 
 
 def fixed_cost_fit(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
@@ -793,7 +814,14 @@ def _end_to_end(model: _Model, static: dict[str, Any] | None, options: LatencyOp
 
     calls = {"routed": routed, **{name: forced_call(name) for name in forced}}
     try:
-        samples = _interleaved(calls, options.e2e_repeats, warmup=1)
+        if options.e2e_sequential:
+            # Low memory: one model at a time (its sessions closed before the next is loaded).
+            samples = {}
+            for name, call in calls.items():
+                samples.update(_interleaved({name: call}, options.e2e_repeats, warmup=1))
+                pipes[name].close()
+        else:
+            samples = _interleaved(calls, options.e2e_repeats, warmup=1)
     finally:
         for pipe in pipes.values():
             pipe.close()
@@ -814,6 +842,7 @@ def _end_to_end(model: _Model, static: dict[str, Any] | None, options: LatencyOp
         stats = summarize(values)
         row = {"backend": "onnxruntime", "resolution": model.nominal, "batch": len(batch), "steps": table.num_steps,
                "max_batch_per_unet_call": pipes["dense"].max_batch,
+               "order": "one model at a time" if options.e2e_sequential else "interleaved",
                "guidance_scale": routed_opts.guidance_scale, "variant": name, **stats,
                "images_per_s": len(batch) / stats["median_s"], "speedup_vs_dense": dense_median / stats["median_s"],
                "macs_ratio": expected if name == "routed" else (1.0 if name == "dense" else static["ratio"]),
@@ -907,6 +936,9 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     root = Path(artifacts).expanduser().absolute()
     out = Path(output_dir).expanduser().absolute()
     model = _load_model(root)
+    bad = [c for c in options.masked_codes or () if int(c) >= model.num_codes]
+    if bad:
+        raise ConfigError(f"--masked-codes {bad}: the export has experts 0..{model.num_codes - 1}")
     resolutions = _resolutions(model, options.resolutions)
     backends, status = _select_backends(model, options.backends)
     out.mkdir(parents=True, exist_ok=True)
@@ -962,7 +994,8 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
 
     configs = [(res, int(b)) for res in resolutions for b in options.batch_sizes]
     for backend in backends:
-        factories = _step_factories(backend, model, static, threads, options.masked and backend in TORCH_BACKENDS)
+        factories = _step_factories(backend, model, static, threads, options.masked and backend in TORCH_BACKENDS,
+                                    options.masked_codes)
         try:
             samples, reference = _time_backend(backend, factories, configs, model, options)
         except Exception as err:  # e.g. torch.compile failing: record it and go on
@@ -985,6 +1018,13 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     results["gaps"] = _profile_gaps(model, results, static, threads, options, out)
 
     if options.e2e:
+        results["checks"] = _checks(results)
+        report.write_reports(results, out)  # the UNet-step figures survive a failing end-to-end run
+        model.dense_torch = None  # the runtime needs no torch model: make room for its sessions
+        model.macs_models.clear()
+        import gc
+
+        gc.collect()
         ratios = {n: v["macs_ratio"] for n, v in results["variants"][str(model.nominal)].items()}
         results["end_to_end"] = _end_to_end(model, static, options, threads, prompts, codes, routing, ratios)
     results["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -1006,23 +1046,17 @@ def _profile_gaps(model: _Model, results: Mapping[str, Any], static: dict[str, A
              **{f"expert_{e['code']}": model.root / e["unet"] for e in model.manifest["experts"]}}
     if static:
         paths[STATIC] = Path(static["onnx"])
-    dense_cache: dict[tuple[int, int], dict[str, float]] = {}
     for name, row in tqdm(sorted(worst.items()), desc="profiles", leave=False):
         latent = row["resolution"] // model.vae_factor
-        key = (row["resolution"], row["batch"])
-        prof_dir = out / "profiles"
-        if key not in dense_cache:
-            dense_cache[key] = profile_by_op(paths[DENSE], model.shape, row["batch"], latent, latent, threads,
-                                             options.profile_repeats, prof_dir)
-        ops = profile_by_op(paths[name], model.shape, row["batch"], latent, latent, threads, options.profile_repeats,
-                            prof_dir)
+        dense_ops, ops = profile_by_op([paths[DENSE], paths[name]], model.shape, row["batch"], latent, latent,
+                                       threads, options.profile_repeats, out / "profiles")
         peers = [r for r in results["unet_step"] if (r["backend"], r["resolution"], r["batch"]) ==
                  (row["backend"], row["resolution"], row["batch"])]
         fit = fixed_cost_fit(peers)
-        table, text = _explain_gap(ops, dense_cache[key], row["macs_ratio"], row["latency_ratio"], fit)
+        table, text = _explain_gap(ops, dense_ops, row["macs_ratio"], row["latency_ratio"], fit)
         gaps.append({"backend": row["backend"], "variant": name, "resolution": row["resolution"], "batch": row["batch"],
                      "latency_ratio": row["latency_ratio"], "macs_ratio": row["macs_ratio"],
-                     "deviation": row["deviation"], "profiled_ratio": sum(ops.values()) / (sum(dense_cache[key].values()) or 1),
+                     "deviation": row["deviation"], "profiled_ratio": sum(ops.values()) / (sum(dense_ops.values()) or 1),
                      "fixed_cost_fit": fit, "op_types": table, "explanation": text})
     return gaps
 

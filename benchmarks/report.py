@@ -48,7 +48,8 @@ def _machine_lines(machine: Mapping[str, Any], settings: Mapping[str, Any]) -> l
         f"{machine.get('memory_gib')} GiB; GPU: {gpu['name'] + ' (CUDA ' + str(gpu['cuda']) + ')' if gpu else 'none'}",
         f"- Software: Python {machine.get('python')}, {versions}",
         f"- Threads: {settings.get('threads')} (onnxruntime intra-op, torch); repeats {settings.get('repeats')}, "
-        f"warm-up {settings.get('warmup')}, interleaved round-robin; {settings.get('statistic')}",
+        f"warm-up {settings.get('warmup')}, interleaved round-robin ({settings.get('interleaved')}); "
+        f"{settings.get('statistic')}",
         f"- Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in load)}; after: "
         f"{', '.join(f'{x:.2f}' for x in after)}",
     ]
