@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 from aptp import __version__
-from aptp.errors import AptpError, ConfigError
+from aptp.cli import positive_int, run_command
+from aptp.errors import ConfigError
 
 PROG = "aptp-bench"
 COMMANDS = ("latency", "quality", "make-synthetic")
@@ -36,16 +37,6 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got '{text}'")
     return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _name_list(text: str) -> list[str]:
@@ -73,18 +64,18 @@ def _latency_parser() -> argparse.ArgumentParser:
                    help="UNet batch sizes (default: 1,2,4,8)")
     p.add_argument("--resolutions", type=_int_list, metavar="LIST",
                    help="image sizes in pixels (default: the export's and half of it)")
-    p.add_argument("--repeats", type=_positive_int, default=10, metavar="N", help="timed calls per variant (10)")
+    p.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed calls per variant (10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls per variant first (2)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op threads (default: all cores)")
     p.add_argument("--no-masked", dest="masked", action="store_false", help="skip the masked full UNet")
     p.add_argument("--masked-codes", type=lambda t: [int(v) for v in t.split(",") if v], metavar="LIST",
                    help="experts whose masked full UNet is timed (default: all)")
     p.add_argument("--no-static", dest="static", action="store_false", help="skip the static pruned baseline")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip end-to-end throughput")
-    p.add_argument("--e2e-batch", type=_positive_int, default=8, metavar="N", help="prompts per request (8)")
-    p.add_argument("--e2e-steps", type=_positive_int, metavar="N",
+    p.add_argument("--e2e-batch", type=positive_int, default=8, metavar="N", help="prompts per request (8)")
+    p.add_argument("--e2e-steps", type=positive_int, metavar="N",
                    help="sampler steps end to end (default: the export's table)")
-    p.add_argument("--e2e-repeats", type=_positive_int, default=3, metavar="N", help="timed requests per model (3)")
+    p.add_argument("--e2e-repeats", type=positive_int, default=3, metavar="N", help="timed requests per model (3)")
     p.add_argument("--gap-threshold", type=float, default=0.15, metavar="X",
                    help="relative latency/MACs gap that triggers a profile (0.15)")
     p.add_argument("--static-dir", type=Path, metavar="DIR",
@@ -103,13 +94,13 @@ def _synthetic_parser() -> argparse.ArgumentParser:
                 "experts whose masks hit target MACs ratios, exported with aptp-export's exporter.")
     p.add_argument("--unet-config", default="sd21", metavar="NAME",
                    help="a config under benchmarks/configs (sd21) or a YAML path (default: sd21)")
-    p.add_argument("--resolution", type=_positive_int, metavar="PX",
+    p.add_argument("--resolution", type=positive_int, metavar="PX",
                    help="image size the MACs targets and the export use (default: the config's cpu_resolution)")
     p.add_argument("--output", type=Path, required=True, metavar="DIR", help="export directory to write")
     p.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="where the pipeline and checkpoint go (default: beside --output)")
-    p.add_argument("--steps", type=_positive_int, default=10, metavar="N", help="sampler table steps (10)")
-    p.add_argument("--max-batch", type=_positive_int, default=4, metavar="N", help="prompts per UNet call (4)")
+    p.add_argument("--steps", type=positive_int, default=10, metavar="N", help="sampler table steps (10)")
+    p.add_argument("--max-batch", type=positive_int, default=4, metavar="N", help="prompts per UNet call (4)")
     p.add_argument("--full-components", action="store_true",
                    help="use the config's full text encoder and VAE instead of the reduced stand-ins")
     p.add_argument("--seed", type=int, default=0, help="weights, masks and router seed (0)")
@@ -194,15 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: error: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
     handlers = {"latency": _latency, "quality": _quality, "make-synthetic": _make_synthetic}
-    try:
-        return handlers[command](rest)
-    except AptpError as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(PROG, lambda: handlers[command](rest))
 
 
 if __name__ == "__main__":
