@@ -75,6 +75,10 @@ def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
+def _max_diagonal_imag(matrix: np.ndarray) -> float:
+    return float(np.max(np.abs(np.diagonal(matrix).imag))) if np.iscomplexobj(matrix) else 0.0
+
+
 def frechet_distance(
     mu1: Any,
     sigma1: Any,
@@ -121,17 +125,20 @@ def frechet_distance(
 
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    # A singular product (fewer samples than dimensions) gives a root that is not finite or whose
+    # imaginary part is pure rounding noise, which moves with the BLAS thread count: regularise once.
+    # A truly invalid covariance keeps its imaginary root and is still refused below.
+    if not np.isfinite(covmean).all() or _max_diagonal_imag(covmean) > imag_atol:
         logger.warning(
-            "sqrtm(sigma1 @ sigma2) is not finite (singular product: fewer samples than feature "
-            "dimensions?); adding %g to the covariance diagonals.",
+            "sqrtm(sigma1 @ sigma2) is not finite or not real (singular product: fewer samples than "
+            "feature dimensions?); adding %g to the covariance diagonals.",
             eps,
         )
         offset = np.eye(dim) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
 
     if np.iscomplexobj(covmean):
-        max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
+        max_imag = _max_diagonal_imag(covmean)
         if max_imag > imag_atol:
             raise DatasetError(
                 f"The square root of sigma1 @ sigma2 has an imaginary component of {max_imag:.3g} on its "
