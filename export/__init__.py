@@ -19,8 +19,9 @@ the runtime reads manifests with it):
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from aptp.lazy import lazy_exports
 
 _EXPORTS = {
     "ExportOptions": ".exporter",
@@ -64,13 +65,4 @@ def load_expert(path: Any, device: Any = "cpu", dtype: Any = None) -> Any:
     return _load_expert(path, device=device, dtype=dtype)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

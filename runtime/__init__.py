@@ -21,8 +21,8 @@ Public API:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from aptp.lazy import lazy_exports
 
 _EXPORTS = {
     "AptpPipeline": ".pipeline",
@@ -56,13 +56,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

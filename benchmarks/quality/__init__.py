@@ -4,7 +4,8 @@ The metrics are numpy/scipy only and import eagerly; the extractors need torch (
 transformers), so they are imported on first access.
 """
 
-from typing import Any
+from aptp.lazy import lazy_exports
+
 
 from .metrics import alignment_accuracy, clip_score, cmmd, feature_statistics, fid_from_features, frechet_distance
 
@@ -28,9 +29,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXTRACTORS:
-        from . import extractors
-
-        return getattr(extractors, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, {name: ".extractors" for name in _EXTRACTORS}, __all__)
