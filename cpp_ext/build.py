@@ -13,10 +13,12 @@ Environment switches:
 
 - ``APTP_NO_CUDA=1``: build the CPU module only, even where nvcc is present.
 - ``CUDA_HOME`` (or ``CUDA_PATH``): the toolkit to use; otherwise ``nvcc`` on ``PATH``.
-- ``APTP_CUDA_ARCHS="80;90"``: the GPU architectures to compile for (default: every major
-  one from 7.5 that this nvcc supports, plus PTX of the newest for later GPUs).
+- ``APTP_CUDA_ARCHS="80;90"``: the GPU architectures to compile for (default: Turing and
+  newer plus the Jetson GPUs, Xavier 7.2 and Orin 8.7, as far as this nvcc supports them; plus
+  PTX of the newest for later GPUs; see cuda_archs.py). On a Jetson Orin: ``APTP_CUDA_ARCHS=87``.
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,8 +32,17 @@ _HERE = Path(__file__).resolve().parent
 _INCLUDE = _HERE / "include"
 _SRC = _HERE / "src"
 _HEADERS = sorted(str(p) for p in _INCLUDE.glob("*.h"))
-# Architectures worth a cubin; each costs a few seconds of nvcc time.
-_DEFAULT_ARCHS = ("75", "80", "86", "89", "90", "100", "120")
+
+
+def _load_cuda_archs():
+    # setup.py execs this file, so the sibling module is loaded by path, not imported.
+    spec = importlib.util.spec_from_file_location("aptp_build_cuda_archs", _HERE / "cuda_archs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ARCHS = _load_cuda_archs()
 
 
 def _say(message: str) -> None:
@@ -94,21 +105,16 @@ def find_cuda() -> dict | None:
 
 
 def _gencode_flags(nvcc: str) -> list[str]:
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True,
+                                timeout=60).stdout
+        supported = _ARCHS.supported_archs(listed) or None
+    except (OSError, subprocess.SubprocessError):
+        supported = None
     wanted = os.environ.get("APTP_CUDA_ARCHS")
-    if wanted:
-        archs = [a.strip().replace(".", "") for a in wanted.replace(",", ";").split(";") if a.strip()]
-    else:
-        try:
-            listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True,
-                                    timeout=60).stdout.split()
-        except (OSError, subprocess.SubprocessError):
-            listed = []
-        supported = {a.removeprefix("compute_") for a in listed}
-        archs = [a for a in _DEFAULT_ARCHS if a in supported] or ["75", "80", "90"]
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    # PTX of the newest architecture lets the driver compile for GPUs newer than this list.
-    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    return flags
+    archs, left_out = _ARCHS.choose_archs(wanted, supported)
+    _say(_ARCHS.describe(archs, left_out, explicit=bool(wanted and wanted.strip())))
+    return _ARCHS.gencode_flags(archs)
 
 
 def extensions() -> list:
