@@ -1,0 +1,121 @@
+"""The UNet-step timings: per backend, every variant loaded and interleaved with dense (or pairwise)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+
+from .backends import Step, ort_step, torch_step, trt_step
+from .model import BenchModel
+from .options import DENSE, LatencyOptions, MASKED, ORT_BACKENDS, STATIC
+from .timing import interleaved, summarize
+
+
+def step_factories(backend: str, model: BenchModel, static: dict[str, Any] | None, threads: int, masked: bool,
+                   masked_codes: Sequence[int] | None = None) -> dict[str, Callable[[], Step]]:
+    """Per variant, a function loading it on `backend` (so a low-memory run holds few at once)."""
+    m = model.manifest
+    made: dict[str, Callable[[], Step]] = {}
+    if backend in ORT_BACKENDS:
+        device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+        paths = {DENSE: model.root / m["dense"]["unet"],
+                 **{f"expert_{e['code']}": model.root / e["unet"] for e in m["experts"]}}
+        if static:
+            paths[STATIC] = Path(static["onnx"])
+        for name, path in paths.items():
+            made[name] = lambda path=path: ort_step(path, model.shape, threads, device)
+    elif backend == "tensorrt":
+        made[DENSE] = lambda: trt_step(model.root / m["dense"]["tensorrt"], model.shape)
+        for e in m["experts"]:
+            made[f"expert_{e['code']}"] = lambda e=e: trt_step(model.root / e["tensorrt"], model.shape)
+    else:
+        from aptp.train.experts import load_expert
+        from aptp.train.slicing import slice_unet
+
+        made[DENSE] = lambda: torch_step(model.dense_torch, model.shape, backend)
+        for e in m["experts"]:
+            made[f"expert_{e['code']}"] = lambda e=e: torch_step(
+                load_expert(model.root / "experts" / f"expert_{e['code']}"), model.shape, backend)
+        if static:
+            made[STATIC] = lambda: torch_step(slice_unet(model.dense_torch, model.layout, static["mask"])[0],
+                                              model.shape, backend)
+        if masked:
+            # The reference's way: the full UNet, the pruned units zeroed by hooks (apply_gates).
+            for code in (range(model.num_codes) if masked_codes is None else masked_codes):
+                made[f"{MASKED}_{code}"] = lambda code=code: torch_step(
+                    model.dense_torch, model.shape, backend, gates=model.masks[code], layout=model.layout)
+    return made
+
+
+def time_backend(backend: str, factories: Mapping[str, Callable[[], Step]], configs: Sequence[tuple[int, int]],
+                 model: BenchModel, options: LatencyOptions
+                 ) -> tuple[dict[tuple[int, int], dict[str, list[float]]], dict[tuple[int, int], dict[str, float]]]:
+    """Samples per configuration and variant, and the dense median each variant is compared with.
+
+    Default: every variant loaded, all interleaved. ``pairwise``: dense stays loaded and each
+    other variant is loaded alone and interleaved with it (memory for two models); each ratio
+    is then against the dense timings of its own pair."""
+    samples: dict[tuple[int, int], dict[str, list[float]]] = {c: defaultdict(list) for c in configs}
+    reference: dict[tuple[int, int], dict[str, float]] = {c: {} for c in configs}
+
+    def run(steps: Mapping[str, Step], label: str) -> None:
+        for res, batch in tqdm(configs, desc=f"unet step [{backend}{label}]", leave=False):
+            latent = res // model.vae_factor
+            calls = {name: step.prepare(batch, latent, latent) for name, step in steps.items()}
+            got = interleaved(calls, options.repeats, options.warmup)
+            dense = statistics.median(got[DENSE])
+            for name, values in got.items():
+                samples[(res, batch)][name] += values
+                if name != DENSE:
+                    reference[(res, batch)][name] = dense
+
+    dense = factories[DENSE]()
+    try:
+        if options.pairwise:
+            for name, make in factories.items():
+                if name == DENSE:
+                    continue
+                step = make()
+                try:
+                    run({DENSE: dense, name: step}, f" {name}")
+                finally:
+                    step.close()
+        else:
+            steps = {DENSE: dense, **{name: make() for name, make in factories.items() if name != DENSE}}
+            try:
+                run(steps, "")
+            finally:
+                for name, step in steps.items():
+                    if name != DENSE:
+                        step.close()
+    finally:
+        dense.close()
+    return samples, reference
+
+
+def step_rows(backend: str, resolution: int, batch: int, samples: Mapping[str, list[float]],
+              ratios: Mapping[str, float], threshold: float,
+              reference: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    dense_all = statistics.median(samples[DENSE])
+    rows = []
+    for name, values in samples.items():
+        stats = summarize(values)
+        macs_key = f"expert_{name.split('_')[1]}" if name.startswith(MASKED) else name
+        macs_ratio = 1.0 if name.startswith(MASKED) else ratios.get(macs_key)
+        dense = (reference or {}).get(name, dense_all)
+        latency_ratio = stats["median_s"] / dense
+        row = {"backend": backend, "resolution": resolution, "batch": batch, "variant": name, **stats,
+               "macs_ratio": macs_ratio, "latency_ratio": latency_ratio,
+               "latency_per_macs": latency_ratio / macs_ratio if macs_ratio else None}
+        if name.startswith("expert_") or name == STATIC:
+            row["deviation"] = abs(latency_ratio - macs_ratio) / macs_ratio
+            row["within_threshold"] = row["deviation"] <= threshold
+        if name.startswith(MASKED):
+            row["expert_macs_ratio"] = ratios.get(macs_key)
+        rows.append(row)
+    return rows
