@@ -70,6 +70,8 @@ setup(
             "matplotlib",
             "scipy",
         ],
+        # Ray Serve for aptp-serve and its tests (pinned: the version installed and measured here).
+        "serve": ["ray[serve]==2.60.0"],
         "test": ["pytest"],
     },
     entry_points={
@@ -78,6 +80,7 @@ setup(
             "aptp-export=aptp.export.cli:main",
             "aptp-generate=aptp.runtime.cli:main",
             "aptp-bench=aptp.benchmarks.cli:main",
+            "aptp-serve=aptp.runtime.serve_cli:main",
         ]
     },
 )
