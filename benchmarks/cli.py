@@ -6,6 +6,7 @@
     aptp-bench --artifacts A ...              (same as `aptp-bench latency --artifacts A ...`)
     aptp-bench quality ...                    (aptp.benchmarks.quality.table.main_quality)
     aptp-bench make-synthetic --unet-config sd21 --resolution 256 --output A
+    aptp-bench serve --artifacts A [--rates 0.5,1,2] [--count N] [--slo S] [--no-ray] ...
 
 Bad input (any `AptpError`) prints one line, ``aptp-bench: error: <message>``, and exits 2;
 Ctrl-C exits 130. torch is imported only after the arguments parse.
@@ -24,7 +25,7 @@ from aptp.cli import positive_int, run_command
 from aptp.errors import ConfigError
 
 PROG = "aptp-bench"
-COMMANDS = ("latency", "quality", "make-synthetic")
+COMMANDS = ("latency", "quality", "make-synthetic", "serve")
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,63 @@ def _synthetic_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got '{text}'") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got '{text}'")
+    return values
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} serve", description="Open-loop Poisson load (seeded, bounded, loopback only) "
+                "against GenerationServer for the routed, dense and static models, then the Ray Serve app in a "
+                "loopback-only network namespace; writes serve.json, serve.md and serve_latency.png.")
+    p.add_argument("--artifacts", type=Path, required=True, metavar="DIR", help="export directory (aptp-export)")
+    p.add_argument("--output-dir", type=Path, default=Path("bench-serve"), metavar="DIR",
+                   help="where the reports go (default: ./bench-serve)")
+    p.add_argument("--rates", type=_float_list, metavar="LIST",
+                   help="offered loads in requests/s (default: fractions of the dense server's capacity)")
+    p.add_argument("--rate-factors", type=_float_list, default=[0.25, 0.5, 0.75, 1.0, 1.5], metavar="LIST",
+                   help="default rates as fractions of the dense capacity (0.25,0.5,0.75,1,1.5)")
+    p.add_argument("--count", type=positive_int, default=24, metavar="N", help="requests per run at most (24)")
+    p.add_argument("--max-seconds", type=float, default=20.0, metavar="S", help="arrivals per run at most (20 s)")
+    p.add_argument("--drain", type=float, default=90.0, metavar="S", help="wait for answers after the last send")
+    p.add_argument("--slo", type=float, metavar="S", help="p95 latency SLO (default: --slo-factor x dense alone)")
+    p.add_argument("--slo-factor", type=float, default=4.0, metavar="X", help="default SLO factor (4)")
+    p.add_argument("--max-wait", type=float, default=0.05, metavar="S", help="batch wait of the servers (0.05 s)")
+    p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="intra-op threads (2)")
+    p.add_argument("--seed", type=int, default=0, help="arrival seed (0)")
+    p.add_argument("--no-static", dest="static", action="store_false", help="skip the static model")
+    p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray Serve app")
+    p.add_argument("--static-dir", type=Path, metavar="DIR", help="cache of the static model's ONNX graph")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _serve(argv: Sequence[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .serve import ServeBenchOptions, run_serve_bench
+
+    options = ServeBenchOptions(rates=args.rates, rate_factors=args.rate_factors, count=args.count,
+                                max_seconds=args.max_seconds, drain_s=args.drain, slo_s=args.slo,
+                                slo_factor=args.slo_factor, max_wait_s=args.max_wait, threads=args.threads,
+                                seed=args.seed, static=args.static, ray=args.ray, static_dir=args.static_dir)
+    options.check()
+    if not args.artifacts.exists():
+        raise ConfigError(f"--artifacts {args.artifacts} does not exist; pass the directory aptp-export wrote")
+    results = run_serve_bench(args.artifacts, args.output_dir, options)
+    print(f"wrote {args.output_dir}/serve.json, serve.md, serve_latency.png")
+    for name, value in results["checks"].items():
+        print(f"  {name}: {value}")
+    return 0
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="aptp benchmarks. Commands: latency (default), quality, make-synthetic; "
+    p = _Parser(prog=PROG, description="aptp benchmarks. Commands: latency (default), quality, make-synthetic, serve; "
                 "`aptp-bench COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("command", choices=COMMANDS)
@@ -184,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command not in COMMANDS:
             print(f"{PROG}: error: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
-    handlers = {"latency": _latency, "quality": _quality, "make-synthetic": _make_synthetic}
+    handlers = {"latency": _latency, "quality": _quality, "make-synthetic": _make_synthetic, "serve": _serve}
     return run_command(PROG, lambda: handlers[command](rest))
 
 
