@@ -212,13 +212,20 @@ def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> d
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"json": directory / JSON_FILE, "markdown": directory / MARKDOWN_FILE, "plot": directory / PLOT_FILE}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_json_default))
-    os.replace(tmp, paths["json"])
+    write_json(results, paths["json"])
     paths["markdown"].write_text(markdown(results))
     plot(results, paths["plot"])
     logger.info("reports written to %s", directory)
     return paths
+
+
+def write_json(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """`results` as indented JSON at `path`, through a temp file and a rename (never half-written)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+    os.replace(tmp, path)
+    return path
 
 
 def _json_default(value: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -139,13 +138,13 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
     """Write the three reports into `directory` (the JSON through a temp file and a rename)."""
+    from .report import write_json
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     results["machine"]["load_average_after"] = list(os.getloadavg())  # type: ignore[index]
     paths = {"json": directory / JSON_FILE, "markdown": directory / MARKDOWN_FILE, "plot": directory / PLOT_FILE}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, paths["json"])
+    write_json(results, paths["json"])
     paths["markdown"].write_text(markdown(results))
     plot(results, paths["plot"])
     logger.info("reports written to %s", directory)
