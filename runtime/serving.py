@@ -15,6 +15,12 @@ batched or alone: its noise comes from its own seed (see `aptp.runtime.pipeline`
 At most ``max_queue`` requests wait at any time (queued or pending, not yet running);
 `submit` beyond that raises `QueueFullError` instead of letting latency grow without bound.
 A failing batch fails its own futures only; the worker goes on with the next.
+
+Shutdown always ends the worker. ``close()`` (and leaving a ``with`` block) runs every request
+already submitted, then returns once the worker has ended; ``close(wait=False)`` returns at
+once and fails every request that is not yet running with `ServerClosedError` (a running batch
+still completes). Both work from any thread, the worker's own included (a future's
+done-callback runs there): the worker cannot join itself, so there close only stops it.
 """
 
 from __future__ import annotations
@@ -64,6 +70,10 @@ class _Request:
 _STOP = object()
 
 
+def _closed_error() -> ServerClosedError:
+    return ServerClosedError("the generation server was closed before this request ran; submit it to a new server")
+
+
 class GenerationServer:
     """A thread-safe front of an `AptpPipeline` that forms batches per expert.
 
@@ -92,6 +102,7 @@ class GenerationServer:
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet running
         self._closing = False
+        self._cancelled = False  # close(wait=False): fail what has not started
         self._worker = threading.Thread(target=self._run, name="aptp-generation-server", daemon=True)
         self._worker.start()
 
@@ -132,14 +143,48 @@ class GenerationServer:
         with self._lock:
             return self._waiting
 
-    def close(self, wait: bool = True) -> None:
-        """Stop accepting requests; the ones already submitted still run. `wait` joins the worker."""
+    def close(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting requests and end the worker; safe from any thread, repeatable.
+
+        Args:
+            wait: ``True`` runs every request already submitted and waits for the worker to end.
+                ``False`` fails every request not yet running with `ServerClosedError` and
+                returns at once; the worker ends after the batch it is running, if any.
+            timeout: with `wait`, the most seconds to wait for the worker (``None``: no limit).
+
+        Returns:
+            Whether the worker has ended. Called from the worker itself (a future's
+            done-callback), close cannot wait for it and returns ``False``; the worker then ends
+            as soon as that callback returns and the remaining work is done.
+        """
         with self._lock:
-            if not self._closing:
-                self._closing = True
-                self._queue.put(_STOP)
+            first = not self._closing
+            self._closing = True
+            if not wait:
+                self._cancelled = True
+            dropped = self._drain_queue() if not wait else []
+            # Wakes the worker; also puts back a stop mark the drain took. Extra marks are harmless.
+            self._queue.put(_STOP)
+        if first:
+            logger.debug("closing the generation server (wait=%s)", wait)
+        self._fail(dropped, _closed_error())
+        if threading.current_thread() is self._worker:
+            return False  # joining itself would raise; the worker sees the stop mark next
         if wait:
-            self._worker.join()
+            self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+    def _drain_queue(self) -> list[_Request]:
+        """Take every request still queued (the caller holds the lock and counts them as failed)."""
+        drained: list[_Request] = []
+        try:
+            while True:
+                item = self._queue.get_nowait()
+                if item is not _STOP:
+                    drained.append(item)
+        except queue.Empty:
+            pass
+        return drained
 
     def __enter__(self) -> GenerationServer:
         return self
@@ -151,10 +196,25 @@ class GenerationServer:
 
     def _run(self) -> None:
         pending: dict[tuple, deque[_Request]] = {}
+        try:
+            self._serve(pending)
+        except BaseException:  # a bug in the loop: refuse new work instead of queueing it forever
+            logger.exception("the generation server's worker failed; the server is closed")
+            raise
+        finally:
+            with self._lock:
+                self._closing = True
+                left = [r for q in pending.values() for r in q] + self._drain_queue()
+            self._fail(left, _closed_error())
+
+    def _serve(self, pending: dict[tuple, deque[_Request]]) -> None:
         stopping = False
         while True:
             arrivals, stop = self._take(self._timeout(pending, stopping))
             stopping = stopping or stop
+            if self._cancelled:
+                self._fail(arrivals, _closed_error())
+                return  # _run fails what is pending
             self._route(arrivals, pending)
             key = self._ready(pending, stopping)
             if key is not None:
@@ -166,10 +226,10 @@ class GenerationServer:
                 return
 
     def _timeout(self, pending: dict[tuple, deque[_Request]], stopping: bool) -> float | None:
+        if stopping:
+            return 0.0  # the stop mark is used up: never block on the queue again
         if not pending:
             return None  # sleep until a request (or the stop mark) arrives
-        if stopping:
-            return 0.0
         oldest = min(q[0].arrived for q in pending.values())
         return max(0.0, oldest + self.max_wait - time.monotonic())
 
@@ -192,6 +252,7 @@ class GenerationServer:
             try:
                 codes = self.pipeline.route([r.prompt for r in to_route])
             except Exception as err:  # noqa: BLE001 - the requests fail, the server goes on
+                logger.warning("routing %d request(s) failed: %s", len(to_route), err)
                 self._fail(to_route, err)
                 arrivals = [r for r in arrivals if r.options.expert is not None]
                 codes = np.zeros(0, dtype=np.int64)
@@ -227,12 +288,20 @@ class GenerationServer:
             for request in batch:
                 request.future.set_exception(err)
             return
+        if len(results) != len(batch):  # never leave a future unresolved: its client would wait forever
+            err = RuntimeError(f"the pipeline returned {len(results)} results for a batch of {len(batch)}")
+            for request in batch:
+                request.future.set_exception(err)
+            return
         for request, result in zip(batch, results):
             result.timings["route"] = request.route_time
             request.future.set_result(result)
 
     def _fail(self, requests: Sequence[_Request], err: BaseException) -> None:
-        logger.warning("routing %d request(s) failed: %s", len(requests), err)
+        """Fail requests that were waiting (not running); never called holding the lock, since
+        done-callbacks run inside ``set_exception``."""
+        if not requests:
+            return
         with self._lock:
             self._waiting -= len(requests)
         for request in requests:
