@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
@@ -23,10 +24,12 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
     "MANIFEST_FORMAT_VERSION",
+    "contained_path",
     "file_sha256",
     "hash_files",
     "manifest_paths",
     "read_manifest",
+    "read_verified",
     "write_manifest",
 ]
 
@@ -35,6 +38,10 @@ MANIFEST_FORMAT = "aptp-export"
 MANIFEST_FORMAT_VERSION = 1
 
 _CHUNK = 1 << 20
+# A manifest is a few hundred KiB even with many codes; refuse what could only exhaust memory.
+MAX_MANIFEST_BYTES = 64 * 1024**2
+# Nesting of the manifest's JSON; aptp writes 4 levels. Deeper input is refused, not recursed into.
+MAX_MANIFEST_DEPTH = 16
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -44,6 +51,52 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_verified(path: str | os.PathLike, sha256: str | None, what: str = "file") -> bytes:
+    """The bytes of `path`, checked against `sha256` (hex) when it is given.
+
+    Callers hand exactly these bytes to the library that parses them (onnxruntime, TensorRT,
+    tokenizers): the file is read once, so replacing it after the check cannot change what is
+    loaded.
+
+    Raises:
+        ArtifactError: the file cannot be read, or its bytes do not have the expected hash.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ArtifactError(f"cannot read {what} {path}: {err.strerror or err}; check that it exists and that "
+                            "this account may read it") from err
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(f"{what} {path} does not match its sha256 in {MANIFEST_FILE}: it was modified or "
+                            "replaced after the export (refusing to load it); re-export or restore the file")
+    return data
+
+
+def contained_path(root: str | os.PathLike, rel: Any, entry: str = "file") -> Path:
+    """``root / rel`` for a manifest path that stays inside the export.
+
+    `rel` must be a non-empty relative POSIX path without ``..`` parts, and the file it names,
+    with every symlink on the way resolved, must lie under the (resolved) export root.
+
+    Raises:
+        ArtifactError: naming `entry` and the path, when any of that does not hold.
+    """
+    root = Path(root)
+    where = root / MANIFEST_FILE
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        raise ArtifactError(f"{where}: {entry} {rel!r} is not a relative POSIX path; re-export with aptp-export")
+    posix = PurePosixPath(rel)
+    if posix.is_absolute() or ".." in posix.parts:
+        raise ArtifactError(f"{where}: {entry} {rel!r} points outside the export (absolute or '..'); refusing it")
+    full = root.joinpath(*posix.parts)
+    real, real_root = Path(os.path.realpath(full)), Path(os.path.realpath(root))
+    if real != real_root and real_root not in real.parents:
+        raise ArtifactError(f"{where}: {entry} {rel!r} resolves to {real}, outside the export {real_root} "
+                            "(a symlink leaving it?); copy the file into the export or re-export")
+    return full
 
 
 def _relative_files(root: Path) -> Iterable[str]:
@@ -88,13 +141,6 @@ def manifest_paths(manifest: dict[str, Any]) -> list[str]:
 _PATH_KEYS = frozenset({"file", "unet", "external_data", "arch_spec", "tensorrt", "tokenizer", "timing_cache"})
 
 
-def _check_relative(rel: str, root: Path) -> Path:
-    posix = PurePosixPath(rel)
-    if posix.is_absolute() or ".." in posix.parts or not rel:
-        raise ArtifactError(f"{root / MANIFEST_FILE} lists an unsafe path {rel!r}; re-export with aptp-export")
-    return root.joinpath(*posix.parts)
-
-
 def write_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file under `root`, store the table as ``files`` and write ``manifest.json``.
 
@@ -131,15 +177,7 @@ def read_manifest(root: str | os.PathLike, verify: bool = True) -> dict[str, Any
     """
     root = Path(root)
     path = root / MANIFEST_FILE
-    if not path.is_file():
-        raise ArtifactError(
-            f"{root} is not a complete aptp export: {MANIFEST_FILE} is missing "
-            "(an interrupted export leaves none); run aptp-export again"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path} is not valid JSON ({err}); run aptp-export again") from err
+    manifest = _load_json(root, path)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ArtifactError(f"{path} is not an aptp export manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
@@ -153,12 +191,84 @@ def read_manifest(root: str | os.PathLike, verify: bool = True) -> dict[str, Any
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{path} lists no files; run aptp-export again")
     for rel, expected in files.items():
-        full = _check_relative(rel, root)
+        full = contained_path(root, rel, f"files[{rel!r}]")
+        if not isinstance(expected, str) or len(expected) != 64 or not all(c in _HEX for c in expected):
+            raise ArtifactError(f"{path}: files[{rel!r}] must be a sha256 (64 hex digits), got {expected!r}")
         if not full.is_file():
             raise ArtifactError(f"export {root} is incomplete: {rel} is missing; run aptp-export again")
-        if verify and file_sha256(full) != expected:
-            raise ArtifactError(f"export {root}: {rel} does not match its sha256 in {MANIFEST_FILE} (modified or corrupt)")
+        if verify:
+            try:
+                actual = file_sha256(full)
+            except OSError as err:
+                raise ArtifactError(f"cannot read {full}: {err.strerror or err}; check that this account may read "
+                                    "every file of the export") from err
+            if actual != expected:
+                raise ArtifactError(f"export {root}: {rel} does not match its sha256 in {MANIFEST_FILE} "
+                                    "(modified or corrupt)")
     unhashed = [p for p in manifest_paths(manifest) if p not in files]
     if unhashed:
         raise ArtifactError(f"{path} references files it does not hash: {unhashed[:5]}")
     return manifest
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _load_json(root: Path, path: Path) -> Any:
+    """The parsed manifest, refusing one that leaves the export, is huge, or nests too deeply."""
+    if not path.is_file():
+        raise ArtifactError(
+            f"{root} is not a complete aptp export: {MANIFEST_FILE} is missing "
+            "(an interrupted export leaves none); run aptp-export again"
+        )
+    contained_path(root, MANIFEST_FILE, MANIFEST_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path}: {err.strerror or err}; check that this account may read it") from err
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest aptp-export wrote")
+    return parse_manifest_bytes(data, path)
+
+
+def parse_manifest_bytes(data: bytes, source: str | os.PathLike = MANIFEST_FILE) -> Any:
+    """JSON from manifest bytes with at most `MAX_MANIFEST_DEPTH` levels of nesting.
+
+    Raises:
+        ArtifactError: invalid UTF-8 or JSON, non-finite numbers (NaN, Infinity), or deeper nesting.
+    """
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a valid number here")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text} overflows a float")
+        return value
+
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=no_constants, parse_float=finite)
+    except RecursionError:  # the json module recurses once per level and stops itself
+        value, depth = None, MAX_MANIFEST_DEPTH + 1
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactError(f"{source} is not valid JSON ({err}); run aptp-export again") from err
+    else:
+        depth = _depth(value)
+    if depth > MAX_MANIFEST_DEPTH:
+        raise ArtifactError(f"{source} nests JSON deeper than {MAX_MANIFEST_DEPTH} levels: not a manifest "
+                            "aptp-export wrote")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in node)
+    return deepest

@@ -4,6 +4,11 @@
 file: `aptp.export.manifest.read_manifest`, which is torch-free) and then checks every entry
 the runtime uses, so a malformed manifest fails here with the key that is wrong rather than
 deep inside a model call. Paths in the records are absolute.
+
+Nothing from the manifest is trusted beyond what it can break: every file it names must stay
+inside the export (no absolute path, no ``..``, no symlink leading out), every number must lie
+in a sane range (`LIMITS`), and the engines hash each file again when they actually read it
+(`ExportArtifacts.sha256`), so a file swapped after this check is refused at load.
 """
 
 from __future__ import annotations
@@ -11,18 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aptp.errors import ArtifactError
-from aptp.export.manifest import MANIFEST_FILE, read_manifest
+from aptp.export.manifest import MANIFEST_FILE, contained_path, read_manifest
 
 from .scheduler import SchedulerTable
 
 __all__ = [
     "DENSE",
+    "LIMITS",
     "ExportArtifacts",
     "ModelFile",
     "TokenizerFile",
@@ -33,6 +40,28 @@ logger = logging.getLogger(__name__)
 
 #: The model key of the dense (unpruned) UNet; experts are keyed by their integer code.
 DENSE = "dense"
+
+#: ``(low, high)``, both inclusive, for the manifest's numbers. Wide enough for any real
+#: export (SD 1.x/2.x/XL, SD3-sized latents, T5-length text), narrow enough that a tampered
+#: value fails here instead of exhausting memory or producing garbage downstream.
+LIMITS: dict[str, tuple[float, float]] = {
+    "num_codes": (1, 1024),
+    "image_size": (8, 8192),             # pixels, each side
+    "size_multiple": (1, 512),
+    "latent_channels": (1, 64),
+    "latent_size": (1, 1024),            # latent pixels, each side
+    "vae_scaling_factor": (1e-4, 1e4),   # SD: 0.18215, SD3: 1.5305
+    "vae_scale_factor": (1, 64),         # SD: 8
+    "max_length": (1, 8192),             # tokens (CLIP 77, T5 512, MiniLM 256)
+    "token_id": (0, 2**31 - 1),
+    "hidden_size": (1, 65536),
+    "guidance_scale": (0.0, 100.0),
+    "max_batch": (1, 1024),
+    "macs_ratio": (0.0, 2.0),
+    "share": (0.0, 1.0),
+    "max_abs_error": (0.0, 1e6),
+    "scheduler_value": (-1e6, 1e6),      # every per-step table entry and init_noise_sigma
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +74,7 @@ class ModelFile:
     tensorrt: Path | None = None
     macs_ratio: float | None = None
     share: float | None = None
+    external_data: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,22 @@ class ExportArtifacts:
             raise ArtifactError(f"export {self.root} has no expert {key!r}; codes: {sorted(self.experts)}")
         return self.experts[key]
 
+    def sha256(self, path: str | os.PathLike) -> str | None:
+        """The manifest's sha256 of `path` (an absolute path of a record), for checking the bytes
+        when the file is read; ``None`` for a path the manifest does not hash."""
+        try:
+            rel = Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+        return self.manifest.get("files", {}).get(rel)
+
+    def external_weights(self, graph: str | os.PathLike) -> list[tuple[Path, str | None]]:
+        """``[(path, sha256)]`` of the external weight file of the ONNX `graph`, if it has one."""
+        models = [self.text_encoder, self.router_encoder, self.router_head, self.vae_decoder,
+                  *self.experts.values(), *([self.dense] if self.dense is not None else [])]
+        return [(m.external_data, self.sha256(m.external_data)) for m in models
+                if m.onnx == Path(graph) and m.external_data is not None]
+
     @property
     def model_keys(self) -> list[int | str]:
         """Every UNet of the export: the expert codes, then ``"dense"`` when present."""
@@ -131,16 +177,18 @@ class _Reader:
         return value
 
     def integer(self, node: Mapping[str, Any], key: str, path: str = "", minimum: int = 1,
-                optional: bool = False) -> int | None:
+                optional: bool = False, limit: str | None = None) -> int | None:
         if optional and node.get(key) is None:
             return None
         value = self.node(node, key, path)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(_join(path, key), f"must be an integer >= {minimum}, got {value!r}")
+        low, high = LIMITS[limit] if limit else (minimum, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bounds = f"in [{int(low)}, {int(high)}]" if high is not None else f">= {low}"
+            raise self.fail(_join(path, key), f"must be an integer {bounds}, got {value!r}")
         return value
 
     def number(self, node: Mapping[str, Any], key: str, path: str = "", optional: bool = False,
-               positive: bool = False) -> float | None:
+               positive: bool = False, limit: str | None = None) -> float | None:
         if optional and node.get(key) is None:
             return None
         value = self.node(node, key, path)
@@ -148,6 +196,12 @@ class _Reader:
             raise self.fail(_join(path, key), f"must be a finite number, got {value!r}")
         if positive and value <= 0:
             raise self.fail(_join(path, key), f"must be > 0, got {value!r}")
+        if positive and abs(value) < sys.float_info.min:
+            raise self.fail(_join(path, key), f"must be a normal float, got the denormal {value!r}")
+        if limit is not None:
+            low, high = LIMITS[limit]
+            if not low <= value <= high:
+                raise self.fail(_join(path, key), f"must be in [{low:g}, {high:g}], got {value!r}")
         return float(value)
 
     def file(self, node: Mapping[str, Any], key: str, path: str = "", optional: bool = False) -> Path | None:
@@ -159,16 +213,30 @@ class _Reader:
         # read_manifest has checked every hashed file; a path outside that table is refused there.
         if rel not in self.manifest.get("files", {}):
             raise self.fail(_join(path, key), f"names {rel!r}, which the manifest does not hash")
-        return self.root / rel
+        return contained_path(self.root, rel, _join(path, key))
 
     def model(self, node: Mapping[str, Any], path: str, file_key: str = "file") -> ModelFile:
         return ModelFile(
             onnx=self.file(node, file_key, path),
-            max_abs_error=self.number(node, "max_abs_error", path, optional=True),
+            max_abs_error=self.number(node, "max_abs_error", path, optional=True, limit="max_abs_error"),
             tensorrt=self.file(node, "tensorrt", path, optional=True),
-            macs_ratio=self.number(node, "macs_ratio", path, optional=True),
-            share=self.number(node, "share", path, optional=True),
+            macs_ratio=self.number(node, "macs_ratio", path, optional=True, positive=True, limit="macs_ratio"),
+            share=self.number(node, "share", path, optional=True, limit="share"),
+            external_data=self.file(node, "external_data", path, optional=True),
         )
+
+
+def _check_table_bounds(r: _Reader, table: SchedulerTable) -> None:
+    """Finite is not enough: a coefficient of 1e300 overflows float32 latents to inf/NaN."""
+    low, high = LIMITS["scheduler_value"]
+    if not 0 < table.init_noise_sigma <= high:
+        raise r.fail("scheduler.init_noise_sigma", f"must be in (0, {high:g}], got {table.init_noise_sigma!r}")
+    for key in ("timesteps", "input_scale", "coef_sample", "coef_model", "coef_prev_sample", "coef_prev_model"):
+        values = getattr(table, key)
+        outside = (values < low) | (values > high)
+        if outside.any():
+            i = int(outside.argmax())
+            raise r.fail(f"scheduler.{key}[{i}]", f"is {float(values[i])!r}, outside [{low:g}, {high:g}]")
 
 
 def _join(path: str, key: str) -> str:
@@ -193,7 +261,7 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True) -> ExportArtifa
     manifest = read_manifest(root, verify=verify)
     r = _Reader(root, manifest)
 
-    num_codes = r.integer(manifest, "num_codes")
+    num_codes = r.integer(manifest, "num_codes", limit="num_codes")
     precision = r.node(manifest, "precision", "")
     if precision not in ("fp32", "fp16"):
         raise r.fail("precision", f"must be 'fp32' or 'fp16', got {precision!r}")
@@ -204,8 +272,8 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True) -> ExportArtifa
     tok = r.section(manifest, "tokenizer")
     tokenizer = TokenizerFile(
         path=r.file(tok, "file", "tokenizer"),
-        max_length=r.integer(tok, "max_length", "tokenizer"),
-        pad_token_id=r.integer(tok, "pad_token_id", "tokenizer", minimum=0, optional=True),
+        max_length=r.integer(tok, "max_length", "tokenizer", limit="max_length"),
+        pad_token_id=r.integer(tok, "pad_token_id", "tokenizer", optional=True, limit="token_id"),
     )
     text = r.section(manifest, "text_encoder")
 
@@ -213,8 +281,8 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True) -> ExportArtifa
     encoder = r.section(router, "encoder", "router")
     router_tokenizer = TokenizerFile(
         path=r.file(encoder, "tokenizer", "router.encoder"),
-        max_length=r.integer(encoder, "max_length", "router.encoder"),
-        pad_token_id=r.integer(encoder, "pad_token_id", "router.encoder", minimum=0, optional=True),
+        max_length=r.integer(encoder, "max_length", "router.encoder", limit="max_length"),
+        pad_token_id=r.integer(encoder, "pad_token_id", "router.encoder", optional=True, limit="token_id"),
     )
 
     entries = r.node(manifest, "experts", "")
@@ -230,25 +298,27 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True) -> ExportArtifa
     dense = r.model(dense_entry, "dense", file_key="unet") if dense_entry is not None else None
 
     table = SchedulerTable.from_dict(r.node(manifest, "scheduler", ""), source=f"{r.where}: scheduler")
+    _check_table_bounds(r, table)
     artifacts = ExportArtifacts(
         root=root,
         manifest=manifest,
         base_model=str(manifest.get("base_model", "")),
         num_codes=num_codes,
         precision=precision,
-        image_height=r.integer(image, "height", "image"),
-        image_width=r.integer(image, "width", "image"),
-        min_size=r.integer(image, "min_size", "image", optional=True),
-        max_size=r.integer(image, "max_size", "image", optional=True),
-        size_multiple=r.integer(image, "size_multiple", "image", optional=True) or r.integer(vae, "scale_factor", "vae"),
-        latent_channels=r.integer(latent, "channels", "latent"),
-        latent_height=r.integer(latent, "height", "latent"),
-        latent_width=r.integer(latent, "width", "latent"),
-        vae_scaling_factor=r.number(vae, "scaling_factor", "vae", positive=True),
-        vae_scale_factor=r.integer(vae, "scale_factor", "vae"),
+        image_height=r.integer(image, "height", "image", limit="image_size"),
+        image_width=r.integer(image, "width", "image", limit="image_size"),
+        min_size=r.integer(image, "min_size", "image", optional=True, limit="image_size"),
+        max_size=r.integer(image, "max_size", "image", optional=True, limit="image_size"),
+        size_multiple=r.integer(image, "size_multiple", "image", optional=True, limit="size_multiple")
+                      or r.integer(vae, "scale_factor", "vae", limit="vae_scale_factor"),
+        latent_channels=r.integer(latent, "channels", "latent", limit="latent_channels"),
+        latent_height=r.integer(latent, "height", "latent", limit="latent_size"),
+        latent_width=r.integer(latent, "width", "latent", limit="latent_size"),
+        vae_scaling_factor=r.number(vae, "scaling_factor", "vae", positive=True, limit="vae_scaling_factor"),
+        vae_scale_factor=r.integer(vae, "scale_factor", "vae", limit="vae_scale_factor"),
         tokenizer=tokenizer,
         text_encoder=r.model(text, "text_encoder"),
-        text_hidden_size=r.integer(text, "hidden_size", "text_encoder"),
+        text_hidden_size=r.integer(text, "hidden_size", "text_encoder", limit="hidden_size"),
         router_tokenizer=router_tokenizer,
         router_encoder=r.model(encoder, "router.encoder"),
         router_head=r.model(r.section(router, "head", "router"), "router.head"),
@@ -256,9 +326,16 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True) -> ExportArtifa
         dense=dense,
         vae_decoder=r.model(r.section(manifest, "vae_decoder"), "vae_decoder"),
         scheduler=table,
-        guidance_scale=r.number(manifest, "guidance_scale"),
-        max_batch=r.integer(manifest, "max_batch"),
+        guidance_scale=r.number(manifest, "guidance_scale", limit="guidance_scale"),
+        max_batch=r.integer(manifest, "max_batch", limit="max_batch"),
     )
+    if artifacts.min_size is not None and artifacts.max_size is not None and artifacts.min_size > artifacts.max_size:
+        raise r.fail("image.min_size", f"is {artifacts.min_size}, above image.max_size={artifacts.max_size}")
+    for side in ("height", "width"):
+        latent_side = getattr(artifacts, f"latent_{side}")
+        if latent_side * artifacts.vae_scale_factor != getattr(artifacts, f"image_{side}"):
+            raise r.fail(f"latent.{side}", f"is {latent_side}: times vae.scale_factor={artifacts.vae_scale_factor} "
+                         f"it must equal image.{side}={getattr(artifacts, f'image_{side}')}")
     missing = sorted(set(range(num_codes)) - set(experts))
     if missing:
         # A code without an expert cannot serve the prompts routed to it.

@@ -23,13 +23,14 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aptp.errors import ArtifactError, RuntimeInputError
+from aptp.export.manifest import read_verified
 
 from .kernels import DeviceArray
 
@@ -241,21 +242,32 @@ class OnnxRuntimeEngine(Engine):
     """An onnxruntime ``InferenceSession``, created once in `load` and reused by every call.
 
     Args:
-        path: the ``.onnx`` file (external weights beside it are found by onnxruntime).
+        path: the ``.onnx`` file.
         device: ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads; ``None`` means `default_threads`.
         backend: ``"auto"`` or ``"tensorrt"`` lets onnxruntime's TensorRT provider take the graph
             on CUDA when it is present; ``"onnxruntime"`` keeps the CUDA provider only.
         device_id: the GPU ordinal.
+        sha256: the graph file's expected sha256 (from the manifest); ``None`` skips the check.
+        external_data: ``(path, sha256)`` of each external weight file the graph references
+            (by file name).
+
+    `load` reads every file once, checks its hash and gives onnxruntime those bytes, never the
+    path: a file replaced after the export was verified is refused when it is loaded (sessions
+    are created lazily, possibly long after). onnxruntime is barred from reading external
+    weights from disk itself, so only verified bytes reach the session.
 
     ``session.run`` is thread-safe; the bound-buffer path (after `allocate_buffers`) is not:
     the engine serialises those calls with a lock.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 backend: str = "auto", device_id: int = 0):
+                 backend: str = "auto", device_id: int = 0, sha256: str | None = None,
+                 external_data: Sequence[tuple[str | os.PathLike, str | None]] = ()):
         super().__init__(path, device, device_id)
         self.threads = default_threads() if threads is None else int(threads)
+        self.sha256 = sha256
+        self.external_data = [(Path(p), digest) for p, digest in external_data]
         self.backend = backend
         self.session = None
         self._inputs: dict[str, np.dtype] = {}
@@ -284,8 +296,17 @@ class OnnxRuntimeEngine(Engine):
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         providers = onnxruntime_providers(self.device, self.backend, self.device_id)
+        model = read_verified(self.path, self.sha256, "ONNX graph")
+        # From bytes, onnxruntime would look for external weights relative to the working
+        # directory: point it at a folder that cannot exist and hand it the verified files.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         os.path.join(os.devnull, "aptp-no-external-data"))
+        if self.external_data:
+            weights = [read_verified(p, digest, "ONNX external data") for p, digest in self.external_data]
+            options.add_external_initializers_from_files_in_memory(
+                [p.name for p, _ in self.external_data], weights, [len(w) for w in weights])
         try:
-            session = ort.InferenceSession(str(self.path), options, providers=providers)
+            session = ort.InferenceSession(model, options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {err}") from err
         self._inputs = {i.name: _ORT_DTYPES.get(i.type, np.dtype(np.float32)) for i in session.get_inputs()}
@@ -369,8 +390,9 @@ class TensorRTEngine(Engine):
     without synchronising.
     """
 
-    def __init__(self, path: str | os.PathLike, device_id: int = 0):
+    def __init__(self, path: str | os.PathLike, device_id: int = 0, sha256: str | None = None):
         super().__init__(path, "cuda", device_id)
+        self.sha256 = sha256  # checked on the bytes deserialised, as OnnxRuntimeEngine does
         self.engine = None
         self.context = None
         self._lock = threading.Lock()
@@ -390,7 +412,7 @@ class TensorRTEngine(Engine):
         if not self.path.is_file():
             raise ArtifactError(f"TensorRT plan {self.path} does not exist; re-export on a machine with TensorRT")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(read_verified(self.path, self.sha256, "TensorRT plan"))
         if self.engine is None:
             raise ArtifactError(f"TensorRT cannot load {self.path} (built by another TensorRT version or GPU?): "
                                 "re-export on this machine")

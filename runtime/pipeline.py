@@ -234,11 +234,13 @@ class AptpPipeline:
                            "step", kernels.cuda_status())
         self.text_tokenizer = PromptTokenizer(
             artifacts.tokenizer.path, artifacts.tokenizer.max_length, artifacts.tokenizer.pad_token_id,
-            pad_to_max_length=True, warn_truncation=True, name="text encoder")
+            pad_to_max_length=True, warn_truncation=True, name="text encoder",
+            sha256=artifacts.sha256(artifacts.tokenizer.path))
         self.router = Router(
             PromptTokenizer(artifacts.router_tokenizer.path, artifacts.router_tokenizer.max_length,
                             artifacts.router_tokenizer.pad_token_id, pad_to_max_length=False,
-                            warn_truncation=False, name="router encoder"),
+                            warn_truncation=False, name="router encoder",
+                            sha256=artifacts.sha256(artifacts.router_tokenizer.path)),
             self._make_engine(artifacts.router_encoder.onnx), self._make_engine(artifacts.router_head.onnx),
             artifacts.num_codes)
         self._engines: dict[Any, Engine] = {
@@ -258,16 +260,21 @@ class AptpPipeline:
     @classmethod
     def from_export(cls, path: str | os.PathLike, *, verify: bool = True, **kwargs: Any) -> AptpPipeline:
         """Verify the export at `path` (every file's sha256 unless ``verify=False``) and build a
-        pipeline on it; keyword arguments go to the constructor."""
+        pipeline on it; keyword arguments go to the constructor.
+
+        Whatever `verify` says, each file is hashed again when a session reads it (sessions are
+        created lazily), and a file that no longer matches the manifest is refused then."""
         return cls(load_artifacts(path, verify=verify), **kwargs)
 
     # ---- engines -------------------------------------------------------------------------
 
     def _make_engine(self, path: os.PathLike, plan: os.PathLike | None = None) -> Engine:
+        # Engines hash the bytes they load against the manifest (verify-then-swap cannot work).
+        a = self.artifacts
         if plan is not None and self.backend == "tensorrt":
-            return TensorRTEngine(plan, self.device_id)
+            return TensorRTEngine(plan, self.device_id, sha256=a.sha256(plan))
         return OnnxRuntimeEngine(path, self.device, threads=self.threads, backend=self.backend,
-                                 device_id=self.device_id)
+                                 device_id=self.device_id, sha256=a.sha256(path), external_data=a.external_weights(path))
 
     def unet(self, key: int | str) -> Engine:
         """The loaded UNet engine of expert `key` or ``"dense"`` (created once, then reused)."""

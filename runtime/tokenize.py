@@ -18,10 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from aptp.errors import ArtifactError, RuntimeInputError
+from aptp.export.manifest import read_verified
 
-__all__ = ["PromptTokenizer", "TokenBatch", "check_prompts"]
+__all__ = ["MAX_PROMPT_CHARS", "PromptTokenizer", "TokenBatch", "check_prompts"]
 
 logger = logging.getLogger(__name__)
+
+#: The longest prompt accepted, in characters (CLIP's 77 tokens are a few hundred characters).
+MAX_PROMPT_CHARS = 100_000
+#: The longest token sequence a tokenizer may be configured for (T5 uses 512, CLIP 77).
+MAX_TOKENS = 8192
 
 
 def check_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -46,6 +52,11 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
         if not prompt.strip():
             what = "has 0 characters" if not prompt else "is only whitespace"
             raise RuntimeInputError(f"prompt {i} {what}: every prompt needs some text to condition on")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            # Longer prompts are truncated to the encoder's tokens anyway (as diffusers does);
+            # this only stops a request from spending its time tokenising megabytes.
+            raise RuntimeInputError(f"prompt {i} has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are "
+                                    "accepted (the text encoder reads only its first tokens)")
     return prompts
 
 
@@ -73,16 +84,21 @@ class PromptTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike, max_length: int, pad_token_id: int | None = None,
-                 pad_to_max_length: bool = True, warn_truncation: bool = True, name: str = "tokenizer"):
+                 pad_to_max_length: bool = True, warn_truncation: bool = True, name: str = "tokenizer",
+                 sha256: str | None = None):
         from tokenizers import Tokenizer
 
         self.path = Path(path)
         self.name = name
         self.max_length = int(max_length)
         self.warn_truncation = warn_truncation
+        if not 1 <= self.max_length <= MAX_TOKENS:
+            raise ArtifactError(f"{name} max_length must be in [1, {MAX_TOKENS}], got {max_length!r}")
+        # Parsed from the bytes that were hashed (see aptp.export.manifest.read_verified).
+        data = read_verified(self.path, sha256, f"{name} tokenizer")
         try:
-            self.tokenizer = Tokenizer.from_file(str(self.path))
-        except Exception as err:  # tokenizers raises plain Exception for unreadable files
+            self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # tokenizers raises plain Exception for malformed files
             raise ArtifactError(f"cannot read tokenizer {self.path}: {err}; re-export") from err
         saved = self.tokenizer.padding or {}
         if pad_token_id is None:

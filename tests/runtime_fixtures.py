@@ -82,8 +82,9 @@ def checkpoint_of_export() -> Path:
 
 
 def shallow_copy(export: Path, target: Path, copy: tuple[str, ...] = ()) -> Path:
-    """A copy of `export` whose files are symlinks, except ``manifest.json`` and `copy` (real
-    copies that a test may modify without touching the shared export)."""
+    """A copy of `export` whose files are hard links (real copies across filesystems), except
+    ``manifest.json`` and `copy` (real copies that a test may modify without touching the shared
+    export). Not symlinks: the runtime refuses files that resolve outside the export."""
     for dirpath, _, filenames in os.walk(export):
         for name in filenames:
             src = Path(dirpath) / name
@@ -93,5 +94,8 @@ def shallow_copy(export: Path, target: Path, copy: tuple[str, ...] = ()) -> Path
             if rel.as_posix() == "manifest.json" or rel.as_posix() in copy:
                 shutil.copyfile(src, dst)
             else:
-                dst.symlink_to(src)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
     return target
