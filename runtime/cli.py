@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -67,6 +68,51 @@ def _guidance(text: str) -> float:
     return value
 
 
+def _threads(text: str) -> int:
+    from .engine import MAX_THREADS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_THREADS:
+        raise RuntimeInputError(f"--threads must be an integer in [1, {MAX_THREADS}], got {text!r}")
+    return value
+
+
+def _seed(text: str, count: int) -> int:
+    # Prompt i uses seed + i: the last one must still fit the 63-bit seed range.
+    high = 2**63 - count
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= high:
+        raise RuntimeInputError(f"--seed must be an integer in [0, 2**63 - {count}] for {count} prompt(s), got {text!r}")
+    return value
+
+
+def check_output_paths(paths: Sequence[Path]) -> None:
+    """Refuse, before any work, PNG paths that cannot be written: an existing directory, a
+    parent that is a file, or a folder this account cannot write into (or on a read-only
+    filesystem). Missing parent folders are fine: they are created.
+
+    Raises:
+        RuntimeInputError: naming the path and what is wrong.
+    """
+    for path in paths:
+        if path.is_dir():
+            raise RuntimeInputError(f"--output {path} is a directory; give a file name ending in .png")
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RuntimeInputError(f"--output {path}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RuntimeInputError(f"--output {path}: cannot write into {parent} (no permission, or a read-only "
+                                    "filesystem)")
+
+
 def _expert(text: str) -> int | str:
     if text == "dense":
         return text
@@ -83,16 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts-file", help="UTF-8 text file, one prompt per line")
     parser.add_argument("--output", required=True, help="PNG path; several prompts give out_0.png, out_1.png...")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    parser.add_argument("--seed", default="0", help="seed of the first prompt; prompt i uses seed+i (< 2**63)")
     # Parsed as text and checked by the runtime, so bad values get the runtime's messages.
     parser.add_argument("--steps", help="sampling steps (must match the export's sampler table)")
-    parser.add_argument("--guidance-scale", help="classifier-free guidance scale (default: the export's)")
+    parser.add_argument("--guidance-scale", help="classifier-free guidance scale in [0, 100] (default: the export's)")
     parser.add_argument("--height", help="image height in pixels (default: the export's)")
     parser.add_argument("--width", help="image width in pixels (default: the export's)")
     parser.add_argument("--expert", help="run every prompt on this code, or 'dense', instead of routing")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per model")
+    parser.add_argument("--threads", default=None,
+                        help="intra-op threads per model, 1 to 256 (default: $OMP_NUM_THREADS, else every core)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of every file (only existence is checked)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -114,11 +161,14 @@ def run(args: argparse.Namespace) -> list[Path]:
     if not prompts:
         raise RuntimeInputError("no prompts: pass --prompt TEXT (repeatable) or a non-empty --prompts-file")
     paths = numbered_paths(args.output, len(prompts))
+    check_output_paths(paths)
+    seed = _seed(args.seed, len(prompts))
+    threads = None if args.threads is None else _threads(args.threads)
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
-                                    device=args.device, threads=args.threads)
+                                    device=args.device, threads=threads)
     results = pipe(
         prompts,
-        seeds=args.seed,
+        seeds=seed,
         num_inference_steps=None if args.steps is None else _integer(args.steps, "--steps"),
         height=None if args.height is None else _integer(args.height, "--height"),
         width=None if args.width is None else _integer(args.width, "--width"),

@@ -41,6 +41,7 @@ __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
     "TensorRTEngine",
+    "check_threads",
     "default_threads",
     "onnxruntime_providers",
     "tensorrt_available",
@@ -62,11 +63,30 @@ _ORT_DTYPES = {
 }
 
 
+#: Most intra-op threads a session may be given: onnxruntime creates them all up front, and a
+#: huge count makes session creation hang rather than fail.
+MAX_THREADS = 256
+
+
+def check_threads(value: object) -> int | None:
+    """`value` as a thread count in ``[1, MAX_THREADS]``, or ``None`` (the default).
+
+    Raises:
+        RuntimeInputError: not an integer, or outside the range.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_THREADS:
+        raise RuntimeInputError(f"threads must be an integer in [1, {MAX_THREADS}] (or None for the default), "
+                                f"got {value!r}")
+    return int(value)
+
+
 def default_threads() -> int:
     """Intra-op threads per session: ``$OMP_NUM_THREADS`` when set, else 0 (onnxruntime's
     default, every core). onnxruntime itself ignores that variable."""
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else 0
+    return min(int(value), MAX_THREADS) if value.isdigit() and int(value) > 0 else 0
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -265,7 +285,7 @@ class OnnxRuntimeEngine(Engine):
                  backend: str = "auto", device_id: int = 0, sha256: str | None = None,
                  external_data: Sequence[tuple[str | os.PathLike, str | None]] = ()):
         super().__init__(path, device, device_id)
-        self.threads = default_threads() if threads is None else int(threads)
+        self.threads = default_threads() if threads is None else check_threads(threads)
         self.sha256 = sha256
         self.external_data = [(Path(p), digest) for p, digest in external_data]
         self.backend = backend

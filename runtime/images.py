@@ -7,6 +7,7 @@ pipeline's pixel for pixel when the decoder outputs match. PNGs are written with
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,15 +28,29 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write one ``(H, W, 3)`` (or ``(H, W)``) uint8 image as PNG; creates parent folders."""
+    """Write one ``(H, W, 3)`` (or ``(H, W)``) uint8 image as PNG; creates parent folders.
+
+    The file is written beside `path` under a temporary name and renamed into place, so an
+    existing file is never left half-written.
+
+    Raises:
+        RuntimeInputError: the file or its folder cannot be written (the OS error's reason).
+    """
     from PIL import Image
 
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(f"save_png takes an (H, W, 3) or (H, W) uint8 image, got {image.dtype} {image.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="PNG")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):  # our own temporary file, if it got that far
+            tmp.unlink()
+        raise RuntimeInputError(f"cannot write {path}: {err.strerror or err}") from err
     return path
 
 

@@ -48,6 +48,7 @@ from .engine import (
     Engine,
     OnnxRuntimeEngine,
     TensorRTEngine,
+    check_threads,
     onnxruntime_providers,
     tensorrt_available,
 )
@@ -70,6 +71,8 @@ logger = logging.getLogger(__name__)
 #: Timed stages, in order; every result's ``timings`` has these keys (seconds).
 STAGES = ("tokenise", "route", "text_encode", "denoise", "decode")
 OUTPUT_TYPES = ("np", "latent")
+#: Accepted classifier-free guidance scales (inclusive); <= 1 runs the conditional model only.
+GUIDANCE_RANGE = (0.0, 100.0)
 _MAX_SEED = 2**63
 
 
@@ -157,6 +160,12 @@ def _check_guidance(value: Any, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise RuntimeInputError(f"guidance_scale must be a finite number (e.g. 7.5), got {value!r}")
+    low, high = GUIDANCE_RANGE
+    if not low <= value <= high:
+        # Negative guidance steers away from the prompt; huge values overflow the latents
+        # (1e308 gave an all-black image).
+        raise RuntimeInputError(f"guidance_scale must be in [{low:g}, {high:g}] (diffusers' default is 7.5), "
+                                f"got {value!r}")
     return float(value)
 
 
@@ -217,7 +226,7 @@ class AptpPipeline:
         self.device_id = int(device_id)
         self.backend = resolve_backend(backend, device, artifacts)
         onnxruntime_providers(device, self.backend, self.device_id)  # CUDA without onnxruntime-gpu fails here
-        self.threads = threads
+        self.threads = check_threads(threads)
         self.max_batch = artifacts.max_batch if max_batch is None else max_batch
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -339,7 +348,7 @@ class AptpPipeline:
 
         Raises:
             RuntimeInputError: steps not a positive integer (or not the table's step count), a
-                guidance scale that is not a finite number, an unknown expert, an unknown
+                guidance scale that is not a finite number in `GUIDANCE_RANGE`, an unknown expert, an unknown
                 output type, an image size outside the export's range or not a multiple of its
                 ``size_multiple``.
         """
@@ -386,8 +395,8 @@ class AptpPipeline:
             prompts: one prompt or a list of prompts (non-empty text each).
             seeds: one integer per prompt; an int ``s`` means ``s, s+1, ...``; ``None`` draws
                 fresh seeds (see the module docstring for how noise follows from a seed).
-            guidance_scale: classifier-free guidance (default: the manifest's); ``<= 1`` runs
-                the conditional model only, as diffusers does.
+            guidance_scale: classifier-free guidance in `GUIDANCE_RANGE` (default: the
+                manifest's); ``<= 1`` runs the conditional model only, as diffusers does.
             num_inference_steps: must equal the sampler table's step count (default).
             expert: ``None`` routes each prompt; a code or ``"dense"`` forces that UNet.
             output_type: ``"np"`` decodes images; ``"latent"`` stops after the loop.

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from aptp.errors import AptpError
+from aptp.errors import AptpError, RuntimeInputError
 
 from .pipeline import AptpPipeline, GenerationOptions, GenerationResult
 from .tokenize import check_prompts
@@ -68,6 +68,8 @@ class _Request:
 
 
 _STOP = object()
+#: Longest batching wait accepted, in seconds (an hour; ``inf`` would hold requests forever).
+MAX_WAIT = 3600.0
 
 
 def _closed_error() -> ServerClosedError:
@@ -89,11 +91,11 @@ class GenerationServer:
                  max_queue: int = 64):
         max_batch = pipeline.max_batch if max_batch is None else max_batch
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+            raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
-        if not max_wait >= 0:
-            raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait!r}")
+            raise RuntimeInputError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not 0 <= max_wait <= MAX_WAIT:
+            raise RuntimeInputError(f"max_wait must be in [0, {MAX_WAIT:g}] seconds, got {max_wait!r}")
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.max_wait = float(max_wait)

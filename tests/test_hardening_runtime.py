@@ -216,3 +216,102 @@ def test_hostile_manifest_json_is_one_error(export_dir, tmp_path, text, message)
     (copy / "manifest.json").write_text(text)
     with pytest.raises(ArtifactError, match=message):
         load_artifacts(copy, verify=False)
+
+
+# ---- aptp-generate and the Python API: one clear line, and serving goes on ---------------------
+
+def _cli(export_dir, tmp_path, *args, output=None):
+    from aptp.runtime.cli import main
+
+    argv = ["--artifacts", str(export_dir), "--prompt", "a red car", "--prompt", "soup",
+            "--output", str(output or tmp_path / "out.png"), "--threads", "1", *args]
+    return main(argv)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "100000"], r"--threads must be an integer in \[1, 256\], got '100000'"),
+    (["--threads", "-1"], r"--threads must be an integer in \[1, 256\]"),
+    (["--threads", "two"], r"--threads must be an integer"),
+    (["--guidance-scale", "-5"], r"guidance_scale must be in \[0, 100\]"),
+    (["--guidance-scale", "1e308"], r"guidance_scale must be in \[0, 100\]"),
+    (["--guidance-scale", "nan"], r"--guidance-scale must be a finite number"),
+    (["--seed", str(2**64)], r"--seed must be an integer in \[0, 2\*\*63 - 2\] for 2 prompt\(s\)"),
+    (["--seed", str(2**63 - 1)], r"--seed must be an integer in \[0, 2\*\*63 - 2\]"),
+    (["--seed", "-1"], r"--seed must be an integer"),
+])
+def test_cli_out_of_range_values_are_one_error_line(export_dir, tmp_path, capsys, args, message):
+    assert _cli(export_dir, tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aptp-generate: error: "), err
+    import re
+
+    assert re.search(message, err[0]), err[0]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_cli_output_path_problems_are_one_error_line(export_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_dir.png").mkdir()
+    (tmp_path / "a_file").write_text("mine")
+    cases = [(tmp_path / "a_dir.png", "is a directory"),
+             (tmp_path / "a_file" / "out.png", "is not a directory"),
+             (tmp_path / "a_file" / "deeper" / "out.png", "is not a directory")]
+    for output, message in cases:
+        from aptp.runtime.cli import main
+
+        assert main(["--artifacts", str(export_dir), "--prompt", "a cat", "--output", str(output)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert (tmp_path / "a_file").read_text() == "mine"
+    # No write permission / read-only filesystem: what access(2) reports (tests run as root,
+    # who may write anywhere, so the answer is simulated).
+    monkeypatch.setattr("aptp.runtime.cli.os.access", lambda path, mode: False)
+    assert _cli(export_dir, tmp_path, output=tmp_path / "out.png") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write into" in err[0], err
+
+
+def test_failed_png_write_is_typed_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from aptp.errors import RuntimeInputError
+    from aptp.runtime.images import save_png
+
+    target = tmp_path / "out.png"
+    target.write_bytes(b"the user's old image")
+
+    def read_only(self, fp, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Image.Image, "save", read_only)
+    with pytest.raises(RuntimeInputError, match="cannot write .*out.png: Read-only file system"):
+        save_png(np.zeros((8, 8, 3), np.uint8), target)
+    assert target.read_bytes() == b"the user's old image"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_cli_deeply_nested_manifest_is_one_error_line(export_dir, tmp_path, capsys):
+    copy = shallow_copy(export_dir, tmp_path / "export")
+    (copy / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert _cli(copy, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nests JSON deeper than" in err[0], err
+
+
+def test_api_refuses_bad_values_and_keeps_serving(export_dir):
+    from aptp.errors import RuntimeInputError
+
+    for threads in (-1, 0, 100_000, 2.5, True):
+        with pytest.raises(RuntimeInputError, match=r"threads must be an integer in \[1, 256\]"):
+            AptpPipeline.from_export(export_dir, verify=False, threads=threads)
+    pipe = AptpPipeline.from_export(export_dir, threads=1)
+    for kwargs, message in [({"guidance_scale": -5.0}, r"guidance_scale must be in \[0, 100\]"),
+                            ({"guidance_scale": 1e308}, r"guidance_scale must be in \[0, 100\]"),
+                            ({"guidance_scale": float("inf")}, "finite number"),
+                            ({"seeds": [2**64]}, r"seeds\[0\] must be an integer in \[0, 2\*\*63\)"),
+                            ({"seeds": [-1]}, r"seeds\[0\] must be an integer")]:
+        with pytest.raises(RuntimeInputError, match=message):
+            pipe(["a red car"], output_type="latent", **kwargs)
+    with pytest.raises(RuntimeInputError, match="at most 100000 are accepted"):
+        pipe(["a" * 100_001], output_type="latent")
+    result = pipe(["a red car " * 50], seeds=[3], guidance_scale=100.0, output_type="latent")[0]
+    assert result.truncated and np.isfinite(result.latents).all()  # long text is truncated, as diffusers does

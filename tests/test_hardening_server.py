@@ -190,3 +190,12 @@ def test_bad_request_then_good_one_keeps_serving():
             bad.result(timeout=LIMIT)
         assert server.generate("fine", seed=2, timeout=LIMIT).prompt == "fine"
     assert not server._worker.is_alive()
+
+
+@pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"max_queue": 0}, {"max_wait": -1.0},
+                                    {"max_wait": float("inf")}, {"max_wait": float("nan")}, {"max_queue": 2.5}])
+def test_bad_server_arguments_are_typed_errors(kwargs):
+    from aptp.errors import RuntimeInputError
+
+    with pytest.raises(RuntimeInputError, match=next(iter(kwargs))):
+        GenerationServer(FakePipeline(), **kwargs)
