@@ -90,7 +90,8 @@ def contained_path(root: str | os.PathLike, rel: Any, entry: str = "file") -> Pa
         raise ArtifactError(f"{where}: {entry} {rel!r} is not a relative POSIX path; re-export with aptp-export")
     posix = PurePosixPath(rel)
     if posix.is_absolute() or ".." in posix.parts:
-        raise ArtifactError(f"{where}: {entry} {rel!r} points outside the export (absolute or '..'); refusing it")
+        raise ArtifactError(f"{where}: {entry} is an unsafe path {rel!r} that points outside the export "
+                            "(absolute or '..'); refusing it")
     full = root.joinpath(*posix.parts)
     real, real_root = Path(os.path.realpath(full)), Path(os.path.realpath(root))
     if real != real_root and real_root not in real.parents:
