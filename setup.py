@@ -72,7 +72,9 @@ setup(
         ],
         # Ray Serve for aptp-serve and its tests (pinned: the version installed and measured here).
         "serve": ["ray[serve]==2.60.0"],
-        "test": ["pytest"],
+        # Ed25519 signing of export manifests (aptp-export --sign, trusted_key=); imported lazily.
+        "sign": ["cryptography"],
+        "test": ["pytest", "cryptography"],
     },
     entry_points={
         "console_scripts": [

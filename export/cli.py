@@ -3,7 +3,7 @@
     aptp-export --checkpoint runs/tiny --output artifacts/tiny [--precision fp32|fp16]
                 [--resolution PX] [--min-resolution PX] [--max-resolution PX] [--max-batch N]
                 [--scheduler ddim|euler|dpmpp_2m] [--steps N] [--tensorrt] [--pipeline-dirs]
-                [--no-dense]
+                [--no-dense] [--sign KEYFILE]
 
 Bad input (any `AptpError`) prints one line, ``aptp-export: error: <message>``, and exits 2;
 anything else is a bug and keeps its traceback. Ctrl-C exits 130 and leaves the output as it
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write diffusers OnnxStableDiffusionPipeline directories under pipelines/")
     parser.add_argument("--no-dense", dest="dense", action="store_false",
                         help="do not export the unpruned UNet")
+    parser.add_argument("--sign", type=Path, metavar="KEYFILE",
+                        help="sign the manifest with this Ed25519 private key (PEM; make one with "
+                        "'python -m aptp.export.signing generate-key KEYFILE'; needs aptp[sign])")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -81,6 +84,7 @@ def _export(args: argparse.Namespace) -> None:
         precision=args.precision, resolution=args.resolution, min_resolution=args.min_resolution,
         max_resolution=args.max_resolution, max_batch=args.max_batch, scheduler=args.scheduler,
         steps=args.steps, tensorrt=args.tensorrt, pipeline_dirs=args.pipeline_dirs, dense=args.dense,
+        signing_key=args.sign,
     )
     manifest = export_checkpoint(args.checkpoint, args.output, options)
     experts = manifest["experts"]

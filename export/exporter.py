@@ -90,6 +90,8 @@ class ExportOptions:
         dense: also export the unpruned UNet.
         guidance_scale: the default recorded for the runtime.
         external_data_threshold: graphs with more weight bytes store them externally.
+        signing_key: an Ed25519 private key (PEM file) to sign the manifest with
+            (`aptp.export.signing`); ``None`` leaves the export unsigned.
     """
 
     precision: str = "fp32"
@@ -104,6 +106,7 @@ class ExportOptions:
     dense: bool = True
     guidance_scale: float = 7.5
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    signing_key: str | os.PathLike | None = None
 
     def check(self) -> None:
         """Raise `ConfigError` for values no export can use (model-dependent checks come later)."""
@@ -120,6 +123,10 @@ class ExportOptions:
         if self.guidance_scale < 0:
             raise ConfigError(f"guidance scale must be >= 0, got {self.guidance_scale}")
         make_scheduler(self.scheduler, {})  # unknown names fail here, before any model is loaded
+        if self.signing_key is not None:
+            from .signing import load_private_key
+
+            load_private_key(self.signing_key)  # an unusable key fails now, not after the export
 
 
 @dataclass
@@ -639,7 +646,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             "tensorrt": ctx.trt if ctx.trt is not None else trt_note,
             "pipelines": pipelines,
         }
-        write_manifest(staging, manifest)
+        write_manifest(staging, manifest, signing_key=options.signing_key)
         written = json.loads((staging / "manifest.json").read_text())
         _commit(staging, output)
     except BaseException:

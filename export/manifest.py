@@ -142,10 +142,13 @@ def manifest_paths(manifest: dict[str, Any]) -> list[str]:
 _PATH_KEYS = frozenset({"file", "unet", "external_data", "arch_spec", "tensorrt", "tokenizer", "timing_cache"})
 
 
-def write_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(root: str | os.PathLike, manifest: dict[str, Any],
+                   signing_key: str | os.PathLike | Any | None = None) -> dict[str, Any]:
     """Hash every file under `root`, store the table as ``files`` and write ``manifest.json``.
 
     Call it last, once every other file of the export is in place. Returns the manifest written.
+    With `signing_key` (an Ed25519 private key or its PEM file) the manifest is signed
+    (`aptp.export.signing`).
 
     Raises:
         ArtifactError: an entry points to a file that does not exist under `root`.
@@ -158,19 +161,25 @@ def write_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[st
     missing = [p for p in manifest_paths(manifest) if p not in manifest["files"]]
     if missing:
         raise ArtifactError(f"manifest entries point to files that were not written: {missing[:5]}")
+    if signing_key is not None:
+        from .signing import sign_manifest
+
+        manifest = sign_manifest(manifest, signing_key)
     tmp = root / f".{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, root / MANIFEST_FILE)
     return manifest
 
 
-def read_manifest(root: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+def read_manifest(root: str | os.PathLike, verify: bool = True, trusted_key: Any = None) -> dict[str, Any]:
     """Load ``manifest.json`` of an export and check that the export is complete and untouched.
 
     Args:
         root: the export directory (what ``aptp-export --output`` wrote).
         verify: also recompute the sha256 of every listed file (the default). ``False`` only
             checks that the listed files exist, for quick listings.
+        trusted_key: an Ed25519 public key (PEM path, PEM or raw bytes, or key object): the
+            manifest must carry a valid signature by it (`aptp.export.signing.verify_manifest`).
 
     Raises:
         ArtifactError: no manifest, another format or version, a listed file missing or with a
@@ -188,6 +197,10 @@ def read_manifest(root: str | os.PathLike, verify: bool = True) -> dict[str, Any
             f"{path} has export format version {version!r}; this aptp reads version {MANIFEST_FORMAT_VERSION}: "
             "re-export the checkpoint with this aptp's aptp-export"
         )
+    if trusted_key is not None:
+        from .signing import verify_manifest
+
+        verify_manifest(manifest, trusted_key, str(path))
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{path} lists no files; run aptp-export again")

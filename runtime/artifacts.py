@@ -243,22 +243,26 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def load_artifacts(root: str | os.PathLike, verify: bool = True) -> ExportArtifacts:
+def load_artifacts(root: str | os.PathLike, verify: bool = True, trusted_key: Any = None) -> ExportArtifacts:
     """Verify and read the export at `root` (what ``aptp-export`` wrote).
 
     Args:
         root: the export directory.
-        verify: recompute every file's sha256 (default). ``False`` only checks that the files
-            exist: for listings, never for serving.
+        verify: recompute every file's sha256 now (default). ``False`` only checks that the
+            files exist; either way the engines hash each file again when they read it.
+        trusted_key: an Ed25519 public key (PEM file path, PEM or raw bytes, or key object):
+            the manifest must be signed by it (``aptp-export --sign``; needs ``cryptography``).
 
     Raises:
-        ArtifactError: no manifest, another format version, a missing or tampered file, or an
-            entry the runtime needs that is missing or malformed.
+        ArtifactError: no manifest, another format version, a missing or tampered file, a path
+            leading out of the export, a value outside `LIMITS`, an entry the runtime needs that
+            is missing or malformed, or (with `trusted_key`) a missing or invalid signature.
+        ConfigError: `trusted_key` cannot be read, or ``cryptography`` is not installed.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise ArtifactError(f"export directory {root} does not exist; pass the directory aptp-export wrote")
-    manifest = read_manifest(root, verify=verify)
+    manifest = read_manifest(root, verify=verify, trusted_key=trusted_key)
     r = _Reader(root, manifest)
 
     num_codes = r.integer(manifest, "num_codes", limit="num_codes")

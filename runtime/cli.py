@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", default=None,
                         help="intra-op threads per model, 1 to 256 (default: $OMP_NUM_THREADS, else every core)")
+    parser.add_argument("--trusted-key", metavar="PUBLIC.pem",
+                        help="refuse the export unless its manifest is signed by this Ed25519 public key "
+                        "(aptp-export --sign; needs aptp[sign])")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of every file (only existence is checked)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     seed = _seed(args.seed, len(prompts))
     threads = None if args.threads is None else _threads(args.threads)
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
-                                    device=args.device, threads=threads)
+                                    device=args.device, threads=threads, trusted_key=args.trusted_key)
     results = pipe(
         prompts,
         seeds=seed,

@@ -267,13 +267,16 @@ class AptpPipeline:
             self.load()
 
     @classmethod
-    def from_export(cls, path: str | os.PathLike, *, verify: bool = True, **kwargs: Any) -> AptpPipeline:
+    def from_export(cls, path: str | os.PathLike, *, verify: bool = True, trusted_key: Any = None,
+                    **kwargs: Any) -> AptpPipeline:
         """Verify the export at `path` (every file's sha256 unless ``verify=False``) and build a
         pipeline on it; keyword arguments go to the constructor.
 
         Whatever `verify` says, each file is hashed again when a session reads it (sessions are
-        created lazily), and a file that no longer matches the manifest is refused then."""
-        return cls(load_artifacts(path, verify=verify), **kwargs)
+        created lazily), and a file that no longer matches the manifest is refused then.
+        `trusted_key` (an Ed25519 public key, e.g. a PEM file path) refuses a manifest that it
+        did not sign (see `aptp.export.signing`)."""
+        return cls(load_artifacts(path, verify=verify, trusted_key=trusted_key), **kwargs)
 
     # ---- engines -------------------------------------------------------------------------
 
