@@ -68,26 +68,28 @@ def _guidance(text: str) -> float:
     return value
 
 
-def _threads(text: str) -> int:
-    from .engine import MAX_THREADS
-
+def _int_in(text: str, low: int, high: int) -> int | None:
+    """`text` as an integer in ``[low, high]``, or None."""
     try:
         value = int(text)
     except ValueError:
-        value = None
-    if value is None or not 1 <= value <= MAX_THREADS:
+        return None
+    return value if low <= value <= high else None
+
+
+def _threads(text: str) -> int:
+    from .engine import MAX_THREADS
+
+    value = _int_in(text, 1, MAX_THREADS)
+    if value is None:
         raise RuntimeInputError(f"--threads must be an integer in [1, {MAX_THREADS}], got {text!r}")
     return value
 
 
 def _seed(text: str, count: int) -> int:
     # Prompt i uses seed + i: the last one must still fit the 63-bit seed range.
-    high = 2**63 - count
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value <= high:
+    value = _int_in(text, 0, 2**63 - count)
+    if value is None:
         raise RuntimeInputError(f"--seed must be an integer in [0, 2**63 - {count}] for {count} prompt(s), got {text!r}")
     return value
 
