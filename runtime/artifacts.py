@@ -261,7 +261,8 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True, trusted_key: An
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise ArtifactError(f"export directory {root} does not exist; pass the directory aptp-export wrote")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise ArtifactError(f"export directory {root} {what}; pass the directory aptp-export wrote")
     manifest = read_manifest(root, verify=verify, trusted_key=trusted_key)
     r = _Reader(root, manifest)
 

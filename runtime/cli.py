@@ -25,6 +25,8 @@ from aptp.cli import run_command
 from aptp.errors import RuntimeInputError
 
 PROG = "aptp-generate"
+#: Largest --prompts-file read (bytes).
+MAX_PROMPTS_FILE_BYTES = 64 * 1024**2
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +35,18 @@ def read_prompts_file(path: str | Path) -> list[str]:
     """One prompt per line of a UTF-8 file, blank lines skipped.
 
     Raises:
-        RuntimeInputError: the file cannot be read or is not UTF-8.
+        RuntimeInputError: the file cannot be read, is larger than `MAX_PROMPTS_FILE_BYTES`, or
+            is not UTF-8.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPTS_FILE_BYTES + 1)  # bounded: /dev/zero must not read forever
     except OSError as err:
         raise RuntimeInputError(f"cannot read --prompts-file {path}: {err.strerror or err}") from err
+    if len(data) > MAX_PROMPTS_FILE_BYTES:
+        raise RuntimeInputError(f"--prompts-file {path} is larger than {MAX_PROMPTS_FILE_BYTES >> 20} MiB; "
+                                "split it into several runs")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:

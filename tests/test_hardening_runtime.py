@@ -164,6 +164,37 @@ def test_external_weights_are_hashed_and_given_from_memory(tmp_path, monkeypatch
         swapped.load()
 
 
+def test_tensorrt_plan_is_deserialised_from_the_hashed_bytes(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+    import types
+
+    seen: list[bytes] = []
+
+    class Runtime:  # the part of TensorRT's API that TensorRTEngine.load uses
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            seen.append(bytes(data))
+            return types.SimpleNamespace(create_execution_context=lambda: object())
+
+    fake = types.SimpleNamespace(__version__="fake", Runtime=Runtime,
+                                 Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    from aptp.runtime.engine import TensorRTEngine
+
+    plan = tmp_path / "unet.plan"
+    plan.write_bytes(b"serialized plan")
+    digest = hashlib.sha256(b"serialized plan").hexdigest()
+    TensorRTEngine(plan, sha256=digest).load()
+    assert seen == [b"serialized plan"]
+    plan.write_bytes(b"another plan")
+    with pytest.raises(ArtifactError, match="TensorRT plan .*unet.plan does not match its sha256"):
+        TensorRTEngine(plan, sha256=digest).load()
+    assert len(seen) == 1  # the swapped bytes never reached TensorRT
+
+
 # ---- ranges ----------------------------------------------------------------------------------
 
 def _set(path: str, value):
@@ -295,6 +326,19 @@ def test_cli_deeply_nested_manifest_is_one_error_line(export_dir, tmp_path, caps
     assert _cli(copy, tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nests JSON deeper than" in err[0], err
+
+
+def test_prompts_file_too_large_or_endless_is_one_error(tmp_path, monkeypatch):
+    from aptp.errors import RuntimeInputError
+    from aptp.runtime import cli
+
+    monkeypatch.setattr(cli, "MAX_PROMPTS_FILE_BYTES", 1000)
+    (tmp_path / "big.txt").write_text("a cat\n" * 1000)
+    with pytest.raises(RuntimeInputError, match="larger than"):
+        cli.read_prompts_file(tmp_path / "big.txt")
+    if Path("/dev/zero").exists():  # a device that never ends reads as too large, not forever
+        with pytest.raises(RuntimeInputError, match="larger than"):
+            cli.read_prompts_file("/dev/zero")
 
 
 def test_api_refuses_bad_values_and_keeps_serving(export_dir):
