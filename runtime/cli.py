@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -120,6 +121,14 @@ def check_output_paths(paths: Sequence[Path]) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RuntimeInputError(f"--output {path}: cannot write into {parent} (no permission, or a read-only "
                                     "filesystem)")
+        if parent == path.parent:
+            # access(2) says yes to root everywhere; creating (and removing) a file of our own
+            # is the real test, done now rather than after minutes of generation.
+            try:
+                with tempfile.NamedTemporaryFile(dir=parent, prefix=".aptp-write-check-"):
+                    pass
+            except OSError as err:
+                raise RuntimeInputError(f"--output {path}: cannot write into {parent}: {err.strerror or err}") from None
 
 
 def _expert(text: str) -> int | str:

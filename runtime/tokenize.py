@@ -5,6 +5,13 @@ transformers' fast tokenizers exactly (normaliser, pre-tokeniser, special-token 
 The diffusion text encoder pads every prompt to its fixed length, as diffusers does; the router
 pads to the batch's longest prompt, as sentence-transformers does (its mean pooling ignores
 padding either way).
+
+A prompt longer than the text encoder's ``max_length`` tokens is truncated with a warning, as
+diffusers' pipelines do (``truncation=True`` at ``model_max_length``, then a logged warning
+naming the cut); `TokenBatch.truncated` and ``GenerationResult.truncated`` report it. Prompts
+over `MAX_PROMPT_CHARS` characters are refused outright, so a request cannot spend its time
+tokenising megabytes that would be cut anyway. Tokenizer files are parsed from the bytes that
+were hashed against the manifest.
 """
 
 from __future__ import annotations

@@ -295,10 +295,18 @@ def test_cli_output_path_problems_are_one_error_line(export_dir, tmp_path, capsy
     assert (tmp_path / "a_file").read_text() == "mine"
     # No write permission / read-only filesystem: what access(2) reports (tests run as root,
     # who may write anywhere, so the answer is simulated).
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("aptp.runtime.cli.tempfile.NamedTemporaryFile", read_only)
+    assert _cli(export_dir, tmp_path, output=tmp_path / "out.png") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write into" in err[0] and "Read-only file system" in err[0], err
     monkeypatch.setattr("aptp.runtime.cli.os.access", lambda path, mode: False)
     assert _cli(export_dir, tmp_path, output=tmp_path / "out.png") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write into" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.png", "a_file"]  # no probe file left
 
 
 def test_failed_png_write_is_typed_and_keeps_the_old_file(tmp_path, monkeypatch):
