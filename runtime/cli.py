@@ -26,6 +26,8 @@ from aptp.cli import run_command
 from aptp.errors import RuntimeInputError
 
 PROG = "aptp-generate"
+#: Prompts per pipeline call: a long prompts file is generated (and saved) in chunks.
+CHUNK_PROMPTS = 64
 #: Largest --prompts-file read (bytes).
 MAX_PROMPTS_FILE_BYTES = 64 * 1024**2
 
@@ -110,6 +112,7 @@ def check_output_paths(paths: Sequence[Path]) -> None:
     Raises:
         RuntimeInputError: naming the path and what is wrong.
     """
+    probed: set[Path] = set()
     for path in paths:
         if path.is_dir():
             raise RuntimeInputError(f"--output {path} is a directory; give a file name ending in .png")
@@ -121,7 +124,8 @@ def check_output_paths(paths: Sequence[Path]) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RuntimeInputError(f"--output {path}: cannot write into {parent} (no permission, or a read-only "
                                     "filesystem)")
-        if parent == path.parent:
+        if parent == path.parent and parent not in probed:
+            probed.add(parent)
             # access(2) says yes to root everywhere; creating (and removing) a file of our own
             # is the real test, done now rather than after minutes of generation.
             try:
@@ -187,21 +191,23 @@ def run(args: argparse.Namespace) -> list[Path]:
     threads = None if args.threads is None else _threads(args.threads)
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
                                     device=args.device, threads=threads, trusted_key=args.trusted_key)
-    results = pipe(
-        prompts,
-        seeds=seed,
+    options = dict(
         num_inference_steps=None if args.steps is None else _integer(args.steps, "--steps"),
         height=None if args.height is None else _integer(args.height, "--height"),
         width=None if args.width is None else _integer(args.width, "--width"),
         guidance_scale=None if args.guidance_scale is None else _guidance(args.guidance_scale),
         expert=None if args.expert is None else _expert(args.expert),
     )
-    for i, (result, path) in enumerate(zip(results, paths)):
-        save_png(result.image, path)
-        stages = "  ".join(f"{stage} {_ms(result.timings[stage])}" for stage in STAGES)
-        note = "  (truncated)" if result.truncated else ""
-        print(f"[{i}] expert {result.expert}  seed {result.seed}  {stages}  -> {path}{note}")
-        print(f"    {result.prompt}")
+    # Chunks bound the memory a long prompts file needs; each image depends only on its own
+    # prompt and seed, so chunking changes no result.
+    for start in range(0, len(prompts), CHUNK_PROMPTS):
+        results = pipe(prompts[start:start + CHUNK_PROMPTS], seeds=seed + start, **options)
+        for i, result in enumerate(results, start):
+            save_png(result.image, paths[i])
+            stages = "  ".join(f"{stage} {_ms(result.timings[stage])}" for stage in STAGES)
+            note = "  (truncated)" if result.truncated else ""
+            print(f"[{i}] expert {result.expert}  seed {result.seed}  {stages}  -> {paths[i]}{note}")
+            print(f"    {result.prompt}")
     return paths
 
 

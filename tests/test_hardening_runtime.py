@@ -367,3 +367,20 @@ def test_api_refuses_bad_values_and_keeps_serving(export_dir):
         pipe(["a" * 100_001], output_type="latent")
     result = pipe(["a red car " * 50], seeds=[3], guidance_scale=100.0, output_type="latent")[0]
     assert result.truncated and np.isfinite(result.latents).all()  # long text is truncated, as diffusers does
+
+
+def test_cli_generates_long_prompt_lists_in_chunks_with_the_same_images(export_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from aptp.runtime import cli
+
+    prompts = [VEHICLE_PROMPTS[0], FOOD_PROMPTS[0], VEHICLE_PROMPTS[1]]
+    monkeypatch.setattr(cli, "CHUNK_PROMPTS", 2)
+    argv = ["--artifacts", str(export_dir), "--output", str(tmp_path / "img.png"), "--threads", "1", "--seed", "5"]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    assert cli.main(argv) == 0
+    whole = AptpPipeline.from_export(export_dir, threads=1)(prompts, seeds=5)
+    for i, result in enumerate(whole):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"img_{i}.png")), result.image)
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[::2]] == ["[0]", "[1]", "[2]"]
