@@ -95,7 +95,10 @@ class LossWeightsConfig:
     denoise: float = 1.0
     resource: float = 2.0
     contrastive: float = 100.0
-    assignment: float = 1.0
+    # As strong as the contrastive term: at 1 the head's gradient from the assignment
+    # cross-entropy was ~15x smaller than the weighted contrastive one, the router never learnt
+    # the balanced split, and argmax routing sent 66-99% of prompts to one code (issue 13).
+    assignment: float = 100.0
     distill_output: float = 0.2
     distill_blocks: float = 0.2
 

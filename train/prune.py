@@ -62,6 +62,26 @@ class RouterAndCodes(nn.Module):
         return router_vectors, logits, group_weighted_cosine(router_vectors, logits.detach(), unit_weights)
 
 
+def router_step(model: nn.Module, sentence: torch.Tensor, unit_weights: torch.Tensor, config: TrainConfig,
+                accelerator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The router's part of one pruning step: vectors, codes, scores, the training assignment
+    (balanced over the global batch, or argmax without optimal transport) and the router losses.
+
+    Returns ``(router_vectors, code_logits, scores, assignment, {"contrastive", "assignment"})``;
+    the losses are unweighted (``config.loss_weights`` weighs them with the others).
+    """
+    router_vectors, code_logits, scores = model(sentence, unit_weights)
+    if config.sinkhorn.enabled:
+        assignment = global_balanced_assignment(scores.detach(), accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
+    else:
+        assignment = route_argmax(scores.detach())
+    losses = {
+        "contrastive": contrastive_loss(router_vectors, sentence, config.router.contrastive_temperature),
+        "assignment": assignment_loss(scores, assignment, ASSIGNMENT_TEMPERATURE),
+    }
+    return router_vectors, code_logits, scores, assignment, losses
+
+
 def effective_warmup(warmup: int, max_steps: int) -> int:
     """Router warm-up steps actually used: a run shorter than its warm-up would never prune, so
     such a run warms up for its first tenth instead (the reference's 500 of 5000)."""
@@ -176,15 +196,7 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
         generator = step_generator(config.seed, step, accelerator.process_index, device)
         inner = accelerator.unwrap_model(model)
         sentence = encoder.encode(batch["text"]).to(device)
-        router_vectors, code_logits, scores = model(sentence, unit_weights)
-        if config.sinkhorn.enabled:
-            assignment = global_balanced_assignment(scores.detach(), accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
-        else:
-            assignment = route_argmax(scores.detach())
-        losses = {
-            "contrastive": contrastive_loss(router_vectors, sentence, config.router.contrastive_temperature),
-            "assignment": assignment_loss(scores, assignment, ASSIGNMENT_TEMPERATURE),
-        }
+        router_vectors, code_logits, scores, assignment, losses = router_step(model, sentence, unit_weights, config, accelerator)
         record: dict = {"step": step, "phase": "warmup" if step < warmup else "prune"}
         if step >= warmup:
             # Straight-through: the gates take the assigned code's values, and the router

@@ -30,11 +30,13 @@ __all__ = [
     "ATTRIBUTE_VALUES",
     "COLOURS",
     "COUNT_WORDS",
+    "FAMILIES",
     "POSITIONS",
     "SHAPES",
     "WORDS",
     "ProceduralCaptions",
     "procedural_prompts",
+    "sample_family",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -60,6 +62,17 @@ ATTRIBUTE_VALUES: dict[str, tuple] = {
     "position": POSITIONS,
     "count": (1, 2, 3, 4),
     "word": WORDS,
+}
+
+# Prompt families of graded difficulty, recorded per prompt (`ProceduralCaptions.attributes`):
+# one shape (one object, one colour and place: little to get right), several small shapes (their
+# count and layout must come out too), and rendered words (fine glyph detail the teacher draws
+# least well). They partition the existing distribution, so every seed draws the same images.
+FAMILIES = ("easy", "medium", "hard")
+FAMILY_DESCRIPTIONS = {
+    "easy": "one shape",
+    "medium": "two to four small shapes (count and layout)",
+    "hard": "a rendered word",
 }
 
 _POSITION_PHRASES = {
@@ -123,6 +136,13 @@ def _draw_sample(seed: int, index: int, text_fraction: float) -> _Sample:
     jitter = tuple((rng.random(), rng.random(), rng.random(), rng.random()) for _ in range(count))
     caption = _shape_caption(shape, colour, position, count, template, article)
     return _Sample(False, colour, position, count, shape, None, "shapes", background, caption, jitter)
+
+
+def sample_family(is_text: bool, count: int) -> str:
+    """The difficulty family of a sample: ``"hard"`` (a word), ``"easy"`` (one shape) or ``"medium"``."""
+    if is_text:
+        return "hard"
+    return "easy" if count == 1 else "medium"
 
 
 def _shape_caption(shape: str, colour: str, position: str, count: int, template: float, article: bool) -> str:
@@ -298,10 +318,12 @@ class ProceduralCaptions(Dataset):
         """What sample `index` shows: shape, colour, position, count, word and is_text.
 
         Shape samples have `word=None`; text samples have `shape=None` and `count=1`, and their
-        colour is the colour of the letters (or of the sign).
+        colour is the colour of the letters (or of the sign). `family` is the prompt's difficulty
+        family (see `FAMILIES`).
         """
         sample = self._sample(index)
         return {
+            "family": sample_family(sample.is_text, sample.count),
             "shape": sample.shape,
             "colour": sample.colour,
             "position": sample.position,
