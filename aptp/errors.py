@@ -23,3 +23,11 @@ class ArtifactError(AptpError):
 
 class RuntimeInputError(AptpError, ValueError):
     """A bad request to the runtime (prompt, steps, guidance scale...)."""
+
+
+class OutputError(ConfigError):
+    """An output path aptp refuses to write: not new, not its own, overlapping an input, unwritable."""
+
+
+class StorageError(AptpError):
+    """Reading or writing files failed (disk full, permission denied, read-only filesystem...)."""

@@ -1,6 +1,6 @@
 """``aptp-export``: a training checkpoint -> ONNX (and TensorRT) artifacts with a manifest.
 
-    aptp-export --checkpoint runs/tiny --output artifacts/tiny [--precision fp32|fp16]
+    aptp-export --checkpoint runs/tiny --output artifacts/tiny [--overwrite] [--precision fp32|fp16]
                 [--resolution PX] [--min-resolution PX] [--max-resolution PX] [--max-batch N]
                 [--scheduler ddim|euler|dpmpp_2m] [--steps N] [--tensorrt] [--pipeline-dirs]
                 [--no-dense] [--sign KEYFILE]
@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
                         help="checkpoint directory written by aptp-train prune (or finetune)")
     parser.add_argument("--output", type=Path, required=True, metavar="DIR",
-                        help="export directory to write (replaced whole if it exists)")
+                        help="export directory to write: a new path, an empty directory, or a previous aptp "
+                        "export with --overwrite (never a folder holding anything else)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous aptp export at --output (only once the new one is complete)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                         help="weights and activations of the UNets, text encoder and VAE decoder (default: fp32; "
                         "the router stays fp32)")
@@ -86,7 +89,7 @@ def _export(args: argparse.Namespace) -> None:
         steps=args.steps, tensorrt=args.tensorrt, pipeline_dirs=args.pipeline_dirs, dense=args.dense,
         signing_key=args.sign,
     )
-    manifest = export_checkpoint(args.checkpoint, args.output, options)
+    manifest = export_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
     experts = manifest["experts"]
     print(f"exported {len(experts)} experts to {args.output}")
     for entry in experts:

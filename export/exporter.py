@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aptp.errors import ArtifactError, ConfigError
+from aptp.outputs import EXPORT, check_output_dir, staged_output
 
 from .manifest import write_manifest
 from .onnx_configs import (
@@ -178,8 +179,7 @@ def _read_checkpoint(checkpoint: Path) -> tuple[Any, Any, torch.Tensor, torch.Te
         raise ArtifactError(
             f"checkpoint {checkpoint}: codes have {logits.shape[1]} gates, the gate layout {layout.num_gates}"
         )
-    if not (checkpoint / ckpt.ROUTER_HEAD_DIR).is_dir():
-        raise ArtifactError(f"checkpoint {checkpoint} has no {ckpt.ROUTER_HEAD_DIR}/ (router head)")
+    ckpt.load_router_head(checkpoint)  # a missing or corrupt head fails now, not after the experts
     routing = ckpt.load_routing(checkpoint)
     shares: list[float | None]
     if routing and len(routing.get("share", [])) == k:
@@ -190,67 +190,6 @@ def _read_checkpoint(checkpoint: Path) -> tuple[Any, Any, torch.Tensor, torch.Te
         logger.warning("checkpoint %s records no prompt shares; the manifest's shares are null", checkpoint)
         shares = [None] * k
     return info, layout, logits, masks, shares
-
-
-def _sibling_prefix(output: Path, kind: str, pid: int | None = None) -> str:
-    return f".{output.name}.{kind}-" + ("" if pid is None else f"{pid}-")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _clean_stale_siblings(output: Path) -> None:
-    """Remove what killed exports to `output` left beside it (staging and set-aside dirs of
-    processes that no longer exist). An old export set aside by an export killed between its
-    two renames is put back when nothing took its place."""
-    if not output.parent.is_dir():
-        return
-    for kind in ("partial", "old"):
-        prefix = _sibling_prefix(output, kind)
-        for path in sorted(output.parent.glob(f"{prefix}*")):
-            pid_text = path.name[len(prefix):].split("-", 1)[0]
-            if not pid_text.isdigit() or _alive(int(pid_text)):
-                continue
-            aside = path / output.name
-            if kind == "old" and aside.is_dir() and not output.exists():
-                logger.warning("restoring %s, set aside by an interrupted export", output)
-                os.replace(aside, output)
-            logger.info("removing %s, left by an interrupted export", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _make_staging(output: Path) -> Path:
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} exists and is not a directory; choose another path")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale_siblings(output)
-        return Path(tempfile.mkdtemp(prefix=_sibling_prefix(output, "partial", os.getpid()), dir=output.parent))
-    except OSError as err:
-        raise ConfigError(f"cannot write the export to {output} ({err.strerror or err}); choose a writable --output") from err
-
-
-def _commit(staging: Path, output: Path) -> None:
-    """Rename the finished staging directory to `output`; an old export is moved aside first
-    and deleted only after the new one is in place."""
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(output, "old", os.getpid()), dir=output.parent))
-        os.replace(output, old / output.name)
-        try:
-            os.replace(staging, output)
-        except BaseException:
-            os.replace(old / output.name, output)  # put the old export back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
 
 
 def _latent_sizes(ctx: _Context) -> None:
@@ -473,7 +412,7 @@ def export_vae_decoder(ctx: _Context) -> dict[str, Any]:
 def export_router(ctx: _Context) -> dict[str, Any]:
     """Router encoder (transformer + pooling + L2 norm) and head (+ code lookup) graphs."""
     from aptp.train import checkpoint as ckpt
-    from aptp.train.router import RouterHead, SentenceEncoder
+    from aptp.train.router import SentenceEncoder
 
     router_dir = ctx.staging / "router"
     encoder = SentenceEncoder(ctx.info.encoder, device="cpu")
@@ -493,7 +432,7 @@ def export_router(ctx: _Context) -> dict[str, Any]:
     if not (router_dir / "tokenizer.json").is_file():
         raise ArtifactError(f"the router encoder's tokenizer saved no tokenizer.json in {router_dir}")
 
-    head = RouterHead.from_pretrained(str(ctx.checkpoint / ckpt.ROUTER_HEAD_DIR)).eval()
+    head = ckpt.load_router_head(ctx.checkpoint).eval()
     if head.config.embed_dim != encoder.dim or head.config.num_gates != ctx.layout.num_gates:
         raise ArtifactError(
             f"router head expects {head.config.embed_dim}-d embeddings and {head.config.num_gates} gates; the encoder "
@@ -528,7 +467,7 @@ def _scheduler_config(ctx: _Context) -> dict[str, Any]:
 
 def export_pipeline_dirs(ctx: _Context, names: list[str]) -> dict[str, Any]:
     """diffusers ONNX pipeline directories for the dense UNet and every expert."""
-    from .pipeline_dirs import PIPELINE_SCHEDULERS, pipeline_latent_scales, write_pipeline_dir
+    from .pipeline_dirs import PIPELINE_SCHEDULERS, pipeline_latent_scales, vae_pipeline_config, write_pipeline_dir
     from .scheduler_tables import short_name
 
     vae = ctx.components.vae
@@ -549,6 +488,10 @@ def export_pipeline_dirs(ctx: _Context, names: list[str]) -> dict[str, Any]:
                            "directories get %s", short_name(scheduler), PIPELINE_SCHEDULERS[0])
             scheduler = make_scheduler(PIPELINE_SCHEDULERS[0], _scheduler_config(ctx))
         scheduler_config = json.loads(scheduler.to_json_string())
+        vae_config = vae_pipeline_config(json.loads(vae.to_json_string()))
+        configs = {"unet": json.loads(ctx.components.unet.to_json_string()),
+                   "text_encoder": json.loads(ctx.components.text_encoder.config.to_json_string()),
+                   "vae_decoder": vae_config, "vae_encoder": vae_config}
         dirs = {}
         for name in names:
             directory = write_pipeline_dir(
@@ -560,6 +503,7 @@ def export_pipeline_dirs(ctx: _Context, names: list[str]) -> dict[str, Any]:
                 tokenizer_dir=ctx.staging / "tokenizer",
                 tokenizer_class=type(ctx.components.tokenizer).__name__,
                 scheduler_config=scheduler_config,
+                configs={**configs, "unet": {**configs["unet"], "_aptp_unet": name}},
             )
             dirs[name] = ctx.rel(directory)
     finally:
@@ -575,23 +519,31 @@ def export_pipeline_dirs(ctx: _Context, names: list[str]) -> dict[str, Any]:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
-                      options: ExportOptions | None = None) -> dict[str, Any]:
+                      options: ExportOptions | None = None, *, overwrite: bool = False) -> dict[str, Any]:
     """Export a training checkpoint to the directory `output`; returns the manifest written.
 
+    `output` must be a new path, an empty directory or, with ``overwrite=True``, a previous
+    aptp export (replaced whole once the new one is complete); it may not overlap the
+    checkpoint.
+
     Raises:
-        ArtifactError: missing checkpoint, another checkpoint format, inconsistent contents,
-            or a graph that fails its validation.
-        ConfigError: bad options (precision, scheduler, sizes) or an unwritable output.
+        ArtifactError: missing checkpoint, another checkpoint format, inconsistent or corrupt
+            contents, or a graph that fails its validation.
+        ConfigError: bad options (precision, scheduler, sizes).
+        OutputError: an output that is not new or a previous export (or one without
+            `overwrite`), overlaps the checkpoint, or cannot be written.
+        StorageError: a read or write failed on the way (disk full...); `output` is as it was.
     """
-    from aptp.train.models import load_components, resolve_pretrained
+    from aptp.train.models import load_components
 
     options = options or ExportOptions()
     options.check()
     checkpoint = Path(checkpoint).expanduser()
     output = Path(output).expanduser().absolute()
+    # Refuse an output that would delete the user's files or the checkpoint before any work.
+    check_output_dir(output, EXPORT, allow_existing=overwrite, inputs=[("checkpoint", checkpoint)])
     info, layout, logits, masks, shares = _read_checkpoint(checkpoint)
-    staging = _make_staging(output)
-    try:
+    with staged_output(output, EXPORT, what=f"exporting {checkpoint}") as staging:
         ctx = _Context(checkpoint=checkpoint, staging=staging, options=options, info=info, layout=layout,
                        code_logits=logits, hard_masks=masks, shares=shares)
         trt_note = None
@@ -603,7 +555,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             else:
                 logger.warning("--tensorrt: TensorRT is unavailable (%s); exporting ONNX only", detail)
                 trt_note = {"built": False, "reason": detail}
-        ctx.components = load_components(resolve_pretrained(info.pretrained))
+        ctx.components = load_components(info.base_model(checkpoint))
         _latent_sizes(ctx)
         _check_macs(ctx)
         scheduler_table = build_scheduler_table(options.scheduler, _scheduler_config(ctx), int(options.steps))
@@ -648,9 +600,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         }
         write_manifest(staging, manifest, signing_key=options.signing_key)
         written = json.loads((staging / "manifest.json").read_text())
-        _commit(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("export written to %s (%d experts%s)", output, len(experts), ", dense" if dense else "")
     return written

@@ -4,12 +4,17 @@
 Layout (what that loader reads)::
 
     model_index.json
-    text_encoder/model.onnx     input_ids (int32) -> last_hidden_state
-    unet/model.onnx             sample, timestep, encoder_hidden_states -> out_sample
-    vae_decoder/model.onnx      latent_sample -> sample
-    vae_encoder/model.onnx      sample -> latent_sample
+    text_encoder/model.onnx     input_ids (int32) -> last_hidden_state   (+ config.json)
+    unet/model.onnx             sample, timestep, encoder_hidden_states -> out_sample   (+ config.json)
+    vae_decoder/model.onnx      latent_sample -> sample   (+ config.json)
+    vae_encoder/model.onnx      sample -> latent_sample   (+ config.json)
     tokenizer/                  the diffusion model's own tokenizer files
     scheduler/scheduler_config.json
+
+The same directories are laid out for optimum's ``ORTStableDiffusionPipeline`` too, which
+reads a ``config.json`` beside every graph (diffusers' loader ignores them): the base UNet's
+config (an expert's ONNX graph has narrower layers; the config's shapes at its boundary are
+the same), the text encoder's transformers config, and the VAE's config for both VAE graphs.
 
 Choices, each the least surprising one we found:
 - ``vae_encoder`` is exported although text-to-image never calls it: the loader treats every
@@ -21,9 +26,17 @@ Choices, each the least surprising one we found:
   ``scaling_factor`` gets ``0.18215 / scaling_factor`` folded into its decoder graph and
   ``scaling_factor / 0.18215`` into its encoder graph (both 1 for SD's own VAE), so images come
   out right.
-- The tokenizer entry of ``model_index.json`` names the class that really loads the saved files
-  (``BertTokenizer`` for the tiny pipeline): the pipeline's ``CLIPTokenizer`` annotation is not
-  enforced, and a CLIP class would misread a WordPiece vocabulary.
+- The VAE configs' ``scaling_factor`` is ``0.18215`` whatever the model's: optimum divides the
+  latents by the config's value before the decoder (diffusers by a hard-coded 0.18215), and the
+  decoder graph already folds ``0.18215 / scaling_factor`` in, so both loaders decode
+  ``latents / scaling_factor``; likewise for the encoder. The model's own value is kept under
+  ``_aptp_model_scaling_factor``.
+- The tokenizer entry of ``model_index.json`` names the class that really loads the saved files,
+  the tokenizers-backed one (``BertTokenizerFast`` for the tiny pipeline): the export saves only
+  ``tokenizer.json``, which transformers 4's slow ``BertTokenizer`` (optimum's environment)
+  cannot read; in transformers 5 ``BertTokenizerFast`` is the same class as ``BertTokenizer``.
+  The pipeline's ``CLIPTokenizer`` annotation is not enforced, and a CLIP class would misread a
+  WordPiece vocabulary.
 - The scheduler is the exported sampler when the pipeline can run it (``PIPELINE_SCHEDULERS``:
   DDIM and DPM-Solver++ 2M), else DDIM from the model's own scheduler config: diffusers'
   Euler scheduler keeps ``init_noise_sigma`` as a tensor, which the pipeline multiplies into
@@ -50,8 +63,10 @@ __all__ = [
     "PIPELINE_SCHEDULERS",
     "SD_LATENT_SCALE",
     "link_or_copy",
+    "loadable_tokenizer_class",
     "model_index",
     "pipeline_latent_scales",
+    "vae_pipeline_config",
     "write_pipeline_dir",
 ]
 
@@ -91,6 +106,26 @@ def model_index(tokenizer_class: str, scheduler_class: str, diffusers_version: s
     }
 
 
+def loadable_tokenizer_class(class_name: str) -> str:
+    """The transformers class name that loads a saved ``tokenizer.json`` in transformers 4 and
+    5 alike: the ``...Fast`` name where transformers has one."""
+    import transformers
+
+    if class_name.endswith("Fast"):
+        return class_name
+    fast = f"{class_name}Fast"
+    return fast if hasattr(transformers, fast) else class_name
+
+
+def vae_pipeline_config(vae_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A VAE graph's ``config.json``: the model's VAE config with ``scaling_factor`` set to the
+    pipelines' 0.18215, which the graphs already compensate for (see the module notes)."""
+    config = dict(vae_config)
+    config["_aptp_model_scaling_factor"] = config.get("scaling_factor")
+    config["scaling_factor"] = SD_LATENT_SCALE
+    return config
+
+
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Hard-link `src` to `dst` (same filesystem), else copy it."""
     src, dst = Path(src), Path(dst)
@@ -119,11 +154,14 @@ def write_pipeline_dir(
     tokenizer_dir: str | os.PathLike,
     tokenizer_class: str,
     scheduler_config: Mapping[str, Any],
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write one pipeline directory from already exported and validated graphs.
 
     Each graph argument is ``[graph.onnx, *external data files]``. `scheduler_config` is a
-    diffusers scheduler config with its ``_class_name``.
+    diffusers scheduler config with its ``_class_name``. `configs` maps component names
+    (``unet``, ``text_encoder``, ``vae_decoder``, ``vae_encoder``) to the ``config.json`` each
+    gets (for optimum's loader; VAE configs as `vae_pipeline_config` makes them).
     """
     import diffusers
 
@@ -134,13 +172,15 @@ def write_pipeline_dir(
     for name, files in (("unet", unet), ("text_encoder", text_encoder), ("vae_decoder", vae_decoder),
                         ("vae_encoder", vae_encoder)):
         _place_graph(files, directory / name)
+        if configs and name in configs:
+            (directory / name / "config.json").write_text(json.dumps(dict(configs[name]), indent=2, default=list))
     shutil.copytree(tokenizer_dir, directory / "tokenizer")
     scheduler_class = scheduler_config.get("_class_name")
     if not scheduler_class:
         raise ArtifactError("scheduler config has no _class_name")
     (directory / "scheduler").mkdir()
     (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(scheduler_config), indent=2))
-    index = model_index(tokenizer_class, scheduler_class, diffusers.__version__)
+    index = model_index(loadable_tokenizer_class(tokenizer_class), scheduler_class, diffusers.__version__)
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))
     logger.info("wrote ONNX pipeline directory %s", directory)
     return directory

@@ -256,7 +256,7 @@ def test_onnx_pipeline_dirs_generate_images(exported, components):
     for name in ("dense", "expert_1"):
         directory = exported.root / pipelines[name]
         index = json.loads((directory / "model_index.json").read_text())
-        assert index["tokenizer"] == ["transformers", "BertTokenizer"]
+        assert index["tokenizer"] == ["transformers", "BertTokenizerFast"]  # loads tokenizer.json in 4.x and 5
         assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
         pipe = OnnxStableDiffusionPipeline.from_pretrained(str(directory))
         pipe.set_progress_bar_config(disable=True)
@@ -274,6 +274,33 @@ def test_onnx_pipeline_dirs_generate_images(exported, components):
     with torch.no_grad():
         want = components.vae.decode(latents / components.vae.config.scaling_factor).sample.numpy()
     assert np.abs(decoded - want).max() < 1e-3
+    _check_optimum_layout(exported.root / pipelines["expert_1"], components, latents, want)
+
+
+def _check_optimum_layout(directory, components, latents, want):
+    """What optimum's ORTStableDiffusionPipeline reads besides the graphs (it cannot be installed
+    beside transformers 5; README "Export" shows the check to run in its own environment)."""
+    import transformers
+
+    configs = {name: json.loads((directory / name / "config.json").read_text())
+               for name in ("unet", "text_encoder", "vae_decoder", "vae_encoder")}
+    assert configs["unet"]["_class_name"] == "UNet2DConditionModel"
+    assert configs["unet"]["in_channels"] == components.unet.config.in_channels
+    assert configs["text_encoder"]["hidden_size"] == components.text_encoder.config.hidden_size
+    assert configs["text_encoder"]["model_type"] == "clip_text_model"
+    for name in ("vae_decoder", "vae_encoder"):
+        assert configs[name]["_class_name"] == "AutoencoderKL"
+        assert configs[name]["latent_channels"] == components.vae.config.latent_channels
+        assert configs[name]["_aptp_model_scaling_factor"] == components.vae.config.scaling_factor
+    # optimum decodes vae_decoder(latents / config scaling_factor): with the graph's folded scale
+    # that must be the model's own decode of latents / scaling_factor.
+    scale = configs["vae_decoder"]["scaling_factor"]
+    decoded = _session(directory / "vae_decoder" / "model.onnx").run(
+        None, {"latent_sample": (latents / scale).numpy()})[0]
+    assert np.abs(decoded - want).max() < 1e-3
+    index = json.loads((directory / "model_index.json").read_text())
+    tokenizer = getattr(transformers, index["tokenizer"][1]).from_pretrained(str(directory / "tokenizer"))
+    assert tokenizer("a red cube").input_ids == components.tokenizer("a red cube").input_ids
 
 
 # -- benchmark script --------------------------------------------------------------------------
@@ -581,27 +608,27 @@ def test_interrupted_export_keeps_the_old_export(monkeypatch, tiny_checkpoint, t
     before = read_manifest(old)
     _interrupt_midway(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        exporter.export_checkpoint(tiny_checkpoint, old)
+        exporter.export_checkpoint(tiny_checkpoint, old, overwrite=True)
     assert read_manifest(old) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
 
 
 def test_commit_replaces_an_old_export_whole(tmp_path):
-    from aptp.export.exporter import _commit
+    from aptp.outputs import EXPORT, commit_dir
 
     old = _fake_export(tmp_path / "A")
     new = tmp_path / ".A.partial-x"
     new.mkdir()
     (new / "only-new.txt").write_text("new")
     write_manifest(new, {"num_codes": 1})
-    _commit(new, old)
+    commit_dir(new, old, EXPORT)
     assert sorted(p.name for p in old.iterdir()) == ["manifest.json", "only-new.txt"]
     assert read_manifest(old)["files"] == {"only-new.txt": read_manifest(old)["files"]["only-new.txt"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
 
 
 def test_stale_siblings_of_killed_exports_are_cleaned(tmp_path):
-    from aptp.export.exporter import _clean_stale_siblings
+    from aptp.outputs import clean_stale_siblings
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -613,7 +640,7 @@ def test_stale_siblings_of_killed_exports_are_cleaned(tmp_path):
     live.mkdir()
     aside = tmp_path / f".A.old-{dead.pid}-ghi"
     _fake_export(aside / "A")  # killed between "old aside" and "new in"
-    _clean_stale_siblings(target)
+    clean_stale_siblings(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["A", live.name])
     read_manifest(target)
 
@@ -699,7 +726,7 @@ def test_unwritable_output(tmp_path, tiny_checkpoint, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     rc, err = _run_cli(["--checkpoint", tiny_checkpoint, "--output", blocker / "A"], capsys)
-    assert rc == 2 and "cannot write the export" in _one_error_line(err)
+    assert rc == 2 and "not a directory" in _one_error_line(err)
     rc, err = _run_cli(["--checkpoint", tiny_checkpoint, "--output", blocker], capsys)
     assert rc == 2 and "not a directory" in _one_error_line(err)
 

@@ -42,8 +42,11 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     assert type(components.unet) is type(before.unet)
     assert components.unet.config.block_out_channels == before.unet.config.block_out_channels
     # Refuses to overwrite without being asked.
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="already holds a pipeline written by aptp-train pretrain"):
         run_pretrain(config, out)
+    # With overwrite its own pipeline is replaced whole, through a staging directory beside it.
+    assert run_pretrain(config, out, overwrite=True) == out and (out / "model_index.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["teacher"]
 
 
 def test_pretrain_config_rejects_unknown_keys():

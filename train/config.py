@@ -31,6 +31,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from aptp.errors import ConfigError
+from aptp.outputs import ordinary_mode
 
 DataFormat = Literal["procedural", "jsonl", "cc3m", "coco"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -188,6 +189,7 @@ class TrainConfig:
         try:
             with os.fdopen(fd, "w") as handle:
                 yaml.safe_dump(self.to_dict(), handle, sort_keys=False)
+            ordinary_mode(tmp)  # mkstemp makes it 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -417,6 +419,8 @@ def _check_values(config: TrainConfig) -> None:
             problems.append(message)
 
     m, c, b = config.model, config.codes, config.budget
+    # torch.manual_seed and numpy take 64-bit seeds, and aptp derives per-step seeds by adding.
+    need(0 <= config.seed < 2**63, f"seed must be an integer in [0, 2**63), got {config.seed}")
     need(m.resolution > 0, f"model.resolution must be positive, got {m.resolution}")
     need(m.text_length is None or m.text_length > 0, f"model.text_length must be positive or null, got {m.text_length}")
     need(bool(m.pretrained.strip()), "model.pretrained must not be empty (use 'tiny', a hub id or a local directory)")

@@ -14,10 +14,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from aptp.errors import ArtifactError
+from aptp.readers import read_json
+from aptp.outputs import ordinary_mode
 
 from .slicing import ArchSpec, build_expert_structure, write_json_atomic
 
@@ -33,10 +35,12 @@ def save_expert(directory: str | os.PathLike, unet: nn.Module, spec: ArchSpec, b
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
+        ordinary_mode(tmp)  # mkdtemp makes it 0700
         write_json_atomic(tmp / BASE_CONFIG, _plain_config(base_config))
         spec.save(tmp / ARCH_SPEC)
         state = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
+        ordinary_mode(tmp / WEIGHTS)  # safetensors writes 0600
         write_json_atomic(tmp / EXPERT_INFO, info or {})
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
@@ -58,13 +62,15 @@ def load_expert(directory: str | os.PathLike, device: str | torch.device = "cpu"
     for name in (BASE_CONFIG, ARCH_SPEC, WEIGHTS):
         if not (directory / name).is_file():
             raise ArtifactError(f"expert directory {directory} has no {name}")
-    try:
-        base_config = json.loads((directory / BASE_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{directory / BASE_CONFIG} is not valid JSON: {e}") from e
+    from .checkpoint import read_tensors
+
+    base_config = read_json(directory / BASE_CONFIG, dict, "expert base config")
     spec = ArchSpec.load(directory / ARCH_SPEC)
-    unet = build_expert_structure(base_config, spec, device=device)
-    state = load_file(str(directory / WEIGHTS), device=str(device))
+    try:
+        unet = build_expert_structure(base_config, spec, device=device)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ArtifactError(f"expert {directory}: its base config and arch spec do not build a UNet: {e}") from e
+    state = {k: v.to(device) for k, v in read_tensors(directory / WEIGHTS, what="expert weights").items()}
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -76,7 +82,7 @@ def load_expert(directory: str | os.PathLike, device: str | torch.device = "cpu"
 
 def expert_info(directory: str | os.PathLike) -> dict:
     path = Path(directory) / EXPERT_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, dict, "expert info") if path.is_file() else {}
 
 
 def _plain_config(config) -> dict:

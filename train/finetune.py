@@ -52,9 +52,9 @@ def run_finetune(checkpoint_dir: Path, expert: int, max_steps: int | None = None
 
     accelerator = make_accelerator(config, config.prune.mixed_precision)
     device = accelerator.device
-    # The base model the checkpoint was pruned from (resolved then), not whatever the config's
-    # name resolves to today: the experts' shapes and the teacher must match it.
-    components = load_components(info.pretrained, config.model.revision)
+    # The base model the checkpoint recorded (train.checkpoint.record_pretrained: "tiny", a hub
+    # id, or a path relative to the checkpoint), not the config's: the teacher must match it.
+    components = load_components(info.base_model(checkpoint_dir), config.model.revision)
     for module in (components.unet, components.vae, components.text_encoder):
         module.requires_grad_(False).eval().to(device)
     teacher = components.unet

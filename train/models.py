@@ -108,6 +108,28 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+#: UNet config keys whose non-null values make the UNet need inputs aptp does not give it yet
+#: (SDXL's ``text_time`` added conditioning takes ``added_cond_kwargs``; class embeddings take
+#: ``class_labels``), with what they mean.
+UNSUPPORTED_UNET_KEYS = {
+    "addition_embed_type": "added conditioning (SDXL-style 'text_time' needs text_embeds and time_ids)",
+    "class_embed_type": "class embeddings (need class_labels)",
+}
+
+
+def check_supported_unet(config: Any, source: str = "the UNet") -> None:
+    """Raise `ConfigError` naming the first config key that makes this UNet need inputs aptp
+    cannot provide yet. Slicing handles such UNets' blocks; the MACs model, training and export
+    call the UNet with sample, timestep and text states only."""
+    for key, meaning in UNSUPPORTED_UNET_KEYS.items():
+        value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+        if value is not None:
+            raise ConfigError(
+                f"{source}: its UNet config sets {key}={value!r} ({meaning}); aptp does not support this "
+                "UNet yet (SD 1.x/2.x-style UNet2DConditionModel only)"
+            )
+
+
 def load_components(
     pretrained: str, revision: str | None = None, torch_dtype: torch.dtype = torch.float32
 ) -> DiffusionComponents:
@@ -138,12 +160,15 @@ def load_components(
     kwargs = {"revision": revision}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
+        check_supported_unet(unet.config, f"model.pretrained '{pretrained}'")
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(
             source, subfolder="text_encoder", dtype=torch_dtype, **kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as error:
         # diffusers/transformers raise OSError (EnvironmentError) for unreachable or missing repos
         # and files, ValueError for some offline cache misses: both mean "cannot load this".

@@ -35,6 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from aptp.errors import ConfigError
+from aptp.outputs import PIPELINE, check_output_dir, commit_dir, ordinary_tree
 
 from .data import ProceduralCaptions
 from .losses import denoising_loss
@@ -131,6 +132,10 @@ def pretrain_config_from_dict(raw: dict[str, Any], source: str = "config") -> Pr
         return cls(**kwargs)
 
     config = build(PretrainConfig, dict(raw), "")
+    for name in ("seed", "data_seed"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ConfigError(f"{source}: {name} must be an integer in [0, 2**63), got {value!r}")
     if config.resolution % 16:
         raise ConfigError(f"{source}: resolution {config.resolution} must be a multiple of 16")
     for stage in (config.vae, config.unet):
@@ -163,9 +168,10 @@ def run_pretrain(
     unknown = sorted(set(stages) - {"vae", "unet"})
     if unknown:
         raise ConfigError(f"unknown pretrain stage(s) {unknown}; choose from 'vae' and 'unet'")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"{output_dir} is not empty; pass overwrite=True (--overwrite) or choose another directory")
+    output_dir = Path(output_dir).expanduser().absolute()
+    # Only a pipeline this command wrote is replaced (with --overwrite); never a user's folder.
+    check_output_dir(output_dir, PIPELINE, allow_existing=overwrite,
+                     existing_hint="pass overwrite=True (--overwrite) to replace it or choose another directory")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
@@ -190,10 +196,8 @@ def run_pretrain(
         save_pipeline(components, staging / "pipeline", scheduler_source=init_from)
         shutil.move(str(staging / "pretrain_log.jsonl"), staging / "pipeline" / "pretrain_log.jsonl")
         (staging / "pipeline" / "pretrain_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        (staging / "pipeline").chmod(0o755)
-        shutil.move(str(staging / "pipeline"), output_dir)
+        ordinary_tree(staging / "pipeline")
+        commit_dir(staging / "pipeline", output_dir, PIPELINE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote the trained pipeline to %s", output_dir)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aptp.errors import ConfigError
+from aptp.outputs import CHECKPOINT, check_output_dir
 
 from . import checkpoint as ckpt
 from .assignment import global_balanced_assignment, route_argmax
@@ -121,12 +122,12 @@ def diffusion_inputs(components: DiffusionComponents, batch: dict, device, text_
 
 
 def _refuse_to_overwrite(output_dir: Path, resume: bool) -> None:
-    if resume:
-        return
-    if (output_dir / "config.yaml").exists() or (output_dir / ckpt.CHECKPOINT_FILE).exists():
-        raise ConfigError(
-            f"{output_dir} already holds a pruning run; pass --resume to continue it or choose another --output-dir"
-        )
+    """A new or empty --output-dir, or (with --resume) a pruning run's own; never a folder
+    holding anything else, nor one that is or sits under a file (aptp.outputs)."""
+    existed = check_output_dir(output_dir, CHECKPOINT, allow_existing=resume,
+                               existing_hint="pass --resume to continue it or choose another --output-dir")
+    if resume and not existed:
+        raise ConfigError(f"--resume: {output_dir} holds no pruning run to resume; drop --resume to start one")
 
 
 def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> None:
@@ -280,7 +281,7 @@ def write_pruned_checkpoint(output_dir: Path, config: TrainConfig, components: D
         save_expert(ckpt.expert_dir(output_dir, k), sliced, spec, unet.config,
                     info={"code": k, "macs_ratio": ratios[k], "finetuned": False})
     info = ckpt.CheckpointInfo(
-        pretrained=components.pretrained, num_codes=model.codes.num_codes, encoder=encoder.name_or_path,
+        pretrained=ckpt.record_pretrained(config.model.pretrained, output_dir), num_codes=model.codes.num_codes, encoder=encoder.name_or_path,
         resolution=config.model.resolution, latent_height=shape.latent_height, latent_width=shape.latent_width,
         text_length=shape.text_length, budget_target=config.budget.target, code_base=model.codes.base,
         dense_macs=macs.dense_macs, code_macs_ratio=ratios, code_share=share, code_share_uncalibrated=raw_share, step=step,

@@ -11,7 +11,7 @@ from . import checkpoint as ckpt
 from .config import load_config
 from .data import load_dataset
 from .prune import route_texts
-from .router import RouterHead, SentenceEncoder
+from .router import SentenceEncoder
 from .slicing import write_json_atomic
 from .training import build_dataset, dataset_texts
 
@@ -23,7 +23,7 @@ def load_router(checkpoint_dir: Path):
     info = ckpt.CheckpointInfo.load(checkpoint_dir)
     layout = ckpt.load_layout(checkpoint_dir)
     logits, _ = ckpt.load_codes(checkpoint_dir)
-    head = RouterHead.from_pretrained(str(Path(checkpoint_dir) / ckpt.ROUTER_HEAD_DIR)).eval()
+    head = ckpt.load_router_head(Path(checkpoint_dir)).eval()
     return info, SentenceEncoder(info.encoder), head, logits, layout
 
 

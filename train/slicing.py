@@ -19,6 +19,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from aptp.errors import ArtifactError
+from aptp.outputs import ordinary_mode
 
 from .gates import GateLayout
 
@@ -63,6 +64,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
+        ordinary_mode(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from aptp.errors import ConfigError
+from aptp.outputs import BENCH, check_output_dir, claim_in_place
 
 from .backends import backend_status, torch_status
 from .e2e import end_to_end
@@ -69,13 +70,15 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     options.check()
     root = Path(artifacts).expanduser().absolute()
     out = Path(output_dir).expanduser().absolute()
+    check_output_dir(out, BENCH, allow_existing=True, inputs=[("export", root)])  # before any slow work
     model = load_model(root)
     bad = [c for c in options.masked_codes or () if int(c) >= model.num_codes]
     if bad:
         raise ConfigError(f"--masked-codes {bad}: the export has experts 0..{model.num_codes - 1}")
     resolutions = _resolutions(model, options.resolutions)
     backends, status = _select_backends(model, options.backends)
-    out.mkdir(parents=True, exist_ok=True)
+    # Results go to a new folder or one aptp-bench wrote before, never into the export or a user's folder.
+    claim_in_place(out, BENCH, allow_existing=True, inputs=[("export", root)])
     threads = int(options.threads or os.cpu_count() or 1)
     notes: list[str] = []
     torch_ok, torch_reason = torch_status()

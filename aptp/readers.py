@@ -1,0 +1,70 @@
+"""Reading aptp's own JSON artifacts: every failure is one `ArtifactError` naming the file.
+
+Checkpoints and exports are inputs from outside (copied, edited, truncated, half-synced), so
+a missing file, a permission problem, invalid or absurdly nested JSON and a value of the
+wrong type are all reported the same way: which file, what is wrong, no traceback. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from aptp.errors import ArtifactError
+
+__all__ = ["read_json", "require"]
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false"}
+
+
+def _describe(expected: type | tuple[type, ...]) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def read_json(path: str | os.PathLike, expect: type | tuple[type, ...] = dict, what: str = "") -> Any:
+    """The JSON value in `path`, which must be of type `expect` (default: an object).
+
+    Raises:
+        ArtifactError: the file is missing or unreadable, not valid UTF-8 JSON, nested too
+            deeply, or its top-level value is not `expect`.
+    """
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise ArtifactError(f"{label} is missing") from error
+    except IsADirectoryError as error:
+        raise ArtifactError(f"{label} is a directory, not a JSON file") from error
+    except OSError as error:
+        raise ArtifactError(f"cannot read {label}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise ArtifactError(f"{label} is not a UTF-8 text file: {error.reason}") from error
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{label} is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise ArtifactError(f"{label} is nested too deeply to be one of aptp's files") from error
+    return require(value, expect, label)
+
+
+def require(value: Any, expect: type | tuple[type, ...], label: str) -> Any:
+    """`value` if it is of type `expect` (an int is a float; a bool is neither), else
+    `ArtifactError` naming `label`."""
+    kinds = expect if isinstance(expect, tuple) else (expect,)
+    if float in kinds and int not in kinds:
+        kinds = (*kinds, int)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise ArtifactError(f"{label} must be {_describe(expect)}, got {type(value).__name__} {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
