@@ -97,7 +97,9 @@ def _synthetic_parser() -> argparse.ArgumentParser:
                    help="a config under benchmarks/configs (sd21) or a YAML path (default: sd21)")
     p.add_argument("--resolution", type=positive_int, metavar="PX",
                    help="image size the MACs targets and the export use (default: the config's cpu_resolution)")
-    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="export directory to write")
+    p.add_argument("--output", type=Path, required=True, metavar="DIR",
+                   help="export directory to write (new or empty; a previous export only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous aptp export at --output")
     p.add_argument("--work-dir", type=Path, metavar="DIR",
                    help="where the pipeline and checkpoint go (default: beside --output)")
     p.add_argument("--steps", type=positive_int, default=10, metavar="N", help="sampler table steps (10)")
@@ -211,7 +213,7 @@ def _make_synthetic(argv: Sequence[str]) -> int:
     load_bench_config(args.unet_config)  # an unknown config fails before anything heavy
     manifest = make_synthetic(args.unet_config, args.resolution, args.output, steps=args.steps,
                               max_batch=args.max_batch, full_components=args.full_components, seed=args.seed,
-                              work_dir=args.work_dir)
+                              work_dir=args.work_dir, overwrite=args.overwrite)
     print(f"exported {len(manifest['experts'])} synthetic experts to {args.output}")
     for entry in manifest["experts"]:
         print(f"  expert {entry['code']}: MACs ratio {entry['macs_ratio']:.3f}, share {entry['share']}")

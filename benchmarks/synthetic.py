@@ -315,7 +315,7 @@ def read_synthetic_info(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def make_synthetic(unet_config: str, resolution: int | None, output: str | os.PathLike, *, steps: int = 10,
                    max_batch: int = 4, full_components: bool = False, seed: int = 0,
-                   work_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                   work_dir: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Build pipeline + checkpoint for `unet_config` and export them to `output` with
     `aptp.export.export_checkpoint`; returns the manifest. The pipeline and checkpoint stay in
     `work_dir` (default: beside `output`) because the torch backends and the masked full UNet
@@ -323,9 +323,12 @@ def make_synthetic(unet_config: str, resolution: int | None, output: str | os.Pa
     from aptp.export.exporter import ExportOptions, export_checkpoint
     from aptp.train.models import load_components
 
+    from aptp.outputs import EXPORT, check_output_dir
+
     config = load_bench_config(unet_config)
     resolution = int(resolution or config.get("cpu_resolution") or 8 * int(config["unet"]["sample_size"]))
     output = Path(output).expanduser().absolute()
+    check_output_dir(output, EXPORT, allow_existing=overwrite)  # refused before the pipeline is built
     work = Path(work_dir).expanduser().absolute() if work_dir else output.parent
     name = output.name
     pipeline = build_synthetic_pipeline(work / f"{name}-pipeline", config, full_components, seed)
@@ -333,4 +336,4 @@ def make_synthetic(unet_config: str, resolution: int | None, output: str | os.Pa
                                             components=load_components(str(pipeline)))
     options = ExportOptions(resolution=resolution, min_resolution=None, max_resolution=None,
                             max_batch=max_batch, steps=steps)
-    return export_checkpoint(checkpoint, output, options)
+    return export_checkpoint(checkpoint, output, options, overwrite=overwrite)

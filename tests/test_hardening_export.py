@@ -455,3 +455,14 @@ def test_old_checkpoint_naming_a_moved_committed_teacher_resolves(checkpoint_cop
     data["pretrained"] = str(Path("/old/home/aptp") / Path(*TINY_WEIGHTS.parts[-3:]))
     (checkpoint_copy / "checkpoint.json").write_text(json.dumps(data))
     assert CheckpointInfo.load(checkpoint_copy).base_model(checkpoint_copy) == resolve_pretrained("tiny")
+
+
+def test_make_synthetic_refuses_a_user_folder(tmp_path, capsys):
+    from aptp.benchmarks.cli import main
+
+    folder = _user_folder(tmp_path / "docs")
+    assert main(["make-synthetic", "--output", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "not an aptp export" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]  # no pipeline or checkpoint built beside it
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
