@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     parser.add_argument("--train-only", action="store_true",
                         help="only train the pruned rows (run row subsets in parallel, then score them all with --reuse)")
+    from .premise import add_premise_arguments
+
+    add_premise_arguments(parser)
     return parser
 
 
@@ -507,6 +510,14 @@ def main_quality(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        if args.premise:
+            from .premise import check_ratios, premise_markdown, run_premise
+
+            check_ratios(args.ratios)
+            result = run_premise(args)
+            print(premise_markdown(result))
+            print(f"wrote {Path(args.output_dir) / 'premise.json'} and premise.md ({result['wall_seconds']:.0f} s)")
+            return 0
         results = run_quality(args)
     except AptpError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,179 @@
+"""The premise of prompt routing, measured on the dense teacher: do prompt families degrade at
+different rates under uniform pruning?
+
+For each MACs ratio (default 0.8 / 0.6 / 0.4) one static mask keeps the same fraction of every
+gate site (width pruning of the whole UNet, no fine-tuning), the units kept in a site being
+those with the largest first-order importance |dL/dgate| (the denoising loss on training
+renderings, accumulated over a few batches). The fraction is found by bisection so that the
+analytic MACs ratio of the mask is the target. Each masked teacher (sliced, exactly equal to the
+masked one) then renders the held-out prompts from the same noise as the dense teacher, and the
+classifier scores every image. Reported per family: alignment with a bootstrap 95% interval, and
+the paired drop from the dense teacher with its interval.
+
+``aptp-bench quality --premise --output-dir DIR [--num-samples N] [--ratios 0.8 0.6 0.4]``
+writes ``premise.json`` and ``premise.md`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .paired import family_summary, paired_family_difference, per_prompt_alignment
+
+logger = logging.getLogger(__name__)
+
+
+def gate_importance(components: Any, layout: Any, batches: int = 4, batch_size: int = 16, seed: int = 0) -> torch.Tensor:
+    """(N,) first-order importance of every gate: mean |d denoising loss / d gate| at gates = 1."""
+    from aptp.train.data import ProceduralCaptions
+    from aptp.train.gates import apply_gates
+    from aptp.train.losses import denoising_loss
+
+    data = ProceduralCaptions(batches * batch_size, 64, seed=seed)
+    unet, scheduler = components.unet, components.noise_scheduler
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(layout.num_gates)
+    for b in range(batches):
+        items = [data[i] for i in range(b * batch_size, (b + 1) * batch_size)]
+        pixels = torch.stack([it["pixel_values"] for it in items])
+        with torch.no_grad():
+            latents = components.vae.encode(pixels).latent_dist.sample(generator=generator) * components.vae.config.scaling_factor
+            context = components.encode_prompts([it["text"] for it in items], "cpu")
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        gates = torch.ones(batch_size, layout.num_gates, requires_grad=True)
+        with apply_gates(unet, layout, gates):
+            pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        loss = denoising_loss(pred, noise, latents, timesteps, scheduler)
+        (grad,) = torch.autograd.grad(loss, gates)
+        total += grad.abs().sum(0)
+    return total / (batches * batch_size)
+
+
+def uniform_mask(layout: Any, macs: Any, importance: torch.Tensor, target: float, iterations: int = 40) -> tuple[torch.Tensor, float]:
+    """A (N,) 0/1 mask keeping the same fraction of every site (its most important units, at least
+    one) whose MACs ratio is as close to `target` as the sites' granularity allows."""
+    sites = [(layout.site_slice(site), site) for site in layout.sites]
+
+    def mask_for(fraction: float) -> torch.Tensor:
+        mask = torch.zeros(layout.num_gates)
+        for span, _ in sites:
+            scores = importance[span]
+            keep = max(1, math.ceil(fraction * scores.numel() - 1e-9))
+            idx = torch.argsort(scores, descending=True, stable=True)[:keep] + span.start
+            mask[idx] = 1.0
+        return mask
+
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if float(macs.ratio(mask_for(mid))) > target:
+            high = mid
+        else:
+            low = mid
+    candidates = [mask_for(low), mask_for(high)]
+    best = min(candidates, key=lambda m: abs(float(macs.ratio(m)) - target))
+    return best, float(macs.ratio(best))
+
+
+def run_premise(args: Any) -> dict[str, Any]:
+    from aptp.train.data import ProceduralCaptions
+    from aptp.train.gates import GateLayout
+    from aptp.train.macs import DeployShape, MacsModel
+    from aptp.train.models import load_components, resolve_pretrained
+    from aptp.train.slicing import slice_unet
+
+    from .classifier import DEFAULT_WEIGHTS, load_classifier, target_attributes
+    from .table import generate_images, save_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classifier = load_classifier(args.classifier or DEFAULT_WEIGHTS)
+    components = load_components(resolve_pretrained(args.pretrained))
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.requires_grad_(False).eval()
+    layout = GateLayout.from_unet(components.unet, ff_groups=args.ff_groups, depth=False)
+    side = components.unet.config.sample_size
+    macs = MacsModel(components.unet, layout, DeployShape(side, side, components.text_length))
+    importance = gate_importance(components, layout)
+
+    data = ProceduralCaptions(args.num_samples, 64, seed=args.prompt_seed)
+    prompts = [data.caption(i) for i in range(len(data))]
+    attrs = [data.attributes(i) for i in range(len(data))]
+    families = [a["family"] for a in attrs]
+    targets = [target_attributes(a) for a in attrs]
+
+    rows: dict[str, Any] = {}
+    scores: dict[str, np.ndarray] = {}
+    for ratio in [1.0, *args.ratios]:
+        name = "dense" if ratio == 1.0 else f"uniform_{ratio:g}"
+        t0 = time.perf_counter()
+        if ratio == 1.0:
+            unet, achieved = components.unet, 1.0
+        else:
+            mask, achieved = uniform_mask(layout, macs, importance, ratio)
+            unet, _ = slice_unet(components.unet, layout, mask.bool())
+        images = generate_images(components, prompts, unet, seed=args.noise_seed, steps=args.steps, guidance=args.guidance)
+        save_grid(images[:32], out / f"premise_{name}.png", captions=prompts[:32])
+        scores[name] = per_prompt_alignment(classifier.predict(images), targets)
+        rows[name] = {"target_ratio": ratio, "macs_ratio": achieved, "alignment": family_summary(scores[name], families),
+                      "seconds": round(time.perf_counter() - t0, 1)}
+        if name != "dense":
+            rows[name]["drop_from_dense"] = paired_family_difference(scores["dense"], scores[name], families)
+        logger.info("%s (MACs %.3f): %s", name, achieved, {f: round(v["mean"], 3) for f, v in rows[name]["alignment"].items()})
+        result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows,
+                  "per_prompt": {"family": families, **{k: v.round(3).tolist() for k, v in scores.items()}}}
+        (out / "premise.json").write_text(json.dumps(result, indent=1))  # partial results survive
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    (out / "premise.json").write_text(json.dumps(result, indent=1))
+    (out / "premise.md").write_text(premise_markdown(result))
+    return result
+
+
+def _ci(stat: dict[str, float]) -> str:
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def premise_markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    fams = [f for f in next(iter(rows.values()))["alignment"] if f != "all"] + ["all"]
+    counts = {f: next(iter(rows.values()))["alignment"][f]["n"] for f in fams}
+    head = "| mask | MACs ratio | " + " | ".join(f"{f} (n={counts[f]})" for f in fams) + " |"
+    lines = ["Alignment (mean per prompt of the 5 attributes read right; bootstrap 95% interval over prompts):", "",
+             head, "|---|---|" + "---|" * len(fams)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['macs_ratio']:.3f} | " + " | ".join(_ci(row["alignment"][f]) for f in fams) + " |")
+    lines += ["", "Drop from the dense teacher (paired over the same prompts and noise; 95% interval):", "",
+              "| mask | MACs ratio | " + " | ".join(fams) + " |", "|---|---|" + "---|" * len(fams)]
+    for name, row in rows.items():
+        if "drop_from_dense" in row:
+            lines.append(f"| {name} | {row['macs_ratio']:.3f} | " + " | ".join(_ci(row["drop_from_dense"][f]) for f in fams) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_premise_arguments(parser: Any) -> None:
+    parser.add_argument("--premise", action="store_true",
+                        help="measure the premise instead of the table: alignment per prompt family of the dense teacher "
+                             "under uniform static masks at --ratios (writes premise.json / premise.md)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4], help="MACs ratios of the uniform masks")
+    parser.add_argument("--ff-groups", type=int, default=8, help="gates per feed-forward (the tiny preset's 8)")
+
+
+def check_ratios(ratios: Sequence[float]) -> None:
+    from aptp.errors import ConfigError
+
+    bad = [r for r in ratios if not 0.0 < r < 1.0]
+    if bad:
+        raise ConfigError(f"--ratios must lie in (0, 1), got {bad}")
