@@ -179,6 +179,20 @@ def test_quality_table_end_to_end(tmp_path):
     for column in ("MACs ratio", "FID-like", "CMMD", "alignment", "share per code", "text-prompt MACs", "shape-prompt MACs"):
         assert column in table
     assert (tmp_path / "q" / "samples_aptp.png").is_file()
+    # Per-prompt, per-family and paired results (issue 13).
+    for name in ("dense", "aptp", "static"):
+        row = saved["rows"][name]
+        assert np.mean(row["per_prompt_alignment"]) == pytest.approx(row["alignment"]["mean"], abs=1e-3)
+        fam = row["family_alignment"]
+        assert fam["all"]["n"] == 4 and fam["all"]["low"] <= fam["all"]["mean"] <= fam["all"]["high"]
+        assert row["routing"]["family_macs"]["all"]["mean"] == pytest.approx(row["routing"]["macs_ratio"])
+    router = saved["rows"]["aptp"]["router"]
+    assert sum(router["uncalibrated"]["code_share"]) == pytest.approx(1.0, abs=1e-3)
+    assert router["calibrated"]["code_share"] == saved["rows"]["aptp"]["routing"]["code_share"]
+    assert "router" not in saved["rows"]["static"]
+    diff = saved["paired"]["aptp - static"]["all"]["mean"]
+    assert diff == pytest.approx(np.mean(saved["rows"]["aptp"]["per_prompt_alignment"]) - np.mean(saved["rows"]["static"]["per_prompt_alignment"]))
+    assert "Paired alignment differences" in table and "Alignment per prompt family" in table
     # A second run with --reuse trains nothing, gives the same routing, and keeps the rows it
     # was not asked to score (same evaluation settings) in the table.
     args.reuse, args.rows = True, ["aptp"]

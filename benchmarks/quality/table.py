@@ -51,6 +51,9 @@ from aptp.errors import AptpError, ConfigError
 logger = logging.getLogger(__name__)
 
 ROWS = ("dense", "aptp", "static", "aptp_no_ot", "static_long")
+# Rows that exist but are not trained unless --rows names them.
+EXTRA_ROWS = ("aptp_k8",)
+ALL_ROWS = ROWS + EXTRA_ROWS
 PARTI_DEFAULT = Path("/work/shared/data/PartiPrompts.tsv")
 ROW_TITLES = {
     "dense": "dense teacher",
@@ -58,6 +61,7 @@ ROW_TITLES = {
     "static": "static pruned (K=1)",
     "static_long": "static pruned (K=1), {k}x fine-tuning",
     "aptp_no_ot": "APTP without OT (K={k})",
+    "aptp_k8": "APTP (K=8)",
 }
 
 
@@ -181,6 +185,7 @@ def row_specs(args: argparse.Namespace) -> list[RowSpec]:
         "static": RowSpec("static", 1, common + ["codes.num_codes=1"]),
         "static_long": RowSpec("static_long", 1, common + ["codes.num_codes=1", f"finetune.max_steps={args.finetune_steps * args.num_codes}"]),
         "aptp_no_ot": RowSpec("aptp_no_ot", args.num_codes, common + [f"codes.num_codes={args.num_codes}", "sinkhorn.enabled=false"]),
+        "aptp_k8": RowSpec("aptp_k8", 8, common + ["codes.num_codes=8"]),
     }
     return [specs[name] for name in args.rows if name in specs]
 
@@ -254,12 +259,15 @@ def score_row(images: torch.Tensor, real_features: np.ndarray, targets: list[dic
               sigma: float) -> dict[str, Any]:
     from .metrics import alignment_accuracy, cmmd, fid_from_features
 
+    from .paired import per_prompt_alignment
+
     features = extractor(images)
     predicted = classifier.predict(images)
     return {
         "fid_like": fid_from_features(features, real_features),
         "cmmd": cmmd(features, real_features, sigma=sigma),
         "alignment": alignment_accuracy(predicted, targets),
+        "per_prompt_alignment": per_prompt_alignment(predicted, targets).round(4).tolist(),
     }
 
 
@@ -349,6 +357,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         for row in results["rows"].values():
             if "alignment" in row:
                 lines.append(f"| {row['title']} | " + " | ".join(_fmt(row["alignment"][a]) for a in attrs) + " |")
+    lines += family_markdown(results)
     parti = results.get("parti_routing")
     if parti:
         lines += ["", f"PartiPrompts routed by the APTP router ({parti['num_prompts']} prompts, mean MACs ratio "
@@ -358,11 +367,45 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(stat: dict[str, float] | None) -> str:
+    return "-" if not stat else f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def family_markdown(results: dict[str, Any]) -> list[str]:
+    """Per-family alignment and routed MACs (95% intervals over prompts), and the paired differences."""
+    rows = {n: r for n, r in results["rows"].items() if "family_alignment" in r}
+    if not rows:
+        return []
+    fams = list(next(iter(rows.values()))["family_alignment"])
+    lines = ["", "Alignment per prompt family (bootstrap 95% interval over prompts):", "",
+             "| row | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    lines += [f"| {r['title']} | " + " | ".join(_ci(r["family_alignment"].get(f)) for f in fams) + " |" for r in rows.values()]
+    lines += ["", "Mean routed MACs ratio per prompt family:", "", "| row | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    lines += [f"| {r['title']} | " + " | ".join(_ci(r["routing"].get("family_macs", {}).get(f)) for f in fams) + " |"
+              for r in rows.values()]
+    routers = {n: r["router"] for n, r in rows.items() if "router" in r}
+    if routers:
+        lines += ["", "Router on the held-out prompts, without / with the calibrated per-code bias:", "",
+                  "| row | share per code (uncalibrated) | share per code (calibrated) | family NMI (uncal. / cal.) | purity per family (calibrated) |",
+                  "|---|---|---|---|---|"]
+        for n, rep in routers.items():
+            purity = ", ".join(f"{f} {v['purity']:.2f}" for f, v in rep["calibrated"]["families"].items())
+            lines.append(f"| {rows[n]['title']} | {_fmt(rep['uncalibrated']['code_share'])} | {_fmt(rep['calibrated']['code_share'])} | "
+                         f"{rep['uncalibrated']['nmi']:.3f} / {rep['calibrated']['nmi']:.3f} | {purity} |")
+    paired = results.get("paired") or {}
+    if paired:
+        lines += ["", "Paired alignment differences (first minus second row, same prompts and noise; 95% interval):", "",
+                  "| pair | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+        lines += [f"| {pair} | " + " | ".join(_ci(d.get(f)) for f in fams) + " |" for pair, d in paired.items()]
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptp-bench quality", description="Offline replication of the APTP quality table.")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/quality"))
     parser.add_argument("--pretrained", default="tiny", help="the dense teacher pipeline (default: tiny)")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ALL_ROWS,
+                        help=f"rows to train and score (default: {' '.join(ROWS)}; also: {' '.join(EXTRA_ROWS)})")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse rows already trained in --output-dir, and keep rows already scored there with the "
                              "same evaluation settings that --rows does not name")
@@ -400,6 +443,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     from aptp.train.route import load_router
 
     from .classifier import DEFAULT_WEIGHTS, load_classifier, procedural_extractor, target_attributes
+    from .paired import family_summary
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -420,6 +464,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     attributes = [dataset.attributes(i) for i in range(len(dataset))]
     targets = [target_attributes(a) for a in attributes]
     is_text = [a["is_text"] for a in attributes]
+    families = [a["family"] for a in attributes]
     real = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))]) * 0.5 + 0.5
     real_features = extractor(real)
     sigma = median_bandwidth(real_features)
@@ -451,6 +496,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         save_grid(images[:32], out / f"samples_{name}.png", captions=prompts[:32])
         row = {"title": title, **score_row(images, real_features, targets, extractor, classifier, sigma),
                "routing": routing_stats(codes, ratios, is_text), "sampling_seconds": round(time.perf_counter() - t0, 1)}
+        row["family_alignment"] = family_summary(np.array(row["per_prompt_alignment"]), families)
+        row["routing"]["family_macs"] = family_summary(np.array([ratios[c] for c in codes], dtype=float), families)
         logger.info("%s: %s", name, {k: row[k] for k in ("fid_like", "cmmd")} | {"align": row["alignment"]["mean"]})
         return row
 
@@ -470,16 +517,39 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         experts = {k: load_expert(ckpt.expert_dir(directory, k)) for k in sorted(set(codes))}
         row = evaluate(name, title, experts, codes, info.code_macs_ratio)
         row["training"] = training
+        if info.num_codes > 1:  # how the router splits the held-out prompts with and without its calibrated bias
+            from .routing import routing_report
+
+            row["router"] = routing_report(directory, prompts, families)
         results["rows"][name] = row
         if name == "aptp":
             results["parti_routing"] = parti_routing(directory, Path(args.parti))
         (out / "quality.json").write_text(json.dumps(results, indent=1))  # partial results survive a later failure
 
-    results["rows"] = {name: results["rows"][name] for name in ROWS if name in results["rows"]}
+    results["rows"] = {name: results["rows"][name] for name in ALL_ROWS if name in results["rows"]}
+    results["paired"] = paired_comparisons(results["rows"], families)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     (out / "quality.md").write_text(markdown_table(results))
     return results
+
+
+PAIRS = (("aptp", "static"), ("aptp", "static_long"), ("aptp_k8", "static"), ("aptp_k8", "static_long"),
+         ("aptp", "aptp_no_ot"), ("static", "dense"))
+
+
+def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[str, Any]:
+    """Per-family paired differences of per-prompt alignment (first row minus second, same prompts
+    and noise; bootstrap 95% intervals over prompts) for every pair of rows present."""
+    from .paired import paired_family_difference
+
+    out = {}
+    for a, b in PAIRS:
+        ra, rb = rows.get(a, {}), rows.get(b, {})
+        if "per_prompt_alignment" in ra and "per_prompt_alignment" in rb and len(ra["per_prompt_alignment"]) == len(families):
+            out[f"{a} - {b}"] = paired_family_difference(np.array(ra["per_prompt_alignment"]),
+                                                         np.array(rb["per_prompt_alignment"]), families)
+    return out
 
 
 EVALUATION_SETTINGS = ("pretrained", "num_samples", "prompt_seed", "noise_seed", "steps", "guidance", "classifier",
