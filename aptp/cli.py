@@ -1,8 +1,8 @@
 """What every aptp command line shares: argument types and the error contract.
 
-Bad input (`AptpError`) prints one line `<prog>: error: <message>` and exits 2 with no
-traceback; Ctrl-C exits 130; anything else is a bug and keeps its traceback. Torch-free, so
-`aptp-generate` can use it.
+Bad input (`AptpError`, an OSError from the filesystem, a missing optional package) prints one
+line `<prog>: error: <message>` and exits 2 with no traceback; Ctrl-C exits 130; anything else
+is a bug and keeps its traceback. Torch-free, so `aptp-generate` can use it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 from aptp.errors import AptpError
+from aptp.outputs import describe_os_error
 
 
 def positive_int(text: str) -> int:
@@ -22,6 +23,18 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63) (numpy and torch take 64-bit seeds, and
+    aptp derives further seeds by adding small offsets)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got '{text}'") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {value}")
     return value
 
 
@@ -57,6 +70,13 @@ def run_command(prog: str, command: Callable[[], object], interrupted: str = "in
         if message is None:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # The machine said no (disk full, permission denied, read-only filesystem...): bad input
+        # from the environment, not a bug. An OSError without an errno keeps its traceback.
+        if error.errno is None:
+            raise
+        print(f"{prog}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

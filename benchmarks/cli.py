@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from aptp import __version__
-from aptp.cli import positive_int, run_command
+from aptp.cli import positive_int, run_command, seed_int
 from aptp.errors import ConfigError
 
 PROG = "aptp-bench"
@@ -106,7 +106,7 @@ def _synthetic_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=4, metavar="N", help="prompts per UNet call (4)")
     p.add_argument("--full-components", action="store_true",
                    help="use the config's full text encoder and VAE instead of the reduced stand-ins")
-    p.add_argument("--seed", type=int, default=0, help="weights, masks and router seed (0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="weights, masks and router seed (0)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -139,7 +139,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-factor", type=float, default=4.0, metavar="X", help="default SLO factor (4)")
     p.add_argument("--max-wait", type=float, default=0.05, metavar="S", help="batch wait of the servers (0.05 s)")
     p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="intra-op threads (2)")
-    p.add_argument("--seed", type=int, default=0, help="arrival seed (0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="arrival seed (0)")
     p.add_argument("--no-static", dest="static", action="store_false", help="skip the static model")
     p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray Serve app")
     p.add_argument("--static-dir", type=Path, metavar="DIR", help="cache of the static model's ONNX graph")

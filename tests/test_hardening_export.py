@@ -466,3 +466,40 @@ def test_make_synthetic_refuses_a_user_folder(tmp_path, capsys):
     assert "Traceback" not in err and "not an aptp export" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]  # no pipeline or checkpoint built beside it
     assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
+def test_filesystem_errors_anywhere_in_a_command_are_one_line(capsys):
+    from aptp.cli import run_command
+
+    def full(path):
+        def command():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return command
+
+    assert run_command("aptp-train", full("/runs/x/state/step_5/model.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert err == "aptp-train: error: No space left on device (/runs/x/state/step_5/model.safetensors)\n"
+    assert run_command("aptp-bench", full(None)) == 2
+    assert capsys.readouterr().err == "aptp-bench: error: No space left on device\n"
+
+    def bug():
+        raise OSError("no errno: a bug, not the machine")
+
+    with pytest.raises(OSError, match="a bug"):
+        run_command("aptp-train", bug)
+
+    def missing_aptp_module():
+        import aptp.no_such_module  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError):
+        run_command("aptp-train", missing_aptp_module)
+
+
+def test_bench_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
+    from aptp.benchmarks.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-synthetic", "--output", str(tmp_path / "S"), "--seed", str(2**64)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "expected a seed in [0, 2**63)" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
