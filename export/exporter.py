@@ -57,7 +57,7 @@ from .onnx_export import (
     compare_onnx,
     export_and_validate,
 )
-from .scheduler_tables import build_scheduler_table, make_scheduler
+from .scheduler_tables import build_scheduler_table, make_scheduler, sampler_specs
 from .tensorrt import Engine, pad_group_norm_widths, tensorrt_status
 
 __all__ = ["ExportOptions", "export_checkpoint"]
@@ -559,6 +559,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         _latent_sizes(ctx)
         _check_macs(ctx)
         scheduler_table = build_scheduler_table(options.scheduler, _scheduler_config(ctx), int(options.steps))
+        # What the runtime needs to build any sampler's table per request (steps 1-150).
+        samplers = sampler_specs(_scheduler_config(ctx))
 
         experts = export_experts(ctx)
         dense = export_dense(ctx) if options.dense else None
@@ -590,6 +592,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             "dense": dense,
             "vae_decoder": vae_decoder,
             "scheduler": scheduler_table,
+            "samplers": samplers,
             "guidance_scale": float(options.guidance_scale),
             "max_batch": int(options.max_batch),
             "io": ctx.io,

@@ -272,3 +272,74 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
 def build_scheduler_table(name: str, base_config: Mapping[str, Any], num_inference_steps: int) -> dict[str, Any]:
     """`make_scheduler` then `scheduler_table`: what the exporter writes for ``--scheduler name``."""
     return scheduler_table(make_scheduler(name, base_config), num_inference_steps)
+
+
+# -- per-request samplers ------------------------------------------------------------------------
+
+#: Format of the manifest's ``samplers`` section (read by `aptp.runtime.scheduler.SamplerLibrary`).
+SAMPLERS_FORMAT = 1
+#: Step counts at which every runtime-built table is checked against diffusers' own step at export.
+CHECK_STEPS = (1, 2, 3, 7, 20, 50, 150)
+# Relative to each coefficient array's largest magnitude: diffusers steps Euler and DPM-Solver in
+# float32, the runtime builds in float64 (DPM-Solver's Heun term loses ~1e-4 to cancellation).
+_CROSS_CHECK_RTOL = 1e-3
+
+
+def _cross_check(name: str, scheduler: SchedulerMixin, spec: Mapping[str, Any], steps: int) -> float:
+    """Largest relative difference between the runtime's numpy table and diffusers' probed one."""
+    from aptp.runtime.samplers import build_table
+
+    want = scheduler_table(scheduler, steps)
+    got = build_table(name, spec["config"], spec["alphas_cumprod"], steps).to_dict()
+    worst = 0.0
+    for key in ("timesteps", "input_scale", "coef_sample", "coef_model", "coef_prev_sample", "coef_prev_model"):
+        a, b = np.asarray(got[key], dtype=np.float64), np.asarray(want[key], dtype=np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b))) / max(1e-12, float(np.max(np.abs(b)))))
+    sigma = abs(got["init_noise_sigma"] - want["init_noise_sigma"]) / want["init_noise_sigma"]
+    return max(worst, sigma)
+
+
+def sampler_specs(base_config: Mapping[str, Any], *, min_steps: int = 1, max_steps: int = 150,
+                  check_steps: tuple[int, ...] = CHECK_STEPS) -> dict[str, Any]:
+    """The manifest's ``samplers`` section: what the runtime needs to build any sampler's table
+    for any step count in ``[min_steps, max_steps]``.
+
+    Per sampler: its resolved diffusers config and its ``alphas_cumprod`` (read off the diffusers
+    scheduler built from `base_config`, so betas, trained betas and zero-SNR rescaling come out
+    exactly as diffusers has them). Each sampler's numpy table (`aptp.runtime.samplers`) is
+    checked against diffusers' probed one at `check_steps`; a sampler whose config the runtime
+    cannot reproduce is listed under ``unavailable`` with the reason instead.
+
+    Raises:
+        ConfigError: a bad step range.
+    """
+    from aptp.errors import ArtifactError
+    from aptp.runtime.samplers import check_config
+
+    if not 1 <= min_steps <= max_steps:
+        raise ConfigError(f"sampler step range must satisfy 1 <= min <= max, got [{min_steps}, {max_steps}]")
+    available: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
+    errors: dict[str, float] = {}
+    for name in SCHEDULERS:
+        scheduler = make_scheduler(name, base_config)
+        config = json.loads(scheduler.to_json_string())
+        spec = {"config": config, "alphas_cumprod": scheduler.alphas_cumprod.to(torch.float64).tolist()}
+        try:
+            check_config(name, config)
+            if max_steps > config["num_train_timesteps"]:
+                raise ConfigError(f"max_steps {max_steps} exceeds num_train_timesteps {config['num_train_timesteps']}")
+            steps = sorted({s for s in check_steps if min_steps <= s <= max_steps} | {min_steps, max_steps})
+            errors[name] = max(_cross_check(name, scheduler, spec, s) for s in steps)
+            if errors[name] > _CROSS_CHECK_RTOL:
+                raise ConfigError(f"its runtime table differs from diffusers by {errors[name]:.2g} (relative)")
+        except (ArtifactError, ConfigError) as err:
+            logger.warning("sampler %s will not be available per request: %s", name, err)
+            unavailable[name] = str(err)
+            continue
+        available[name] = spec
+    logger.info("per-request samplers %s, steps %d-%d; largest relative coefficient difference to diffusers %s",
+                sorted(available), min_steps, max_steps, {k: f"{v:.1e}" for k, v in errors.items()})
+    return {"format": SAMPLERS_FORMAT, "min_steps": int(min_steps), "max_steps": int(max_steps),
+            "available": available, "unavailable": unavailable,
+            "checked_steps": list(check_steps), "max_relative_error": errors}

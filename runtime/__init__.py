@@ -14,9 +14,9 @@ Public API:
     load_artifacts, ExportArtifacts, ModelFile, TokenizerFile, DENSE      export reading
     Engine, OnnxRuntimeEngine, TensorRTEngine, DeviceTensor               engines
     Router, PromptTokenizer, check_prompts                                routing, tokens
-    SchedulerTable                                                        sampler tables
+    SchedulerTable, SamplerLibrary                                        sampler tables
     denoise, denoise_on_device                                            the sampling loop
-    to_uint8, save_png                                                    images
+    to_uint8, save_png, read_png_parameters, contact_sheet                images
 """
 
 from __future__ import annotations
@@ -47,9 +47,12 @@ _EXPORTS = {
     "PromptTokenizer": ".tokenize",
     "check_prompts": ".tokenize",
     "SchedulerTable": ".scheduler",
+    "SamplerLibrary": ".scheduler",
     "denoise": ".denoise",
     "denoise_on_device": ".denoise",
     "save_png": ".images",
+    "read_png_parameters": ".images",
+    "contact_sheet": ".images",
     "to_uint8": ".images",
 }
 

@@ -4,9 +4,15 @@
     aptp-generate --artifacts exports/tiny --prompt "a red car" --prompt "soup" --output out.png
     aptp-generate --artifacts exports/tiny --prompts-file prompts.txt --output images/out.png
 
-With several prompts the images are numbered: ``out_0.png``, ``out_1.png``... A prompts file is
-UTF-8 text with one prompt per line (blank lines are skipped). Prompt ``i`` uses seed
-``--seed + i``. Bad input (any `AptpError`) prints one line, ``aptp-generate: error: <message>``,
+    aptp-generate --artifacts exports/tiny --prompt "a red car" --steps 30 --scheduler euler \
+                  --negative-prompt "blurry" --output out.png
+    aptp-generate --show-params out.png
+
+With several prompts the images are numbered: ``out_0.png``, ``out_1.png``... and ``--grid``
+also writes them as one contact sheet, ``out_grid.png``. A prompts file is UTF-8 text with one
+prompt per line (blank lines are skipped). Prompt ``i`` uses seed ``--seed + i``. Every PNG
+carries its generation parameters in text chunks (`aptp.runtime.images`); ``--show-params``
+prints them. Bad input (any `AptpError`) prints one line, ``aptp-generate: error: <message>``,
 and exits 2. Torch-free: this module imports only the runtime.
 """
 
@@ -147,13 +153,19 @@ def _expert(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Generate images from an aptp export (no torch needed).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--artifacts", required=True, help="the export directory aptp-export wrote")
+    parser.add_argument("--artifacts", help="the export directory aptp-export wrote (required to generate)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts-file", help="UTF-8 text file, one prompt per line")
-    parser.add_argument("--output", required=True, help="PNG path; several prompts give out_0.png, out_1.png...")
+    parser.add_argument("--output", help="PNG path; several prompts give out_0.png, out_1.png... (required to "
+                        "generate)")
+    parser.add_argument("--negative-prompt", help="what the image should not show (CFG's unconditional half)")
+    parser.add_argument("--grid", action="store_true", help="also write every image as one sheet, <output>_grid.png")
+    parser.add_argument("--show-params", metavar="PNG", help="print the generation parameters stored in a PNG "
+                        "this tool wrote, and exit")
     parser.add_argument("--seed", default="0", help="seed of the first prompt; prompt i uses seed+i (< 2**63)")
     # Parsed as text and checked by the runtime, so bad values get the runtime's messages.
-    parser.add_argument("--steps", help="sampling steps (must match the export's sampler table)")
+    parser.add_argument("--steps", help="sampling steps, 1-150 (default: the export's)")
+    parser.add_argument("--scheduler", help="sampler: ddim, euler or dpmpp_2m (default: the export's)")
     parser.add_argument("--guidance-scale", help="classifier-free guidance scale in [0, 100] (default: the export's)")
     parser.add_argument("--height", help="image height in pixels (default: the export's)")
     parser.add_argument("--width", help="image width in pixels (default: the export's)")
@@ -175,18 +187,50 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def show_params(path: str) -> int:
+    """Print the parameters stored in the PNG at `path`, one ``key: value`` line each."""
+    from .images import PARAMETER_KEYS, read_png_parameters
+
+    params = read_png_parameters(path)
+    if not params:
+        raise RuntimeInputError(f"{path} carries no generation parameters (no PNG text chunks)")
+    for key in [*[k for k in PARAMETER_KEYS if k in params], *sorted(set(params) - set(PARAMETER_KEYS))]:
+        print(f"{key}: {params[key]}")
+    return 0
+
+
+def write_grid(path: Path, images: Sequence[tuple[object, dict[str, str]]]) -> Path:
+    """One contact sheet of ``(image, parameters)`` pairs; its text chunks hold every prompt,
+    seed and expert, and the parameters all images share (each image keeps its own record)."""
+    from .images import contact_sheet, save_png
+
+    params = [p for _, p in images]
+    shared = {k: v for k, v in params[0].items()
+              if k not in ("prompt", "seed", "expert") and all(p.get(k) == v for p in params)}
+    shared["prompts"] = "\n".join(p["prompt"] for p in params)
+    shared["seeds"] = " ".join(p["seed"] for p in params)
+    shared["experts"] = " ".join(p["expert"] for p in params)
+    return save_png(contact_sheet([image for image, _ in images]), path, parameters=shared)
+
+
+def run(args: argparse.Namespace) -> list[Path] | int:
     """Generate and save the images of parsed `args`; returns the paths written."""
-    from .images import numbered_paths, save_png
+    from .images import numbered_paths
     from .pipeline import STAGES, AptpPipeline
 
+    if args.show_params is not None:
+        return show_params(args.show_params)
+    for flag, value in (("--artifacts", args.artifacts), ("--output", args.output)):
+        if not value:
+            raise RuntimeInputError(f"{flag} is required to generate (or pass --show-params PNG)")
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     if not prompts:
         raise RuntimeInputError("no prompts: pass --prompt TEXT (repeatable) or a non-empty --prompts-file")
     paths = numbered_paths(args.output, len(prompts))
-    check_output_paths(paths)
+    grid = Path(args.output).with_name(f"{Path(args.output).stem}_grid.png") if args.grid else None
+    check_output_paths([*paths, *([grid] if grid else [])])
     seed = _seed(args.seed, len(prompts))
     threads = None if args.threads is None else _threads(args.threads)
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
@@ -197,17 +241,26 @@ def run(args: argparse.Namespace) -> list[Path]:
         width=None if args.width is None else _integer(args.width, "--width"),
         guidance_scale=None if args.guidance_scale is None else _guidance(args.guidance_scale),
         expert=None if args.expert is None else _expert(args.expert),
+        scheduler=args.scheduler,
+        negative_prompt=args.negative_prompt,
     )
     # Chunks bound the memory a long prompts file needs; each image depends only on its own
     # prompt and seed, so chunking changes no result.
+    sheet: list[tuple[object, dict[str, str]]] = []  # (image, parameters) kept only for --grid
     for start in range(0, len(prompts), CHUNK_PROMPTS):
         results = pipe(prompts[start:start + CHUNK_PROMPTS], seeds=seed + start, **options)
         for i, result in enumerate(results, start):
-            save_png(result.image, paths[i])
+            result.save(paths[i])
             stages = "  ".join(f"{stage} {_ms(result.timings[stage])}" for stage in STAGES)
             note = "  (truncated)" if result.truncated else ""
             print(f"[{i}] expert {result.expert}  seed {result.seed}  {stages}  -> {paths[i]}{note}")
             print(f"    {result.prompt}")
+            if grid is not None:
+                sheet.append((result.image, result.parameters()))
+    if grid is not None:
+        write_grid(grid, sheet)
+        print(f"grid of {len(sheet)} -> {grid}")
+        paths.append(grid)
     return paths
 
 

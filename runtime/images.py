@@ -1,21 +1,47 @@
-"""Decoded images to 8-bit pixels and PNG files, without torch.
+"""Decoded images to 8-bit pixels and PNG files that remember how they were made, without torch.
 
 `to_uint8` rounds exactly as diffusers' ``VaeImageProcessor.postprocess`` + ``numpy_to_pil``
 do (``[-1, 1] -> [0, 1]``, clip, ``round(255 * v)``), so an image matches the diffusers
 pipeline's pixel for pixel when the decoder outputs match. PNGs are written with Pillow.
+
+Every PNG that ``aptp-generate`` or ``GenerationResult.save`` writes carries its generation
+parameters as PNG text chunks (one ``iTXt`` chunk per key, UTF-8): ``prompt``,
+``negative_prompt``, ``seed``, ``steps``, ``sampler``, ``guidance_scale``, ``width``, ``height``,
+``expert``, ``manifest_sha256`` (the sha256 of the export's ``manifest.json``) and
+``generator`` (``aptp <version>``). Read them back with `read_png_parameters`, with
+``aptp-generate --show-params out.png``, or with Pillow alone::
+
+    from PIL import Image
+    with Image.open("out.png") as image:
+        print(image.text["prompt"], image.text["seed"], image.text["sampler"])
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from aptp.errors import RuntimeInputError
 
-__all__ = ["numbered_paths", "save_png", "to_uint8"]
+__all__ = [
+    "PARAMETER_KEYS",
+    "contact_sheet",
+    "generation_parameters",
+    "numbered_paths",
+    "read_png_parameters",
+    "save_png",
+    "to_uint8",
+]
+
+#: The text chunks a generated PNG carries, in the order they are written.
+PARAMETER_KEYS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "guidance_scale", "width", "height",
+                  "expert", "manifest_sha256", "generator")
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -27,31 +53,97 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round(unit.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 
 
-def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+def generation_parameters(result: Any) -> dict[str, str]:
+    """The text chunks of one `GenerationResult` (every value a string; absent ones empty)."""
+    from aptp import __version__
+
+    return {
+        "prompt": result.prompt,
+        "negative_prompt": result.negative_prompt or "",
+        "seed": str(result.seed),
+        "steps": str(result.num_inference_steps),
+        "sampler": result.scheduler,
+        "guidance_scale": repr(float(result.guidance_scale)),
+        "width": str(result.width),
+        "height": str(result.height),
+        "expert": str(result.expert),
+        "manifest_sha256": result.manifest_sha256,
+        "generator": f"aptp {__version__}",
+    }
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike, parameters: Mapping[str, str] | None = None) -> Path:
     """Write one ``(H, W, 3)`` (or ``(H, W)``) uint8 image as PNG; creates parent folders.
 
-    The file is written beside `path` under a temporary name and renamed into place, so an
-    existing file is never left half-written.
+    `parameters` become UTF-8 text chunks (``iTXt``). The file is written beside `path` under a
+    temporary name and renamed into place, so an existing file is never left half-written.
 
     Raises:
         RuntimeInputError: the file or its folder cannot be written (the OS error's reason).
     """
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(f"save_png takes an (H, W, 3) or (H, W) uint8 image, got {image.dtype} {image.shape}")
     path = Path(path)
+    info = None
+    if parameters:
+        info = PngInfo()
+        for key, value in parameters.items():
+            info.add_itxt(str(key), str(value))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):  # our own temporary file, if it got that far
             tmp.unlink()
         raise RuntimeInputError(f"cannot write {path}: {err.strerror or err}") from err
     return path
+
+
+def read_png_parameters(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks of a PNG (the generation parameters for one aptp wrote).
+
+    Raises:
+        RuntimeInputError: the file cannot be read or is not a PNG.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise RuntimeInputError(f"{path} is a {image.format} image, not a PNG")
+            image.load()  # text chunks after the image data are read only now
+            return {str(k): str(v) for k, v in image.text.items()}
+    except (OSError, UnidentifiedImageError) as err:
+        if isinstance(err, UnidentifiedImageError):
+            raise RuntimeInputError(f"{path} is not an image Pillow can read") from None
+        raise RuntimeInputError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, gap: int = 2) -> np.ndarray:
+    """Tile ``(H, W, 3)`` uint8 images of one size row by row (``ceil(sqrt(n))`` columns by
+    default) on a white background with `gap` pixels between them."""
+    if not images:
+        raise ValueError("contact_sheet needs at least one image")
+    first = np.asarray(images[0])
+    if any(np.asarray(i).shape != first.shape for i in images):
+        raise ValueError("contact_sheet needs images of one size")
+    n = len(images)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    h, w = first.shape[:2]
+    sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, *first.shape[2:]), 255,
+                    dtype=np.uint8)
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        sheet[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = image
+    return sheet
 
 
 def numbered_paths(output: str | os.PathLike, count: int) -> list[Path]:

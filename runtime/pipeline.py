@@ -24,6 +24,7 @@ first use (or all at construction with ``preload=True``), and reused.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import numbers
@@ -33,6 +34,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,7 +56,7 @@ from .engine import (
 )
 from .images import to_uint8
 from .router import Router
-from .scheduler import SchedulerTable
+from .scheduler import SamplerLibrary, SchedulerTable
 from .tokenize import PromptTokenizer, check_prompts
 
 __all__ = [
@@ -92,6 +94,9 @@ class GenerationOptions:
     width: int
     expert: int | str | None = None
     output_type: str = "np"
+    #: Sampler name (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``); requests with different samplers
+    #: or step counts never share a batch.
+    scheduler: str = ""
 
 
 @dataclass
@@ -102,6 +107,8 @@ class GenerationResult:
     latents ``(C, h, w)`` float32; ``image`` is ``(H, W, 3)`` uint8 (``None`` for
     ``output_type="latent"``); ``timings`` are seconds per stage (`STAGES`): tokenise, route
     and text_encode for the whole batch, denoise and decode for the prompt's expert group.
+    The generation parameters (negative prompt, sampler, steps, guidance, size, and the sha256
+    of the export's manifest) come along so that `save` can write them into the PNG.
     """
 
     prompt: str
@@ -111,6 +118,34 @@ class GenerationResult:
     image: np.ndarray | None = None
     truncated: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    negative_prompt: str | None = None
+    scheduler: str = ""
+    num_inference_steps: int = 0
+    guidance_scale: float = 0.0
+    height: int = 0
+    width: int = 0
+    manifest_sha256: str = ""
+
+    def parameters(self) -> dict[str, str]:
+        """What made this image, as the PNG text chunks `save` writes (`aptp.runtime.images`)."""
+        from .images import generation_parameters
+
+        return generation_parameters(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the image as PNG with `parameters` in its text chunks (temp file, then rename).
+
+        Raises:
+            RuntimeInputError: the result has no image (``output_type="latent"``), or `path`
+                does not end in ``.png``.
+        """
+        from .images import save_png
+
+        if self.image is None:
+            raise RuntimeInputError("this result has no image (it was generated with output_type='latent')")
+        if Path(path).suffix.lower() != ".png":
+            raise RuntimeInputError(f"{path} must end in .png (images are saved as PNG)")
+        return save_png(self.image, path, parameters=self.parameters())
 
 
 def resolve_backend(backend: str, device: str, artifacts: ExportArtifacts) -> str:
@@ -140,19 +175,34 @@ def resolve_backend(backend: str, device: str, artifacts: ExportArtifacts) -> st
     return "onnxruntime"
 
 
-def _check_steps(value: Any, table: SchedulerTable) -> int:
+def _check_steps(value: Any, steps: Any, default: int) -> int:
+    if steps is not None:  # `steps=` is the short spelling of diffusers' num_inference_steps=
+        if value is not None and value != steps:
+            raise RuntimeInputError(f"steps={steps!r} and num_inference_steps={value!r} disagree; pass one of them")
+        value = steps
     if value is None:
-        return table.num_steps
+        return default
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {value!r}")
     if value <= 0:
         raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {value}")
-    if value != table.num_steps:
-        raise RuntimeInputError(
-            f"this export's {table.name} sampler table has {table.num_steps} steps; {value} steps need "
-            f"another table: re-export with --steps {value}, or pass num_inference_steps={table.num_steps}"
-        )
     return int(value)
+
+
+def _check_negative_prompts(negative: Any, count: int) -> list[str | None] | None:
+    """One negative prompt (or None) per prompt; ``None`` when no prompt has one."""
+    if negative is None:
+        return None
+    if isinstance(negative, str):
+        negative = [negative] * count
+    if isinstance(negative, bytes) or not isinstance(negative, Sequence) or len(negative) != count:
+        raise RuntimeInputError(f"negative_prompt must be a string or a list of {count} strings (one per prompt), "
+                                f"got {negative!r}")
+    for i, text in enumerate(negative):
+        if text is not None and not isinstance(text, str):
+            raise RuntimeInputError(f"negative_prompt[{i}] must be a string or None, got {type(text).__name__}")
+    out = [text if text else None for text in negative]
+    return out if any(out) else None
 
 
 def _check_guidance(value: Any, default: float) -> float:
@@ -200,6 +250,13 @@ def _check_seeds(seeds: Any, count: int) -> list[int]:
     return [int(s) for s in seeds]
 
 
+def _manifest_sha256(artifacts: ExportArtifacts) -> str:
+    try:
+        return hashlib.sha256((artifacts.root / "manifest.json").read_bytes()).hexdigest()
+    except OSError:  # artifacts built in memory (tests): nothing on disk to name
+        return ""
+
+
 class AptpPipeline:
     """Routed text-to-image generation from one export directory; torch-free.
 
@@ -231,6 +288,10 @@ class AptpPipeline:
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.scheduler: SchedulerTable = artifacts.scheduler
+        self.samplers = SamplerLibrary.from_manifest(artifacts.manifest.get("samplers"), artifacts.scheduler,
+                                                     source=f"{artifacts.root}/manifest.json: samplers")
+        # Images record which export made them: the manifest lists every file's sha256.
+        self.manifest_sha256 = _manifest_sha256(artifacts)
         self.on_device_loop = device == "cuda" and kernels.cuda_available()
         if self.backend == "tensorrt" and not self.on_device_loop:
             # TensorRT engines hand back device buffers: only the on-device loop consumes them.
@@ -262,7 +323,8 @@ class AptpPipeline:
         self._device_lock = threading.Lock()  # the on-device loop reuses the UNets' buffers
         self._uncond: np.ndarray | None = None
         if scheduler is not None:
-            self.scheduler = self.with_scheduler(scheduler).scheduler
+            other = self.with_scheduler(scheduler)
+            self.scheduler, self.samplers = other.scheduler, other.samplers
         if preload:
             self.load()
 
@@ -323,6 +385,7 @@ class AptpPipeline:
                 f"{self.scheduler.prediction_type!r}: build the table from the model's own scheduler config")
         other = copy.copy(self)  # shares the engines and their locks
         other.scheduler = scheduler
+        other.samplers = self.samplers.with_default(scheduler)
         return other
 
     def close(self) -> None:
@@ -346,17 +409,24 @@ class AptpPipeline:
         return (self.artifacts.latent_channels, options.height // factor, options.width // factor)
 
     def options(self, *, guidance_scale: Any = None, num_inference_steps: Any = None, expert: Any = None,
-                output_type: str = "np", height: Any = None, width: Any = None) -> GenerationOptions:
+                output_type: str = "np", height: Any = None, width: Any = None, scheduler: Any = None,
+                steps: Any = None) -> GenerationOptions:
         """Check request options and fill in the export's defaults.
 
+        ``scheduler`` names the sampler (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``; default: the
+        export's); ``steps`` is a short spelling of ``num_inference_steps`` (default: the
+        export's table's). Any step count in the export's range (1-150) works with any sampler
+        the export lists; an export made before per-request samplers runs its own table only.
+
         Raises:
-            RuntimeInputError: steps not a positive integer (or not the table's step count), a
-                guidance scale that is not a finite number in `GUIDANCE_RANGE`, an unknown expert, an unknown
-                output type, an image size outside the export's range or not a multiple of its
-                ``size_multiple``.
+            RuntimeInputError: steps not a positive integer or outside the export's range, an
+                unknown or unavailable sampler, a guidance scale that is not a finite number in
+                `GUIDANCE_RANGE`, an unknown expert, an unknown output type, an image size outside
+                the export's range or not a multiple of its ``size_multiple``.
         """
         a = self.artifacts
-        steps = _check_steps(num_inference_steps, self.scheduler)
+        steps = _check_steps(num_inference_steps, steps, self.scheduler.num_steps)
+        sampler, steps = self.samplers.check(self.scheduler.name if scheduler is None else scheduler, steps)
         scale = _check_guidance(guidance_scale, self.artifacts.guidance_scale)
         if expert is not None:
             keys = self.artifacts.model_keys
@@ -366,7 +436,7 @@ class AptpPipeline:
         if output_type not in OUTPUT_TYPES:
             raise RuntimeInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         return GenerationOptions(scale, steps, _check_size(height, "height", a.image_height, a),
-                                 _check_size(width, "width", a.image_width, a), expert, output_type)
+                                 _check_size(width, "width", a.image_width, a), expert, output_type, sampler)
 
     def check_seeds(self, seeds: Any, count: int) -> list[int]:
         """`seeds` as `count` integers: an int ``s`` gives ``s, s+1, ...``; ``None`` draws fresh ones."""
@@ -375,6 +445,10 @@ class AptpPipeline:
     def route(self, prompts: str | Sequence[str]) -> np.ndarray:
         """The expert code of each prompt, ``(B,)`` int64."""
         return self.router.route(check_prompts(prompts))
+
+    def table(self, options: GenerationOptions) -> SchedulerTable:
+        """The sampler table of `options` (built once per (sampler, steps), then cached)."""
+        return self.samplers.table(options.scheduler or self.scheduler.name, options.num_inference_steps)
 
     def _uncond_states(self) -> np.ndarray:
         """Text states of the empty prompt ``(1, L, D)``: diffusers' unconditional input, computed once."""
@@ -391,7 +465,8 @@ class AptpPipeline:
     def __call__(self, prompts: str | Sequence[str], *, seeds: int | Sequence[int] | None = None,
                  guidance_scale: float | None = None, num_inference_steps: int | None = None,
                  expert: int | str | None = None, output_type: str = "np", height: int | None = None,
-                 width: int | None = None) -> list[GenerationResult]:
+                 width: int | None = None, scheduler: str | None = None, steps: int | None = None,
+                 negative_prompt: str | Sequence[str | None] | None = None) -> list[GenerationResult]:
         """Generate one image per prompt; results in the order of `prompts`.
 
         Args:
@@ -400,7 +475,12 @@ class AptpPipeline:
                 fresh seeds (see the module docstring for how noise follows from a seed).
             guidance_scale: classifier-free guidance in `GUIDANCE_RANGE` (default: the
                 manifest's); ``<= 1`` runs the conditional model only, as diffusers does.
-            num_inference_steps: must equal the sampler table's step count (default).
+            num_inference_steps: sampling steps, in the export's range (1-150); default: the
+                export's. ``steps`` is the same option under a shorter name.
+            scheduler: ``"ddim"``, ``"euler"`` or ``"dpmpp_2m"`` (default: the export's sampler).
+            negative_prompt: text the unconditional half of classifier-free guidance encodes
+                instead of the empty prompt: one string for all prompts or one per prompt
+                (``None``/``""`` for none). Routing still reads the positive prompt only.
             expert: ``None`` routes each prompt; a code or ``"dense"`` forces that UNet.
             output_type: ``"np"`` decodes images; ``"latent"`` stops after the loop.
             height, width: image size in pixels (default: the export's nominal size).
@@ -411,16 +491,26 @@ class AptpPipeline:
         """
         prompts = check_prompts(prompts)
         opts = self.options(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                            expert=expert, output_type=output_type, height=height, width=width)
+                            expert=expert, output_type=output_type, height=height, width=width,
+                            scheduler=scheduler, steps=steps)
+        negatives = self.check_negative_prompts(negative_prompt, len(prompts))
         seed_list = self.check_seeds(seeds, len(prompts))
-        return self.generate(prompts, seed_list, opts)
+        return self.generate(prompts, seed_list, opts, negative_prompts=negatives)
+
+    def check_negative_prompts(self, negative_prompt: Any, count: int) -> list[str | None] | None:
+        """`negative_prompt` as one entry per prompt (``None`` for none), or ``None`` if no prompt has one."""
+        return _check_negative_prompts(negative_prompt, count)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], options: GenerationOptions,
-                 codes: np.ndarray | None = None) -> list[GenerationResult]:
+                 codes: np.ndarray | None = None,
+                 negative_prompts: Sequence[str | None] | None = None) -> list[GenerationResult]:
         """`__call__` on already checked prompts, seeds and options (the server's entry).
 
-        `codes` (one per prompt) skips the router when the caller routed already.
+        `codes` (one per prompt) skips the router when the caller routed already;
+        `negative_prompts` (one per prompt, ``None`` for the empty prompt) as checked by
+        `check_negative_prompts`.
         """
+        table = self.table(options)
         batch = len(prompts)
         timings = dict.fromkeys(STAGES, 0.0)
         clock = time.perf_counter()
@@ -441,11 +531,16 @@ class AptpPipeline:
         clock = time.perf_counter()
         cond = self._encode_text(tokens.input_ids)
         guided = uses_guidance(options.guidance_scale)
-        uncond = self._uncond_states() if guided else None
+        uncond = per_row_uncond = None
+        if guided and negative_prompts is not None and any(negative_prompts):
+            # diffusers encodes the negative prompts like the prompts (padded to max_length).
+            per_row_uncond = self._encode_text(self.text_tokenizer([n or "" for n in negative_prompts]).input_ids)
+        elif guided:
+            uncond = self._uncond_states()
         timings["text_encode"] = time.perf_counter() - clock
 
         noise = np.stack([initial_noise(seed, self.latent_shape(options)) for seed in seeds])
-        latents = np.ascontiguousarray(self.scheduler.initial_latents(noise), dtype=np.float32)
+        latents = np.ascontiguousarray(table.initial_latents(noise), dtype=np.float32)
         final = np.empty_like(latents)
         pixels: np.ndarray | None = None
         group_timings: dict[int, dict[str, float]] = {}
@@ -463,9 +558,11 @@ class AptpPipeline:
                 clock = time.perf_counter()
                 x = kernels.gather_rows(latents, rows)
                 text = kernels.gather_rows(cond, rows)
-                if guided:
+                if per_row_uncond is not None:
+                    text = np.concatenate([kernels.gather_rows(per_row_uncond, rows), text])
+                elif guided:
                     text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
-                x = self._denoise(key, x, text, options.guidance_scale)
+                x = self._denoise(key, x, text, options.guidance_scale, table)
                 kernels.scatter_rows(x, rows, final)
                 spent["denoise"] += time.perf_counter() - clock
                 if options.output_type == "np":
@@ -478,8 +575,8 @@ class AptpPipeline:
                     spent["decode"] += time.perf_counter() - clock
             for row in group.tolist():
                 group_timings[row] = spent
-            logger.info("expert %s: %d prompt(s), %d steps, %.3f s", key, group.size, self.scheduler.num_steps,
-                        spent["denoise"] + spent["decode"])
+            logger.info("expert %s: %d prompt(s), %d %s steps, %.3f s", key, group.size, table.num_steps,
+                        table.name, spent["denoise"] + spent["decode"])
 
         images = to_uint8(pixels) if pixels is not None else None
         results = []
@@ -489,15 +586,19 @@ class AptpPipeline:
                 prompt=prompt, seed=int(seeds[i]), expert=DENSE if slot == num_codes else slot,
                 latents=final[i], image=None if images is None else images[i], truncated=tokens.truncated[i],
                 timings={**timings, **group_timings[i]},
+                negative_prompt=None if negative_prompts is None else negative_prompts[i],
+                scheduler=table.name, num_inference_steps=table.num_steps, guidance_scale=options.guidance_scale,
+                height=options.height, width=options.width, manifest_sha256=self.manifest_sha256,
             ))
         return results
 
-    def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float) -> np.ndarray:
+    def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float,
+                 table: SchedulerTable) -> np.ndarray:
         unet = self.unet(key)
         if self.on_device_loop:
             with self._device_lock:
-                return denoise_on_device(unet, x, text, self.scheduler, guidance_scale)
+                return denoise_on_device(unet, x, text, table, guidance_scale)
         try:
-            return denoise(unet, x, text, self.scheduler, guidance_scale)
+            return denoise(unet, x, text, table, guidance_scale)
         except ValueError as err:  # a graph whose shapes do not match its manifest entry
             raise ArtifactError(f"expert {key}: {err}") from err

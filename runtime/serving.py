@@ -65,6 +65,7 @@ class _Request:
     arrived: float = field(default_factory=time.monotonic)
     expert: int | str | None = None
     route_time: float = 0.0
+    negative_prompt: str | None = None
 
 
 _STOP = object()
@@ -112,8 +113,13 @@ class GenerationServer:
 
     def submit(self, prompt: str, *, seed: int | None = None, guidance_scale: float | None = None,
                num_inference_steps: int | None = None, expert: int | str | None = None,
-               output_type: str = "np", height: int | None = None, width: int | None = None) -> Future:
+               output_type: str = "np", height: int | None = None, width: int | None = None,
+               scheduler: str | None = None, steps: int | None = None,
+               negative_prompt: str | None = None) -> Future:
         """Queue one request; the future resolves to its `GenerationResult`.
+
+        Options are `AptpPipeline.__call__`'s. Requests batch together only when every option
+        (sampler and step count included) is equal; negative prompts may differ within a batch.
 
         Raises:
             RuntimeInputError: a bad prompt or option (checked here, before queueing).
@@ -122,9 +128,11 @@ class GenerationServer:
         """
         (prompt,) = check_prompts([prompt])
         options = self.pipeline.options(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                        expert=expert, output_type=output_type, height=height, width=width)
+                                        expert=expert, output_type=output_type, height=height, width=width,
+                                        scheduler=scheduler, steps=steps)
+        negatives = self.pipeline.check_negative_prompts(negative_prompt, 1)
         (seed,) = self.pipeline.check_seeds(None if seed is None else [seed], 1)
-        request = _Request(prompt, seed, options, Future())
+        request = _Request(prompt, seed, options, Future(), negative_prompt=None if negatives is None else negatives[0])
         with self._lock:
             if self._closing:
                 raise ServerClosedError("the generation server is closed; create a new one")
@@ -284,7 +292,9 @@ class GenerationServer:
         first = batch[0]
         options = dataclasses.replace(first.options, expert=first.expert)
         try:
-            results = self.pipeline.generate([r.prompt for r in batch], [r.seed for r in batch], options)
+            negatives = [r.negative_prompt for r in batch]
+            results = self.pipeline.generate([r.prompt for r in batch], [r.seed for r in batch], options,
+                                             negative_prompts=negatives if any(negatives) else None)
         except Exception as err:  # noqa: BLE001 - this batch fails, the server goes on
             logger.warning("batch of %d on expert %s failed: %s", len(batch), first.expert, err)
             for request in batch:
