@@ -293,8 +293,9 @@ class GenerationServer:
         options = dataclasses.replace(first.options, expert=first.expert)
         try:
             negatives = [r.negative_prompt for r in batch]
-            results = self.pipeline.generate([r.prompt for r in batch], [r.seed for r in batch], options,
-                                             negative_prompts=negatives if any(negatives) else None)
+            # Only passed when used, so a pipeline wrapper without the argument still serves.
+            extra = {"negative_prompts": negatives} if any(negatives) else {}
+            results = self.pipeline.generate([r.prompt for r in batch], [r.seed for r in batch], options, **extra)
         except Exception as err:  # noqa: BLE001 - this batch fails, the server goes on
             logger.warning("batch of %d on expert %s failed: %s", len(batch), first.expert, err)
             for request in batch:

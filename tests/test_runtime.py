@@ -58,7 +58,7 @@ def reference(pipe):
 
 
 def diffusers_run(components, unet, table: SchedulerTable, prompts, seeds, guidance_scale=7.5,
-                  output_type="latent", gates=None):
+                  output_type="latent", gates=None, negative_prompt=None):
     """diffusers' StableDiffusionPipeline with `unet` (optionally masked by `gates`) from the
     same initial noise as the runtime's seeds."""
     import torch
@@ -76,7 +76,8 @@ def diffusers_run(components, unet, table: SchedulerTable, prompts, seeds, guida
     layout, mask = gates if gates is not None else (None, None)
     with torch.no_grad(), apply_gates(components.unet, layout, mask):
         out = sd(list(prompts), height=64, width=64, num_inference_steps=table.num_steps,
-                 guidance_scale=guidance_scale, latents=noise, output_type=output_type)
+                 guidance_scale=guidance_scale, latents=noise, output_type=output_type,
+                 negative_prompt=negative_prompt)
     images = out.images
     return images.numpy() if hasattr(images, "numpy") else np.asarray(images)
 
@@ -429,7 +430,7 @@ BAD_CALLS = {
     "bytes prompt": (dict(prompts=[b"a cat"]), "decode it first"),
     "zero steps": (dict(num_inference_steps=0), "positive integer"),
     "negative steps": (dict(num_inference_steps=-3), "positive integer"),
-    "steps of another table": (dict(num_inference_steps=STEPS + 1), "re-export with --steps"),
+    "steps out of range": (dict(num_inference_steps=151), "between 1 and 150"),
     "float steps": (dict(num_inference_steps=2.5), "positive integer"),
     "guidance is text": (dict(guidance_scale="7.5"), "guidance_scale must be a finite number"),
     "guidance is nan": (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
