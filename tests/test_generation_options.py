@@ -17,26 +17,9 @@ import pytest
 from aptp.errors import RuntimeInputError
 from aptp.runtime import AptpPipeline, GenerationServer, read_png_parameters
 from aptp.runtime.cli import main as cli_main
-from runtime_fixtures import FOOD_PROMPTS, STEPS, VEHICLE_PROMPTS, shallow_copy, tiny_export
-from test_runtime import ATOL, diffusers_run, expert_unet
-
-
-@pytest.fixture(scope="session")
-def export_dir(tmp_path_factory):
-    return tiny_export(tmp_path_factory.mktemp("runtime"))
-
-
-@pytest.fixture(scope="module")
-def pipe(export_dir) -> AptpPipeline:
-    return AptpPipeline.from_export(export_dir, threads=1)
-
-
-@pytest.fixture(scope="module")
-def components(export_dir):
-    from aptp.runtime import load_artifacts
-    from aptp.train.models import load_components
-
-    return load_components(load_artifacts(export_dir, verify=False).base_model)
+from runtime_fixtures import FOOD_PROMPTS, STEPS, VEHICLE_PROMPTS, shallow_copy
+# The tiny export and its pipeline and torch components are test_runtime's fixtures (one export per session).
+from test_runtime import ATOL, components, diffusers_run, export_dir, expert_unet, pipe  # noqa: F401
 
 
 # ---- sampler and step count per request -------------------------------------------------------
