@@ -20,8 +20,10 @@ form. A scheduler that fails any of these checks is rejected with a `ConfigError
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -262,11 +264,32 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
         "coef_model": coefs[:, 1].tolist(),
         "coef_prev_sample": coefs[:, 2].tolist(),
         "coef_prev_model": coefs[:, 3].tolist(),
-        # to_json_string turns tensors/arrays (trained_betas) into plain JSON values.
-        "config": json.loads(probe.to_json_string()),
+        "config": json_config(probe),
     }
     logger.debug("scheduler table for %s, %d steps: init_noise_sigma %.6g", label, n, init_noise_sigma)
     return table
+
+
+def json_config(scheduler: SchedulerMixin) -> dict[str, Any]:
+    """The scheduler's config as strict JSON (what the manifest may hold).
+
+    ``to_json_string`` turns tensors/arrays (trained_betas) into plain values; a non-finite
+    number (DPM-Solver's ``lambda_min_clipped=-inf``) is not JSON, so it is left out when it is
+    the class default, which ``from_config`` restores.
+
+    Raises:
+        ConfigError: a non-finite value that is not the default (it cannot be stored).
+    """
+    config = json.loads(scheduler.to_json_string())
+    defaults = inspect.signature(type(scheduler).__init__).parameters
+    for key, value in list(config.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            default = defaults[key].default if key in defaults else None
+            if not (isinstance(default, float) and default == value):
+                raise ConfigError(f"{type(scheduler).__name__}: {key}={value} is not a finite number and not "
+                                  "the default, so it cannot be stored in the manifest's JSON")
+            del config[key]
+    return config
 
 
 def build_scheduler_table(name: str, base_config: Mapping[str, Any], num_inference_steps: int) -> dict[str, Any]:
@@ -323,9 +346,9 @@ def sampler_specs(base_config: Mapping[str, Any], *, min_steps: int = 1, max_ste
     errors: dict[str, float] = {}
     for name in SCHEDULERS:
         scheduler = make_scheduler(name, base_config)
-        config = json.loads(scheduler.to_json_string())
-        spec = {"config": config, "alphas_cumprod": scheduler.alphas_cumprod.to(torch.float64).tolist()}
         try:
+            config = json_config(scheduler)
+            spec = {"config": config, "alphas_cumprod": scheduler.alphas_cumprod.to(torch.float64).tolist()}
             check_config(name, config)
             if max_steps > config["num_train_timesteps"]:
                 raise ConfigError(f"max_steps {max_steps} exceeds num_train_timesteps {config['num_train_timesteps']}")

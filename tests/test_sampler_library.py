@@ -28,7 +28,7 @@ STEP_COUNTS = (1, 2, 7, 20, 50, 150)
 @pytest.fixture(scope="module")
 def specs() -> dict:
     # Through JSON, as the manifest stores it.
-    return json.loads(json.dumps(sampler_specs(BASE_CONFIG)))
+    return json.loads(json.dumps(sampler_specs(BASE_CONFIG), allow_nan=False))  # strict JSON, as manifests are
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,11 @@ def test_tampered_samplers_section_is_artifact_error(specs, mutate, message):
     default = SchedulerTable.from_dict(build_scheduler_table("ddim", BASE_CONFIG, 4))
     with pytest.raises(ArtifactError, match=message):
         SamplerLibrary.from_manifest(section, default)
+
+
+def test_stored_configs_are_strict_json():
+    """DPM-Solver's default lambda_min_clipped is -inf: left out (from_config restores it)."""
+    table = build_scheduler_table("dpmpp_2m", BASE_CONFIG, 5)
+    json.dumps(table, allow_nan=False)
+    assert "lambda_min_clipped" not in table["config"]
+    assert make_scheduler("dpmpp_2m", table["config"]).config.lambda_min_clipped == float("-inf")
