@@ -3,6 +3,10 @@ the geometry behind it (code norms and mutual cosines, how much the router vecto
 
 Used by `aptp-bench quality` (routing of every pruned row) and on its own:
 ``python -m aptp.benchmarks.quality.routing CHECKPOINT_DIR [--num-prompts N] [--prompt-seed S]``.
+With ``--refit-weights 1 100`` it also trains fresh router heads against the checkpoint's frozen
+codes (the router's part of pruning only, `aptp.train.prune.router_step`) with each assignment
+weight, and reports how they route without calibration: the effect of the weight on real codes
+in seconds, without re-running pruning.
 """
 
 from __future__ import annotations
@@ -102,6 +106,48 @@ def routing_report(checkpoint_dir: str | Path, prompts: Sequence[str], families:
     return report
 
 
+def refit_head(checkpoint_dir: str | Path, assignment_weight: float, seed: int, prompts: Sequence[str],
+               families: Sequence[str], steps: int = 200, train_prompts: int = 512) -> dict[str, Any]:
+    """Train a fresh router head against the checkpoint's frozen codes (its config, the given
+    assignment weight) and route `prompts` with it, uncalibrated."""
+    from aptp.train import checkpoint as ckpt
+    from aptp.train.codes import ArchitectureCodes
+    from aptp.train.config import load_config
+    from aptp.train.data import ProceduralCaptions
+    from aptp.train.prune import RouterAndCodes, router_step
+    from aptp.train.router import RouterHead, SentenceEncoder
+
+    directory = Path(checkpoint_dir)
+    config = load_config(str(directory / "config.yaml"), [f"loss_weights.assignment={assignment_weight}"])
+    logits, _ = ckpt.load_codes(directory)
+    layout = ckpt.load_layout(directory)
+    encoder = SentenceEncoder(config.router.encoder)
+    data = ProceduralCaptions(train_prompts, seed=config.seed)
+    train = encoder.encode([data.caption(i) for i in range(len(data))])
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    k = logits.shape[0]
+    head = RouterHead(train.shape[1], layout.num_gates, config.router.hidden_dim, k)
+    codes = ArchitectureCodes(k, layout.num_gates, config.codes.base, config.codes.temperature)
+    codes.logits.data.copy_(logits)
+    codes.logits.requires_grad_(False)
+    model = RouterAndCodes(head, codes)
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=config.prune.router_learning_rate,
+                                  weight_decay=0.0)
+    for _ in range(steps):
+        batch = train[torch.randint(0, len(train), (config.prune.batch_size,), generator=generator)]
+        losses = router_step(model, batch, layout.unit_weights, config)[4]
+        total = sum(getattr(config.loss_weights, name) * value for name, value in losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+    with torch.no_grad():
+        routed = model(encoder.encode(list(prompts)), layout.unit_weights)[2].argmax(1).numpy()
+    share = np.bincount(routed, minlength=k) / len(routed)
+    return {"assignment_weight": assignment_weight, "seed": seed, "steps": steps, "code_share": share.round(4).tolist(),
+            "max_share": float(share.max()), **family_purity(routed, families, k)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from aptp.train.data import ProceduralCaptions
 
@@ -109,11 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--prompt-seed", type=int, default=1)
+    parser.add_argument("--refit-weights", type=float, nargs="*", default=[],
+                        help="also refit router heads on the frozen codes with these assignment weights")
+    parser.add_argument("--refit-seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args(argv)
     data = ProceduralCaptions(args.num_prompts, seed=args.prompt_seed)
     prompts = [data.caption(i) for i in range(len(data))]
     families = [data.attributes(i)["family"] for i in range(len(data))]
-    print(json.dumps(routing_report(args.checkpoint, prompts, families), indent=1))
+    report = routing_report(args.checkpoint, prompts, families)
+    report["refit"] = [refit_head(args.checkpoint, w, seed, prompts, families) for w in args.refit_weights for seed in args.refit_seeds]
+    print(json.dumps(report, indent=1))
     return 0
 
 
