@@ -44,8 +44,12 @@ def read_json(path: str | os.PathLike, expect: type | tuple[type, ...] = dict, w
         raise ArtifactError(f"cannot read {label}: {error.strerror or error}") from error
     except UnicodeDecodeError as error:
         raise ArtifactError(f"{label} is not a UTF-8 text file: {error.reason}") from error
+
+    def refuse_constant(name: str) -> Any:
+        raise ArtifactError(f"{label} holds {name}; aptp's files hold finite numbers only")
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=refuse_constant)
     except json.JSONDecodeError as error:
         raise ArtifactError(f"{label} is not valid JSON: {error}") from error
     except RecursionError as error:

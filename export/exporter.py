@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -117,12 +118,22 @@ class ExportOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) < 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive number of pixels, got {value!r}")
-        if int(self.max_batch) < 1:
-            raise ConfigError(f"max-batch must be >= 1, got {self.max_batch}")
+        # The ranges the runtime accepts in a manifest: never export what it would refuse.
+        from aptp.runtime.artifacts import LIMITS
+
+        low, high = LIMITS["image_size"]
+        for name in ("resolution", "min_resolution", "max_resolution"):
+            value = getattr(self, name)
+            if value is not None and not low <= int(value) <= high:
+                raise ConfigError(f"{name.replace('_', '-')} must be {low:g}..{high:g} pixels, got {value}")
+        low, high = LIMITS["max_batch"]
+        if not low <= int(self.max_batch) <= high:
+            raise ConfigError(f"max-batch must be {low:g}..{high:g}, got {self.max_batch}")
         if int(self.steps) < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        low, high = LIMITS["guidance_scale"]
+        if not low <= self.guidance_scale <= high:
+            raise ConfigError(f"guidance scale must be {low:g}..{high:g}, got {self.guidance_scale}")
         make_scheduler(self.scheduler, {})  # unknown names fail here, before any model is loaded
         if self.signing_key is not None:
             from .signing import load_private_key
@@ -179,10 +190,24 @@ def _read_checkpoint(checkpoint: Path) -> tuple[Any, Any, torch.Tensor, torch.Te
         raise ArtifactError(
             f"checkpoint {checkpoint}: codes have {logits.shape[1]} gates, the gate layout {layout.num_gates}"
         )
+    if not torch.isfinite(logits).all():
+        raise ArtifactError(f"checkpoint {checkpoint}: codes.safetensors holds non-finite code logits")
+    for code in range(k):
+        kept = layout.kept_units(masks[code])
+        empty = [site.name for site, units, needed in zip(layout.sites, kept, layout.site_nonempty.tolist())
+                 if needed and not units]
+        if empty:
+            raise ArtifactError(f"checkpoint {checkpoint}: code {code}'s hard mask keeps no unit at {len(empty)} "
+                                f"site(s), e.g. {empty[0]}; training never writes such a mask")
+    for name in ("code_macs_ratio", "code_share"):
+        bad = [v for v in getattr(info, name) if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise ArtifactError(f"checkpoint {checkpoint}: checkpoint.json '{name}' holds {bad[0]!r}; "
+                                "expected finite numbers >= 0")
     ckpt.load_router_head(checkpoint)  # a missing or corrupt head fails now, not after the experts
     routing = ckpt.load_routing(checkpoint)
     shares: list[float | None]
-    if routing and len(routing.get("share", [])) == k:
+    if routing and len(routing.get("share", [])) == k and all(0 <= float(v) <= 1 for v in routing["share"]):
         shares = [float(s) for s in routing["share"]]
     elif len(info.code_share) == k:
         shares = [float(s) for s in info.code_share]
@@ -199,6 +224,11 @@ def _latent_sizes(ctx: _Context) -> None:
     multiple = 2 ** (len(comps.unet.config.down_block_types) - 1)
     step = factor * multiple
     resolution = int(opts.resolution or info.resolution)
+    from aptp.runtime.artifacts import LIMITS
+
+    if not opts.resolution and not LIMITS["image_size"][0] <= resolution <= LIMITS["image_size"][1]:
+        raise ArtifactError(f"checkpoint {ctx.checkpoint}: resolution {resolution} in checkpoint.json is not a usable "
+                            "image size; pass --resolution")
     low = int(opts.min_resolution or resolution)
     high = int(opts.max_resolution or resolution)
     for name, value in (("resolution", resolution), ("min-resolution", low), ("max-resolution", high)):

@@ -202,7 +202,7 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
     probe = type(scheduler).from_config(scheduler.config)
     try:
         probe.set_timesteps(n, device="cpu")
-    except ValueError as err:
+    except (ValueError, IndexError) as err:
         raise ConfigError(f"{label}.set_timesteps({n}) failed: {err}") from err
     timesteps = probe.timesteps
     if len(timesteps) != n:
@@ -226,7 +226,11 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
             if scaled[0] != 0.0:
                 raise _not_linear(label, i, f"scale_model_input(0) = {scaled[0]:.6g}, not 0")
             _check_lanes(label, i, scaled[2:], (scale_in[2:] * input_scale[i])[:, None])
-            out = probe.step(_as_lanes(models[i]), t, _as_lanes(samples[i])).prev_sample
+            try:
+                out = probe.step(_as_lanes(models[i]), t, _as_lanes(samples[i])).prev_sample
+            except IndexError as err:  # e.g. DDIM with steps_offset=1 at as many steps as training had
+                raise ConfigError(f"{label} cannot run {n} inference steps (step {i}, timestep {float(t):g}: "
+                                  f"{err}); use fewer steps") from err
             outputs[i] = _from_lanes(out)
 
     coefs = np.zeros((n, 4))

@@ -503,3 +503,60 @@ def test_bench_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "expected a seed in [0, 2**63)" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+# -- values no export can use: one line, before any work ---------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resolution", "1000000"], "resolution must be 8..8192"),
+    (["--max-batch", "1000000000"], "max-batch must be 1..1024"),
+])
+def test_absurd_options_are_one_line(args, message, tmp_path, capsys):
+    rc, line = _cli(["--checkpoint", tmp_path / "nope", "--output", tmp_path / "A", *args], capsys)
+    assert rc == 2 and message in line, line
+
+
+def test_scheduler_steps_the_model_cannot_run_are_one_line():
+    from aptp.errors import ConfigError
+    from aptp.export.scheduler_tables import build_scheduler_table
+    from aptp.train.models import resolve_pretrained
+    from diffusers import DDIMScheduler
+
+    config = dict(DDIMScheduler.load_config(resolve_pretrained("tiny"), subfolder="scheduler"))
+    # DDIM with steps_offset=1 at 1000 steps reaches timestep 1000 (an IndexError inside diffusers).
+    with pytest.raises(ConfigError, match="cannot run 1000 inference steps"):
+        build_scheduler_table("ddim", config, 1000)
+    with pytest.raises(ConfigError, match="set_timesteps"):
+        build_scheduler_table("ddim", config, 5000)
+
+
+def test_empty_or_non_finite_codes_are_refused(checkpoint_copy):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from aptp.errors import ArtifactError
+    from aptp.export.exporter import _read_checkpoint
+
+    path = checkpoint_copy / "codes.safetensors"
+    original = load_file(str(path))
+    tensors = {k: v.clone() for k, v in original.items()}
+    tensors["hard_masks"][0] = 0
+    save_file(tensors, str(path))
+    with pytest.raises(ArtifactError, match="code 0's hard mask keeps no unit"):
+        _read_checkpoint(checkpoint_copy)
+    tensors = {k: v.clone() for k, v in original.items()}
+    tensors["logits"][1, 3] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(ArtifactError, match="non-finite code logits"):
+        _read_checkpoint(checkpoint_copy)
+    save_file(original, str(path))
+    data = json.loads((checkpoint_copy / "checkpoint.json").read_text())
+    text = json.dumps({**data, "budget_target": "__nan__"}).replace('"__nan__"', "NaN")
+    (checkpoint_copy / "checkpoint.json").write_text(text)
+    with pytest.raises(ArtifactError, match="holds NaN"):
+        _read_checkpoint(checkpoint_copy)
+    data["code_share"] = [-1.0, 2.0]
+    (checkpoint_copy / "checkpoint.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="'code_share' holds -1.0"):
+        _read_checkpoint(checkpoint_copy)
