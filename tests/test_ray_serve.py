@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,6 +147,9 @@ def served(tmp_path_factory):
     export = tiny_export(tmp_path_factory.mktemp("runtime"))
     out = tmp_path_factory.mktemp("serve")
     ray_tmp = tmp_path_factory.getbasetemp() / "r"  # short: Ray's socket paths must fit 107 bytes
+    own_tmp = None
+    if len(str(ray_tmp)) > 48:  # a long TMPDIR: Ray's session folder would not fit under it
+        own_tmp = ray_tmp = Path(tempfile.mkdtemp(prefix="aptp-r", dir="/tmp"))
     ray_tmp.mkdir(exist_ok=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
@@ -159,6 +163,9 @@ def served(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group: what this test started
         log, _ = proc.communicate()
         pytest.fail(f"the Ray worker did not finish within {WORKER_TIMEOUT_S} s:\n{log[-4000:]}")
+    finally:
+        if own_tmp is not None:
+            shutil.rmtree(own_tmp, ignore_errors=True)
     report_path = out / "results.json"
     assert report_path.is_file(), f"the Ray worker wrote no report (exit {proc.returncode}):\n{log[-4000:]}"
     report = json.loads(report_path.read_text())
