@@ -179,14 +179,21 @@ def _deployments(serve: Any) -> tuple[type, type]:
                                                  device=device, max_batch=options.max_batch)
             self.key = key
             self.pipe.unet(key)  # create the session before traffic arrives
-            self.generate.set_max_batch_size(self.pipe.max_batch)
-            self.generate.set_batch_wait_timeout_s(options.max_wait_s)
+            self._batch.set_max_batch_size(self.pipe.max_batch)
+            self._batch.set_batch_wait_timeout_s(options.max_wait_s)
 
         def pid(self) -> int:
             return os.getpid()
 
+        async def generate(self, request: tuple[str, int, GenerationOptions]) -> dict[str, Any]:
+            """One request's result; a failure of its group is raised to its caller only."""
+            result = await self._batch(request)
+            if isinstance(result, Exception):
+                raise result
+            return result
+
         @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-        async def generate(self, requests: list[tuple[str, int, GenerationOptions]]) -> list[Any]:
+        async def _batch(self, requests: list[tuple[str, int, GenerationOptions]]) -> list[Any]:
             # Requests with other options (guidance, size) cannot share a UNet call: one run each.
             groups: dict[GenerationOptions, list[int]] = {}
             for i, (_, _, opts) in enumerate(requests):
@@ -205,7 +212,7 @@ def _deployments(serve: Any) -> tuple[type, type]:
                     out[i] = {"prompt": result.prompt, "seed": result.seed, "expert": result.expert,
                               "truncated": bool(result.truncated), "batch_size": len(rows),
                               "timings": dict(result.timings), "png": encode_png(result.image)}
-            return [_raise(r) if isinstance(r, Exception) else r for r in out]
+            return out  # serve.batch hands each item back as a value, exceptions included
 
     class RouterDeployment:
         """HTTP ingress: check, route in batches, forward to the expert's deployment."""
@@ -260,10 +267,6 @@ def _deployments(serve: Any) -> tuple[type, type]:
                                      "X-Aptp-Batch-Size": str(result["batch_size"])})
 
     return RouterDeployment, ModelDeployment
-
-
-def _raise(err: Exception) -> Any:
-    raise err
 
 
 def _key(name: str) -> int | str:
