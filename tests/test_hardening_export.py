@@ -560,3 +560,19 @@ def test_empty_or_non_finite_codes_are_refused(checkpoint_copy):
     (checkpoint_copy / "checkpoint.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="'code_share' holds -1.0"):
         _read_checkpoint(checkpoint_copy)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "vae.max_steps=abc"], "vae.max_steps must be an integer"),
+    (["--set", "vae=[1"], "malformed YAML value"),
+    (["--set", "vae=3"], "vae must be a mapping"),
+    (["--set", "seed.x=1"], "seed is a value, not a section"),
+    (["--config", "{bad_yaml}"], "malformed YAML"),
+])
+def test_bad_pretrain_config_is_one_line(extra, message, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1,\n")
+    extra = [e.replace("{bad_yaml}", str(bad)) for e in extra]
+    rc, line = _train(["pretrain", "--output-dir", tmp_path / "p", *extra], capsys)
+    assert rc == 2 and message in line, line
+    assert not (tmp_path / "p").exists()

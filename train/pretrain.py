@@ -25,6 +25,7 @@ import math
 import shutil
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from aptp.errors import ConfigError
 from aptp.outputs import PIPELINE, check_output_dir, commit_dir, ordinary_tree
 
+from .config import _check_type  # the training config's type check, same messages
 from .data import ProceduralCaptions
 from .losses import denoising_loss
 from .models import build_tiny_pipeline, load_components
@@ -105,7 +107,12 @@ def load_pretrain_config(name_or_path: str = DEFAULT_PRESET, overrides: Sequence
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"pretrain config '{name_or_path}' not found (looked for {path}); pass a YAML file or 'tiny_teacher'")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: malformed YAML ({' '.join(str(error).split())})") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -114,7 +121,12 @@ def load_pretrain_config(name_or_path: str = DEFAULT_PRESET, overrides: Sequence
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': {part} is a value, not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override '{item}': malformed YAML value") from error
     return pretrain_config_from_dict(raw, source=str(path))
 
 
@@ -125,10 +137,16 @@ def pretrain_config_from_dict(raw: dict[str, Any], source: str = "config") -> Pr
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {unknown} in {section or 'top level'}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in values.items():
             nested = {"vae": VaeStageConfig, "unet": UnetStageConfig}.get(name) if cls is PretrainConfig else None
-            kwargs[name] = build(nested, value or {}, name) if nested else value
+            if nested:
+                if value is not None and not isinstance(value, dict):
+                    raise ConfigError(f"{source}: {name} must be a mapping of keys, got {type(value).__name__}")
+                kwargs[name] = build(nested, value or {}, name)
+            else:
+                kwargs[name] = _check_type(value, hints[name], f"{source}: {section + '.' if section else ''}{name}")
         return cls(**kwargs)
 
     config = build(PretrainConfig, dict(raw), "")
