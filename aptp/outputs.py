@@ -176,6 +176,14 @@ def check_output_dir(path: str | os.PathLike, kind: OutputKind, *, allow_existin
             files aptp did not write, or holds a previous output and `allow_existing` is False.
     """
     path = Path(path).expanduser().absolute()
+    try:
+        return _check_output_dir(path, kind, allow_existing, existing_hint, inputs)
+    except OSError as error:  # name too long, symlink loop, I/O error...
+        raise OutputError(f"{kind.option} {path}: {describe_os_error(error)}") from error
+
+
+def _check_output_dir(path: Path, kind: OutputKind, allow_existing: bool, existing_hint: str,
+                      inputs: Iterable[tuple[str, str | os.PathLike]]) -> bool:
     option = kind.option
     _check_overlap(path, inputs, option)
     _check_ancestors(path, option)

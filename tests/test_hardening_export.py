@@ -576,3 +576,15 @@ def test_bad_pretrain_config_is_one_line(extra, message, tmp_path, capsys):
     rc, line = _train(["pretrain", "--output-dir", tmp_path / "p", *extra], capsys)
     assert rc == 2 and message in line, line
     assert not (tmp_path / "p").exists()
+
+
+def test_os_level_path_problems_are_output_errors(tmp_path):
+    with pytest.raises(OutputError, match="File name too long"):
+        check_output_dir(tmp_path / ("a" * 300), EXPORT)
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    with pytest.raises(OutputError):
+        check_output_dir(tmp_path / "loop1", EXPORT)
+    with pytest.raises(OutputError, match="cannot write there"):
+        with staged_output(tmp_path / "loop1" / "A", EXPORT):
+            pass
