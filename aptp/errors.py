@@ -31,3 +31,7 @@ class OutputError(ConfigError):
 
 class StorageError(AptpError):
     """Reading or writing files failed (disk full, permission denied, read-only filesystem...)."""
+
+
+class DependencyError(AptpError, ImportError):
+    """An optional package the call needs is not installed; the message names the extra to install."""

@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> list[Path] | int:
             result.save(paths[i])
             stages = "  ".join(f"{stage} {_ms(result.timings[stage])}" for stage in STAGES)
             note = "  (truncated)" if result.truncated else ""
-            print(f"[{i}] expert {result.expert}  seed {result.seed}  {stages}  -> {paths[i]}{note}")
+            print(f"[{i}] expert {result.expert} on {result.provider}  seed {result.seed}  {stages}  -> {paths[i]}{note}")
             print(f"    {result.prompt}")
             if grid is not None:
                 sheet.append((result.image, result.parameters()))

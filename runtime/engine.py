@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from aptp.errors import ArtifactError, RuntimeInputError
+from aptp.errors import ArtifactError, DependencyError, RuntimeInputError
 from aptp.export.manifest import read_verified
 
 from .kernels import DeviceArray
@@ -41,8 +41,10 @@ __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
     "TensorRTEngine",
+    "check_active_providers",
     "check_threads",
     "default_threads",
+    "import_onnxruntime",
     "onnxruntime_providers",
     "tensorrt_available",
 ]
@@ -82,6 +84,65 @@ def check_threads(value: object) -> int | None:
     return int(value)
 
 
+ONNXRUNTIME_EXTRAS = ("pip install 'aptp[cpu]' (onnxruntime) or 'aptp[gpu]' (onnxruntime-gpu with its "
+                      "CUDA and cuDNN wheels)")
+CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+_warned: set[str] = set()  # fallback reasons already logged (one warning each per process)
+
+
+def import_onnxruntime() -> Any:
+    """``import onnxruntime``, or a `DependencyError` naming the extras that install it.
+
+    The base install carries no onnxruntime flavour on purpose: the CPU and GPU builds write the
+    same package folder, so whichever is installed last would silently win."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise DependencyError(f"the aptp runtime needs onnxruntime, which is not installed ({err}): "
+                              f"{ONNXRUNTIME_EXTRAS}") from err
+    return onnxruntime
+
+
+def _provider_name(entry: Any) -> str:
+    return entry[0] if isinstance(entry, tuple) else str(entry)
+
+
+def check_active_providers(requested: list[Any], active: list[str], *, device: str, backend: str,
+                           source: str = "the session") -> str:
+    """The provider that runs the graph, after checking onnxruntime activated what was asked.
+
+    onnxruntime-gpu lists the CUDA and TensorRT providers even where their libraries cannot
+    load, and a session asked for them then runs on the CPU provider without an error. So the
+    providers a session actually activated decide: device ``"cuda"`` with CUDA inactive is an
+    error (never report CPU execution as CUDA); ``backend="tensorrt"`` with TensorRT inactive is
+    an error; ``backend="auto"`` whose TensorRT provider did not activate falls back to CUDA
+    with one warning naming the reason.
+
+    Raises:
+        RuntimeInputError: the device or backend asked for explicitly is not what runs.
+    """
+    names = [_provider_name(p) for p in requested]
+    active = list(active)
+    if device == "cpu" or not active:
+        return active[0] if active else CPU_PROVIDER
+    wanted_trt = TENSORRT_PROVIDER in names
+    if wanted_trt and TENSORRT_PROVIDER not in active:
+        reason = (f"onnxruntime's {TENSORRT_PROVIDER} is listed but did not activate for {source} "
+                  f"(active: {active}; its TensorRT libraries are missing or do not load)")
+        if backend == "tensorrt":
+            raise RuntimeInputError(f"backend 'tensorrt': {reason}. Install TensorRT (see the README) or use "
+                                    "backend 'onnxruntime'")
+        if TENSORRT_PROVIDER not in _warned:
+            _warned.add(TENSORRT_PROVIDER)
+            logger.warning("%s: falling back to %s", reason, CUDA_PROVIDER)
+    if CUDA_PROVIDER not in active and TENSORRT_PROVIDER not in active:
+        raise RuntimeInputError(
+            f"device 'cuda': onnxruntime did not activate {CUDA_PROVIDER} for {source}; it would run on {active} "
+            "(the CUDA or cuDNN libraries onnxruntime-gpu needs are missing, or no GPU is visible). Install "
+            "'aptp[gpu]' on a machine with a GPU, or pass device 'cpu'")
+    return active[0]
+
+
 def default_threads() -> int:
     """Intra-op threads per session: ``$OMP_NUM_THREADS`` when set, else 0 (onnxruntime's
     default, every core). onnxruntime itself ignores that variable."""
@@ -104,15 +165,15 @@ def onnxruntime_providers(device: str, backend: str = "auto", device_id: int = 0
     """The execution providers for `device`, best first.
 
     CPU: the CPU provider. CUDA: onnxruntime's TensorRT provider first when present and
-    `backend` allows it, then its CUDA provider, then CPU for the few ops neither takes.
+    `backend` allows it (``"tensorrt"`` requires it), then its CUDA provider, then CPU for the
+    few ops neither takes. Listed is not active: `check_active_providers` checks the session.
 
     Raises:
         RuntimeInputError: an unknown device, or CUDA without a CUDA-enabled onnxruntime.
     """
-    import onnxruntime as ort
-
     if device not in DEVICES:
         raise RuntimeInputError(f"device must be one of {DEVICES}, got {device!r}")
+    ort = import_onnxruntime()
     if device == "cpu":
         return ["CPUExecutionProvider"]
     available = ort.get_available_providers()
@@ -121,6 +182,10 @@ def onnxruntime_providers(device: str, backend: str = "auto", device_id: int = 0
             f"device 'cuda' needs onnxruntime with the CUDA execution provider; this onnxruntime "
             f"{ort.__version__} offers {available}: install onnxruntime-gpu, or pass device='cpu'"
         )
+    if backend == "tensorrt" and TENSORRT_PROVIDER not in available:
+        raise RuntimeInputError(f"backend 'tensorrt' needs onnxruntime's {TENSORRT_PROVIDER}; this onnxruntime "
+                                f"{ort.__version__} offers {available}: install TensorRT (see the README) or use "
+                                "backend 'onnxruntime'")
     providers: list[Any] = []
     if backend in ("auto", "tensorrt") and "TensorrtExecutionProvider" in available:
         providers.append(("TensorrtExecutionProvider", {"device_id": device_id, "trt_fp16_enable": True}))
@@ -138,7 +203,7 @@ class DeviceTensor:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, device_id: int = 0):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
@@ -265,8 +330,10 @@ class OnnxRuntimeEngine(Engine):
         path: the ``.onnx`` file.
         device: ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads; ``None`` means `default_threads`.
-        backend: ``"auto"`` or ``"tensorrt"`` lets onnxruntime's TensorRT provider take the graph
-            on CUDA when it is present; ``"onnxruntime"`` keeps the CUDA provider only.
+        backend: ``"auto"`` lets onnxruntime's TensorRT provider take the graph on CUDA when it
+            activates (else CUDA, with one warning); ``"tensorrt"`` requires it; ``"onnxruntime"``
+            keeps the CUDA provider only. After `load`, ``provider`` is the provider that runs
+            the graph and ``providers`` all the session activated.
         device_id: the GPU ordinal.
         sha256: the graph file's expected sha256 (from the manifest); ``None`` skips the check.
         external_data: ``(path, sha256)`` of each external weight file the graph references
@@ -290,6 +357,8 @@ class OnnxRuntimeEngine(Engine):
         self.external_data = [(Path(p), digest) for p, digest in external_data]
         self.backend = backend
         self.session = None
+        self.providers: list[str] = []  # the session's active providers, best first (after load)
+        self.provider: str | None = None  # the one that runs the graph
         self._inputs: dict[str, np.dtype] = {}
         self._outputs: dict[str, np.dtype] = {}
         self._lock = threading.Lock()
@@ -307,7 +376,7 @@ class OnnxRuntimeEngine(Engine):
                 self._create_session()
 
     def _create_session(self) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         if not self.path.is_file():
             raise ArtifactError(f"ONNX graph {self.path} does not exist; re-export")
@@ -329,6 +398,10 @@ class OnnxRuntimeEngine(Engine):
             session = ort.InferenceSession(model, options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {err}") from err
+        # What runs is what the session activated, not what was listed (see check_active_providers).
+        self.providers = list(session.get_providers())
+        self.provider = check_active_providers(providers, self.providers, device=self.device, backend=self.backend,
+                                               source=str(self.path))
         self._inputs = {i.name: _ORT_DTYPES.get(i.type, np.dtype(np.float32)) for i in session.get_inputs()}
         self._outputs = {o.name: _ORT_DTYPES.get(o.type, np.dtype(np.float32)) for o in session.get_outputs()}
         self.session = session  # last: a thread that sees the session also sees its I/O tables
@@ -398,6 +471,7 @@ class OnnxRuntimeEngine(Engine):
     def unload(self) -> None:
         self.buffers.clear()
         self.session = None
+        self.providers, self.provider = [], None
         self._inputs, self._outputs = {}, {}
 
 
@@ -409,6 +483,9 @@ class TensorRTEngine(Engine):
     `aptp.runtime.kernels`' CUDA functions then run in order) and returns the output buffers
     without synchronising.
     """
+
+    #: What `GenerationResult.provider` and the benchmarks record for a native TensorRT plan.
+    provider = "TensorRT"
 
     def __init__(self, path: str | os.PathLike, device_id: int = 0, sha256: str | None = None):
         super().__init__(path, "cuda", device_id)

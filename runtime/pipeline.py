@@ -109,6 +109,8 @@ class GenerationResult:
     and text_encode for the whole batch, denoise and decode for the prompt's expert group.
     The generation parameters (negative prompt, sampler, steps, guidance, size, and the sha256
     of the export's manifest) come along so that `save` can write them into the PNG.
+    ``provider`` is what actually ran its UNet: the execution provider the onnxruntime session
+    activated (e.g. ``"CPUExecutionProvider"``, ``"CUDAExecutionProvider"``) or ``"TensorRT"``.
     """
 
     prompt: str
@@ -125,6 +127,7 @@ class GenerationResult:
     height: int = 0
     width: int = 0
     manifest_sha256: str = ""
+    provider: str | None = None
 
     def parameters(self) -> dict[str, str]:
         """What made this image, as the PNG text chunks `save` writes (`aptp.runtime.images`)."""
@@ -327,6 +330,9 @@ class AptpPipeline:
             self.scheduler, self.samplers = other.scheduler, other.samplers
         if preload:
             self.load()
+        elif device == "cuda":
+            # Fail at construction, not at the first request, where CUDA would not really run.
+            self.router.encoder.load()
 
     @classmethod
     def from_export(cls, path: str | os.PathLike, *, verify: bool = True, trusted_key: Any = None,
@@ -347,7 +353,10 @@ class AptpPipeline:
         a = self.artifacts
         if plan is not None and self.backend == "tensorrt":
             return TensorRTEngine(plan, self.device_id, sha256=a.sha256(plan))
-        return OnnxRuntimeEngine(path, self.device, threads=self.threads, backend=self.backend,
+        # Graphs without a plan under backend 'tensorrt' (text encoder, VAE, router) take
+        # onnxruntime's best provider: TensorRT's if it activates, else CUDA.
+        backend = "auto" if self.backend == "tensorrt" else self.backend
+        return OnnxRuntimeEngine(path, self.device, threads=self.threads, backend=backend,
                                  device_id=self.device_id, sha256=a.sha256(path), external_data=a.external_weights(path))
 
     def unet(self, key: int | str) -> Engine:
@@ -387,6 +396,11 @@ class AptpPipeline:
         other.scheduler = scheduler
         other.samplers = self.samplers.with_default(scheduler)
         return other
+
+    def providers(self) -> dict[str, str | None]:
+        """The provider running each loaded graph (``"unet_<key>"`` for UNets), for reports."""
+        return {(f"unet_{name[1]}" if isinstance(name, tuple) else name): getattr(engine, "provider", None)
+                for name, engine in list(self._engines.items()) if engine.loaded}
 
     def close(self) -> None:
         """Drop every session and device buffer."""
@@ -544,6 +558,7 @@ class AptpPipeline:
         final = np.empty_like(latents)
         pixels: np.ndarray | None = None
         group_timings: dict[int, dict[str, float]] = {}
+        group_provider: dict[int, str | None] = {}
         order, offsets = kernels.group_by_code(index, num_codes + 1)  # slot K is the dense model
         for slot in range(num_codes + 1):
             group = order[offsets[slot]:offsets[slot + 1]]
@@ -573,8 +588,10 @@ class AptpPipeline:
                         pixels = np.empty((batch, *decoded.shape[1:]), dtype=np.float32)
                     kernels.scatter_rows(decoded, rows, pixels)
                     spent["decode"] += time.perf_counter() - clock
+            provider = getattr(self.unet(key), "provider", None)
             for row in group.tolist():
                 group_timings[row] = spent
+                group_provider[row] = provider
             logger.info("expert %s: %d prompt(s), %d %s steps, %.3f s", key, group.size, table.num_steps,
                         table.name, spent["denoise"] + spent["decode"])
 
@@ -585,7 +602,7 @@ class AptpPipeline:
             results.append(GenerationResult(
                 prompt=prompt, seed=int(seeds[i]), expert=DENSE if slot == num_codes else slot,
                 latents=final[i], image=None if images is None else images[i], truncated=tokens.truncated[i],
-                timings={**timings, **group_timings[i]},
+                timings={**timings, **group_timings[i]}, provider=group_provider[i],
                 negative_prompt=None if negative_prompts is None else negative_prompts[i],
                 scheduler=table.name, num_inference_steps=table.num_steps, guidance_scale=options.guidance_scale,
                 height=options.height, width=options.width, manifest_sha256=self.manifest_sha256,

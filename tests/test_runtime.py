@@ -117,7 +117,8 @@ def test_aptp_generate_writes_images_without_torch(export_dir, tmp_path):
             assert image.size == (64, 64) and image.mode == "RGB"
     assert not (tmp_path / "out.png").exists()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert lines[0].startswith("[0] expert 0  seed 5") and lines[1].startswith("[1] expert 1  seed 6")
+    assert lines[0].startswith("[0] expert 0 on CPUExecutionProvider  seed 5")
+    assert lines[1].startswith("[1] expert 1 on CPUExecutionProvider  seed 6")
     for stage in ("tokenise", "route", "text_encode", "denoise", "decode"):
         assert f"{stage} " in lines[0]
 

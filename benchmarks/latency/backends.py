@@ -49,7 +49,7 @@ def backend_status(name: str, manifest: Mapping[str, Any]) -> tuple[bool, str | 
     ok, reason = torch_status()
     if not ok:
         return False, reason
-    if name == "torch-cuda":
+    if name in ("torch-cuda", "torch-cuda-graphs"):
         import torch
 
         if not torch.cuda.is_available():
@@ -63,11 +63,15 @@ def backend_status(name: str, manifest: Mapping[str, Any]) -> tuple[bool, str | 
 
 
 class Step:
-    """One variant on one backend: `prepare(batch, h, w)` returns a callable running one UNet step."""
+    """One variant on one backend: `prepare(batch, h, w)` returns a callable running one UNet step;
+    `provider` names what actually runs it (the onnxruntime provider the session activated,
+    ``"TensorRT"``, or the torch device and dtype), for the reports."""
 
-    def __init__(self, prepare: Callable[[int, int, int], Callable[[], Any]], close: Callable[[], None] | None = None):
+    def __init__(self, prepare: Callable[[int, int, int], Callable[[], Any]], close: Callable[[], None] | None = None,
+                 provider: str | None = None):
         self.prepare = prepare
         self.close = close or (lambda: None)
+        self.provider = provider
 
 
 def unet_inputs(batch: int, channels: int, height: int, width: int, text_length: int, hidden: int,
@@ -91,7 +95,7 @@ def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str) ->
         feed = {name: value.astype(engine.input_dtype(name)) for name, value in feed.items()}
         return lambda: engine.infer(feed)
 
-    return Step(prepare, engine.unload)
+    return Step(prepare, engine.unload, provider=engine.provider)
 
 
 def trt_step(plan: Path, shape: Mapping[str, int]) -> Step:
@@ -112,7 +116,7 @@ def trt_step(plan: Path, shape: Mapping[str, int]) -> Step:
 
         return run
 
-    return Step(prepare, engine.unload)
+    return Step(prepare, engine.unload, provider=engine.provider)
 
 
 def cuda_sync() -> None:
@@ -149,4 +153,4 @@ def torch_step(unet: Any, shape: Mapping[str, int], backend: str, gates: Any = N
 
         return run
 
-    return Step(prepare)
+    return Step(prepare, provider=f"torch {device} float32" + (" (torch.compile)" if backend == "torch-compile" else ""))

@@ -12,10 +12,13 @@ from aptp.errors import ConfigError
 
 RESULTS_FORMAT = "aptp-bench-latency"
 RESULTS_VERSION = 1
-ALL_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-compile", "torch-cuda")
+ALL_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-compile", "torch-cuda",
+                "torch-cuda-graphs")
 # Backends taken by default when present; torch.compile only on request (minutes of compiling).
 DEFAULT_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda")
-TORCH_BACKENDS = ("torch", "torch-compile", "torch-cuda")
+TORCH_BACKENDS = ("torch", "torch-compile", "torch-cuda", "torch-cuda-graphs")
+# torch on CUDA runs in fp16 through `torch_cuda.torch_cuda_step` (the -graphs variant replays CUDA graphs).
+TORCH_CUDA_BACKENDS = ("torch-cuda", "torch-cuda-graphs")
 ORT_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
 DENSE, STATIC, MASKED = "dense", "static", "masked"
 # A mixed prompt set: people, animals, objects, scenes, styles, text; short and long.

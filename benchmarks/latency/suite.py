@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from aptp.errors import ConfigError
+from aptp.errors import ConfigError, RuntimeInputError
 from aptp.outputs import BENCH, check_output_dir, claim_in_place
 
 from .backends import backend_status, torch_status
@@ -133,18 +133,29 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     for backend in backends:
         factories = step_factories(backend, model, static, threads, options.masked and backend in TORCH_BACKENDS,
                                    options.masked_codes)
+        providers: dict[str, str | None] = {}
         try:
-            samples, reference = time_backend(backend, factories, configs, model, options)
+            samples, reference = time_backend(backend, factories, configs, model, options, providers)
+        except RuntimeInputError as err:  # a GPU provider listed but not active: skipped, never mislabelled
+            if backend == "onnxruntime":
+                raise
+            status[backend] = {"available": False, "reason": str(err)[:300]}
+            logger.warning("backend %s skipped: %s", backend, err)
+            continue
         except Exception as err:  # e.g. torch.compile failing: record it and go on
             if backend != "torch-compile":
                 raise
             status[backend] = {"available": False, "reason": f"failed: {type(err).__name__}: {err}"[:300]}
             logger.warning("torch.compile failed, skipping it: %s", err)
             continue
+        status[backend]["providers"] = sorted({p for p in providers.values() if p})
         for res, batch in configs:
             ratios = {n: v["macs_ratio"] for n, v in results["variants"][str(res)].items()}
-            results["unet_step"] += step_rows(backend, res, batch, samples[(res, batch)], ratios,
-                                              options.gap_threshold, reference[(res, batch)])
+            rows = step_rows(backend, res, batch, samples[(res, batch)], ratios, options.gap_threshold,
+                             reference[(res, batch)])
+            for row in rows:
+                row["provider"] = providers.get(row["variant"])
+            results["unet_step"] += rows
 
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
     for row in results["unet_step"]:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .backends import Step, ort_step, torch_step, trt_step
 from .model import BenchModel
-from .options import DENSE, LatencyOptions, MASKED, ORT_BACKENDS, STATIC
+from .options import DENSE, LatencyOptions, MASKED, ORT_BACKENDS, STATIC, TORCH_CUDA_BACKENDS
 from .timing import interleaved, summarize
 
 
@@ -37,35 +37,48 @@ def step_factories(backend: str, model: BenchModel, static: dict[str, Any] | Non
         from aptp.train.experts import load_expert
         from aptp.train.slicing import slice_unet
 
-        made[DENSE] = lambda: torch_step(model.dense_torch, model.shape, backend)
+        if backend in TORCH_CUDA_BACKENDS:
+            from .torch_cuda import TorchPlacement, torch_cuda_step
+
+            placement = TorchPlacement.for_device("cuda", cuda_graphs=backend == "torch-cuda-graphs")
+
+            def step(unet: Any, gates: Any = None, layout: Any = None, own: bool = False) -> Step:
+                return torch_cuda_step(unet, model.shape, placement, gates=gates, layout=layout, in_place=own)
+        else:
+            def step(unet: Any, gates: Any = None, layout: Any = None, own: bool = False) -> Step:
+                return torch_step(unet, model.shape, backend, gates=gates, layout=layout)
+
+        made[DENSE] = lambda: step(model.dense_torch)
         for e in m["experts"]:
-            made[f"expert_{e['code']}"] = lambda e=e: torch_step(
-                load_expert(model.root / "experts" / f"expert_{e['code']}"), model.shape, backend)
+            made[f"expert_{e['code']}"] = lambda e=e: step(
+                load_expert(model.root / "experts" / f"expert_{e['code']}"), own=True)
         if static:
-            made[STATIC] = lambda: torch_step(slice_unet(model.dense_torch, model.layout, static["mask"])[0],
-                                              model.shape, backend)
+            made[STATIC] = lambda: step(slice_unet(model.dense_torch, model.layout, static["mask"])[0], own=True)
         if masked:
             # The reference's way: the full UNet, the pruned units zeroed by hooks (apply_gates).
             for code in (range(model.num_codes) if masked_codes is None else masked_codes):
-                made[f"{MASKED}_{code}"] = lambda code=code: torch_step(
-                    model.dense_torch, model.shape, backend, gates=model.masks[code], layout=model.layout)
+                made[f"{MASKED}_{code}"] = lambda code=code: step(model.dense_torch, gates=model.masks[code],
+                                                                  layout=model.layout)
     return made
 
 
 def time_backend(backend: str, factories: Mapping[str, Callable[[], Step]], configs: Sequence[tuple[int, int]],
-                 model: BenchModel, options: LatencyOptions
+                 model: BenchModel, options: LatencyOptions, providers: dict[str, str | None] | None = None
                  ) -> tuple[dict[tuple[int, int], dict[str, list[float]]], dict[tuple[int, int], dict[str, float]]]:
     """Samples per configuration and variant, and the dense median each variant is compared with.
 
     Default: every variant loaded, all interleaved. ``pairwise``: dense stays loaded and each
     other variant is loaded alone and interleaved with it (memory for two models); each ratio
-    is then against the dense timings of its own pair."""
+    is then against the dense timings of its own pair. `providers`, when given, receives what
+    ran each variant (`Step.provider`)."""
+    providers = {} if providers is None else providers
     samples: dict[tuple[int, int], dict[str, list[float]]] = {c: defaultdict(list) for c in configs}
     reference: dict[tuple[int, int], dict[str, float]] = {c: {} for c in configs}
 
     def run(steps: Mapping[str, Step], label: str) -> None:
         for res, batch in tqdm(configs, desc=f"unet step [{backend}{label}]", leave=False):
             latent = res // model.vae_factor
+            providers.update({name: step.provider for name, step in steps.items()})
             calls = {name: step.prepare(batch, latent, latent) for name, step in steps.items()}
             got = interleaved(calls, options.repeats, options.warmup)
             dense = statistics.median(got[DENSE])
