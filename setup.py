@@ -50,13 +50,16 @@ setup(
     install_requires=[
         "numpy",
         "tokenizers",
-        "onnxruntime",
         "safetensors",
         "tqdm",
         "pyyaml",
         "pillow",
     ],
     extras_require={
+        # The onnxruntime flavour is explicit: both builds write the same onnxruntime/ folder, so a
+        # base requirement on the CPU build would silently replace a GPU build. Pick one.
+        "cpu": ["onnxruntime"],
+        "gpu": ["onnxruntime-gpu[cuda,cudnn]"],
         # torch is pinned: a loose requirement pulls the CUDA build and gigabytes with it.
         "train": [
             "torch==2.13.0",

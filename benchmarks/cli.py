@@ -7,6 +7,7 @@
     aptp-bench quality ...                    (aptp.benchmarks.quality.table.main_quality)
     aptp-bench make-synthetic --unet-config sd21 --resolution 256 --output A
     aptp-bench serve --artifacts A [--rates 0.5,1,2] [--count N] [--slo S] [--no-ray] ...
+    aptp-bench gpu-check --output-dir OUT [--dry-run]   (aptp.benchmarks.gpu_check)
 
 Bad input (any `AptpError`) prints one line, ``aptp-bench: error: <message>``, and exits 2;
 Ctrl-C exits 130. torch is imported only after the arguments parse.
@@ -25,7 +26,7 @@ from aptp.cli import positive_int, run_command, seed_int
 from aptp.errors import ConfigError
 
 PROG = "aptp-bench"
-COMMANDS = ("latency", "quality", "make-synthetic", "serve")
+COMMANDS = ("latency", "quality", "make-synthetic", "serve", "gpu-check")
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,12 @@ def _quality(argv: Sequence[str]) -> int:
     return int(main_quality(list(argv)) or 0)
 
 
+def _gpu_check(argv: Sequence[str]) -> int:
+    from .gpu_check import main_gpu_check
+
+    return main_gpu_check(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``aptp-bench``; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -242,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command not in COMMANDS:
             print(f"{PROG}: error: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
-    handlers = {"latency": _latency, "quality": _quality, "make-synthetic": _make_synthetic, "serve": _serve}
+    handlers = {"latency": _latency, "quality": _quality, "make-synthetic": _make_synthetic, "serve": _serve,
+                "gpu-check": _gpu_check}
     return run_command(PROG, lambda: handlers[command](rest))
 
 

@@ -84,10 +84,11 @@ def unet_inputs(batch: int, channels: int, height: int, width: int, text_length:
     }
 
 
-def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str) -> Step:
+def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str, backend: str = "onnxruntime") -> Step:
+    """`backend` ``"tensorrt"`` asks for onnxruntime's TensorRT provider (an error if it does not activate)."""
     from aptp.runtime.engine import OnnxRuntimeEngine
 
-    engine = OnnxRuntimeEngine(path, device=device, threads=threads, backend="onnxruntime")
+    engine = OnnxRuntimeEngine(path, device=device, threads=threads, backend=backend)
     engine.load()
 
     def prepare(batch: int, height: int, width: int) -> Callable[[], Any]:

@@ -54,7 +54,9 @@ def torch_cuda_step(unet: Any, shape: Mapping[str, int], placement: TorchPlaceme
 
     dtype = getattr(torch, placement.dtype)
     device = torch.device(placement.device)
-    module = (unet if in_place else copy.deepcopy(unet)).to(device=device, dtype=dtype).eval()
+    module = (unet if in_place else copy.deepcopy(unet)).to(device=device).eval()
+    if dtype != torch.float32:
+        module = module.to(dtype=dtype)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 11): one command, everything under one output folder.
+#
+#   bash benchmarks/gpu_check.sh OUT [--dry-run] [aptp-bench gpu-check options...]
+#
+# Offline by design (the GPU machine has no package registry): it installs only the wheels
+# carried in .whl/ (e.g. diffusers, accelerate, pybind11, pytest and their missing pure-Python
+# dependencies; fetch them beforehand with `pip download --no-deps -d .whl ...`), into a
+# private folder, never from the network. If aptp is not importable yet, it is built from this
+# working tree (C++ and, where nvcc is found, CUDA kernels: aptp._C_cuda) into that folder, with
+# the build log in OUT/build.log. Then `aptp-bench gpu-check` runs (see
+# aptp/benchmarks/gpu_check.py). A real run stops starting new cells after --budget-s (360 s).
+set -uo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+out="${1:?usage: bash benchmarks/gpu_check.sh OUT [--dry-run] [options]}"
+shift
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+python="${PYTHON:-python3}"
+site="${APTP_GPU_CHECK_SITE:-${TMPDIR:-/tmp}/aptp-gpu-check-site}"
+log="$out/gpu_check.log"
+: > "$log"
+say() { echo "== $*" | tee -a "$log"; }
+
+say "gpu_check.sh: repo $repo, output $out, python $("$python" --version 2>&1)"
+shopt -s nullglob
+wheels=("$repo"/.whl/*.whl)
+if [ "${#wheels[@]}" -gt 0 ]; then
+    say "installing ${#wheels[@]} carried wheel(s) into $site (no index, no dependencies)"
+    "$python" -m pip install --no-index --no-deps --target "$site" "${wheels[@]}" >> "$out/wheels.log" 2>&1 \
+        || say "some carried wheels did not install: see $out/wheels.log"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    say "no carried wheels in $repo/.whl"
+fi
+
+# Run Python outside the repo root: its aptp/ folder would shadow the installed package.
+cd "$out" || exit 1
+if "$python" -c "import aptp.benchmarks.gpu_check" >> "$log" 2>&1; then
+    say "aptp already importable: $("$python" -c 'import aptp; print(aptp.__file__)')"
+else
+    say "building aptp from $repo into $site/aptp-build (log: build.log)"
+    if "$python" -m pip install --no-index --no-deps --no-build-isolation --target "$site/aptp-build" "$repo" \
+            > "$out/build.log" 2>&1; then
+        export PYTHONPATH="$site/aptp-build:$PYTHONPATH"
+    else
+        say "building aptp failed: see $out/build.log"
+        exit 1
+    fi
+    grep -E "aptp|nvcc|CUDA|sm_" "$out/build.log" | grep -iv warning | tail -n 20 >> "$log" || true
+fi
+
+say "aptp-bench gpu-check --output-dir $out $*"
+"$python" -m aptp.benchmarks.gpu_check --output-dir "$out" "$@" 2>&1 | tee -a "$log"
+status=${PIPESTATUS[0]}
+say "exit status $status"
+exit "$status"
