@@ -28,8 +28,16 @@ shopt -s nullglob
 wheels=("$repo"/.whl/*.whl)
 if [ "${#wheels[@]}" -gt 0 ]; then
     say "installing ${#wheels[@]} carried wheel(s) into $site (no index, no dependencies)"
-    "$python" -m pip install --no-index --no-deps --target "$site" "${wheels[@]}" >> "$out/wheels.log" 2>&1 \
-        || say "some carried wheels did not install: see $out/wheels.log"
+    if ! "$python" -m pip install --no-index --no-deps --upgrade --target "$site" "${wheels[@]}" \
+            >> "$out/wheels.log" 2>&1; then
+        # Then one at a time: a wheel built for another Python must not stop the others.
+        failed=0
+        for wheel in "${wheels[@]}"; do
+            "$python" -m pip install --no-index --no-deps --upgrade --target "$site" "$wheel" \
+                >> "$out/wheels.log" 2>&1 || failed=$((failed + 1))
+        done
+        [ "$failed" -eq 0 ] || say "$failed carried wheel(s) did not install here (other Python?): see wheels.log"
+    fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 else
     say "no carried wheels in $repo/.whl"
