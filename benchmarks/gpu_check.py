@@ -158,8 +158,9 @@ def cuda_tests(out: Path, ort_cuda: bool) -> dict[str, Any]:
     """The CUDA tests (skipped on a CPU) by pytest in a subprocess; counts and skip reasons."""
     try:
         import pytest  # noqa: F401
-    except ImportError:
-        return {"ran": False, "reason": "pytest is not importable here: carry its wheel in .whl/"}
+    except ImportError as err:
+        return {"ran": False, "reason": f"pytest is not importable here ({err}): carry its wheels in .whl/ "
+                                        "(benchmarks/gpu_check_wheels.sh)"}
     selection = [str(REPO / "tests" / "test_kernels.py")]
     args = ["-k", "cuda"]
     if ort_cuda:  # the on-device loop needs onnxruntime's CUDA provider (and builds the tiny export)
@@ -356,6 +357,12 @@ def run_gpu_check(args: argparse.Namespace) -> dict[str, Any]:
 
     from aptp.runtime.engine import tensorrt_available
 
+    import importlib.util
+
+    if ort_plan and importlib.util.find_spec("onnx") is None:
+        results["steps"]["onnxruntime"] = {"status": "skipped", "reason": "the onnx package is not installed: "
+                                           "the onnxruntime columns need it to export the UNets"}
+        ort_plan = []
     for ort_device, backend in ort_plan:
         name = f"onnxruntime_{ort_device}_{backend}"
         with tempfile.TemporaryDirectory(prefix="aptp-gpu-check-onnx-") as work:
@@ -364,7 +371,7 @@ def run_gpu_check(args: argparse.Namespace) -> dict[str, Any]:
                                                               args.resolutions, args.batch_sizes, args.repeats,
                                                               time_left, ["expert_0"] if args.dry_run else None))
         results["unet_step"] += rows or []
-    if not ort_plan:
+    if not ort_plan and "onnxruntime" not in results["steps"]:
         results["steps"]["onnxruntime"] = {"status": "skipped", "reason": "no GPU execution provider listed by "
                                            f"onnxruntime ({(env.get('onnxruntime') or {})})"}
     ok, detail = tensorrt_available()

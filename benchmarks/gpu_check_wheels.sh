@@ -12,7 +12,7 @@ mkdir -p .whl
 # What `import diffusers, accelerate` and the check import beyond torch and numpy (transformers
 # and scipy are optional for diffusers and left out).
 pure=(diffusers accelerate huggingface_hub httpx2 httpcore2 h11 anyio idna certifi truststore requests urllib3
-      packaging typing_extensions importlib_metadata filelock tqdm pybind11 setuptools wheel pytest pluggy iniconfig)
+      packaging typing_extensions importlib_metadata filelock tqdm pybind11 setuptools wheel pytest pluggy iniconfig pygments)
 binary=(tokenizers regex PyYAML safetensors Pillow psutil charset_normalizer)
 pin() { python -c "import importlib.metadata as m, sys; print(f'{sys.argv[1]}=={m.version(sys.argv[1])}')" "$1"; }
 for name in "${pure[@]}"; do pip download --no-deps --only-binary=:all: -d .whl "$(pin "$name")"; done
