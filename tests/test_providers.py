@@ -159,3 +159,17 @@ def test_runtime_imports_without_onnxruntime_and_names_the_extras(monkeypatch, e
                    "--no-verify"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "aptp[cpu]" in err[0]
+
+
+def test_latency_suite_never_times_an_inactive_gpu_provider_as_gpu(monkeypatch, export_dir, tmp_path):
+    from aptp.benchmarks.latency import LatencyOptions, run_latency
+
+    use(monkeypatch, [CUDA, CPU], [CPU])  # onnxruntime-gpu without working CUDA libraries
+    options = LatencyOptions(backends=["onnxruntime", "onnxruntime-cuda"], batch_sizes=[1], repeats=1, warmup=0,
+                             threads=1, masked=False, static=False, e2e=False, gap_threshold=100.0)
+    results = run_latency(export_dir, tmp_path / "bench", options)
+    status = results["backends"]["onnxruntime-cuda"]
+    assert status["available"] is False and "did not activate CUDAExecutionProvider" in status["reason"]
+    assert results["unet_step"] and {r["backend"] for r in results["unet_step"]} == {"onnxruntime"}
+    assert {r["provider"] for r in results["unet_step"]} == {CPU}
+    assert results["backends"]["onnxruntime"]["providers"] == [CPU]
