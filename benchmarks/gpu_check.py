@@ -1,7 +1,7 @@
 """One prepared GPU check: everything aptp's GPU path needs measured in one run, in one folder.
 
     bash benchmarks/gpu_check.sh OUT [--dry-run]      (installs carried wheels, builds, then:)
-    aptp-bench gpu-check --output-dir OUT [--dry-run] [--budget-s 420]
+    aptp-bench gpu-check --output-dir OUT [--dry-run] [--budget-s 330]
 
 Steps, each recorded in ``OUT/gpu_check.json`` (a failing step is recorded and the rest go on):
 
@@ -73,7 +73,7 @@ def parser(prog: str = "aptp-bench gpu-check") -> argparse.ArgumentParser:
                    help="onnxruntime columns: auto = where a GPU provider activates (dry run: CPU provider)")
     p.add_argument("--no-tests", dest="tests", action="store_false", help="skip the CUDA pytest step")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting new cells after this many seconds (360; dry run 1800)")
+                   help="stop starting new cells after this many seconds (330; dry run 1800)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch, onnxruntime)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -83,7 +83,7 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     dry = args.dry_run
     fill = {"resolutions": [64, 128] if dry else [512, 768], "batch_sizes": [1, 2] if dry else [1, 2, 4, 8],
             "repeats": 2 if dry else 10, "e2e_prompts": [4, 8] if dry else [8, 32], "e2e_steps": 2 if dry else 25,
-            "e2e_resolution": 64 if dry else 512, "e2e_repeats": 2, "budget_s": 1800.0 if dry else 360.0}
+            "e2e_resolution": 64 if dry else 512, "e2e_repeats": 2, "budget_s": 1800.0 if dry else 330.0}
     for key, value in fill.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -9,7 +9,7 @@
 # private folder, never from the network. If aptp is not importable yet, it is built from this
 # working tree (C++ and, where nvcc is found, CUDA kernels: aptp._C_cuda) into that folder, with
 # the build log in OUT/build.log. Then `aptp-bench gpu-check` runs (see
-# aptp/benchmarks/gpu_check.py). A real run stops starting new cells after --budget-s (360 s).
+# aptp/benchmarks/gpu_check.py). A real run stops starting new cells after --budget-s (330 s).
 set -uo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,7 +48,12 @@ cd "$out" || exit 1
 if "$python" -c "import aptp.benchmarks.gpu_check" >> "$log" 2>&1; then
     say "aptp already importable: $("$python" -c 'import aptp; print(aptp.__file__)')"
 else
-    say "building aptp from $repo into $site/aptp-build (log: build.log)"
+    # Only this GPU's architecture: the default list compiles every kernel ~10 times (minutes).
+    if [ -z "${APTP_CUDA_ARCHS:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
+        cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')"
+        [ -n "$cap" ] && export APTP_CUDA_ARCHS="$cap"
+    fi
+    say "building aptp from $repo into $site/aptp-build (CUDA archs: ${APTP_CUDA_ARCHS:-default}; log: build.log)"
     if "$python" -m pip install --no-index --no-deps --no-build-isolation --target "$site/aptp-build" "$repo" \
             > "$out/build.log" 2>&1; then
         export PYTHONPATH="$site/aptp-build:$PYTHONPATH"
