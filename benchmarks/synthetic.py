@@ -281,7 +281,7 @@ def build_synthetic_checkpoint(directory: str | os.PathLike, pipeline: str | os.
     ckpt.save_codes(directory, logits, masks)
     mixture = sum(r * s for r, s in zip(ratios, shares))
     ckpt.CheckpointInfo(
-        pretrained=str(Path(pipeline).absolute()), num_codes=len(targets), encoder=ROUTER_ENCODER,
+        pretrained=ckpt.record_pretrained(str(pipeline), directory), num_codes=len(targets), encoder=ROUTER_ENCODER,
         resolution=int(resolution), latent_height=latent, latent_width=latent, text_length=text_length,
         budget_target=float(mixture), code_base=CODE_BASE, dense_macs=macs.dense_macs, code_macs_ratio=ratios,
         code_share=shares, step=0,

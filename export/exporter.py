@@ -605,7 +605,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         comps = ctx.components
         vae = comps.vae
         manifest = {
-            "base_model": str(info.pretrained),
+            # Resolved (what load_components loads here), as consumers such as aptp-bench need it;
+            # the checkpoint's own (portable) reference is kept under checkpoint.base_model.
+            "base_model": str(comps.pretrained),
             "num_codes": int(info.num_codes),
             "precision": options.precision,
             "image": {"height": ctx.latent_height * comps.vae_scale_factor, "width": ctx.latent_width * comps.vae_scale_factor,
@@ -626,7 +628,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             "guidance_scale": float(options.guidance_scale),
             "max_batch": int(options.max_batch),
             "io": ctx.io,
-            "checkpoint": {"path": str(checkpoint.absolute()), "step": int(info.step),
+            "checkpoint": {"path": str(checkpoint.absolute()), "base_model": str(info.pretrained), "step": int(info.step),
                            "budget_target": float(info.budget_target), "resolution": int(info.resolution)},
             "tensorrt": ctx.trt if ctx.trt is not None else trt_note,
             "pipelines": pipelines,

@@ -259,7 +259,7 @@ CORRUPTIONS = {
     "expert-weights-truncated": (
         lambda c: _truncate(c / "experts" / "expert_0" / "diffusion_pytorch_model.safetensors"),
         "diffusion_pytorch_model.safetensors"),
-    "expert-config-invalid": (lambda c: _set_json(c / "experts" / "expert_1" / "base_config.json", "{"),
+    "expert-config-invalid": (lambda c: _set_json(c / "experts" / "expert_0" / "base_config.json", "{"),
                               "base_config.json"),
     "expert-info-list": (lambda c: _set_json(c / "experts" / "expert_0" / "expert.json", "[]"), "expert.json"),
 }
