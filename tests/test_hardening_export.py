@@ -588,3 +588,12 @@ def test_os_level_path_problems_are_output_errors(tmp_path):
     with pytest.raises(OutputError, match="cannot write there"):
         with staged_output(tmp_path / "loop1" / "A", EXPORT):
             pass
+
+
+def test_missing_onnxruntime_names_both_flavours():
+    from aptp.cli import missing_extra
+
+    message = missing_extra(ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime"))
+    assert "pip install 'aptp[cpu]' (or 'aptp[gpu]')" in message
+    assert "aptp[serve]" in missing_extra(ModuleNotFoundError("x", name="ray.serve"))
+    assert missing_extra(ModuleNotFoundError("x", name="aptp.train.nothing")) is None
