@@ -73,6 +73,12 @@ def load_bench_config(name: str | os.PathLike) -> dict[str, Any]:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    base = (config or {}).pop("extends", None)
+    if base is not None:
+        # A variant of another config (e.g. sd21 with K=8 experts): top-level sections replace the base's.
+        if Path(str(base)).stem == path.stem:
+            raise ConfigError(f"benchmark config {path} extends itself")
+        config = {**load_bench_config(base), **config}
     for key in ("unet", "text_length", "experts"):
         if key not in (config or {}):
             raise ConfigError(f"benchmark config {path} has no '{key}' section")
