@@ -75,6 +75,7 @@ class ModelFile:
     macs_ratio: float | None = None
     share: float | None = None
     external_data: Path | None = None
+    int8: "ModelFile | None" = None  # the int8 version `aptp-export --quantize int8` wrote (UNets only)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class _Reader:
         return contained_path(self.root, rel, _join(path, key))
 
     def model(self, node: Mapping[str, Any], path: str, file_key: str = "file") -> ModelFile:
+        int8 = node.get("int8") if isinstance(node, Mapping) else None
         return ModelFile(
             onnx=self.file(node, file_key, path),
             max_abs_error=self.number(node, "max_abs_error", path, optional=True, limit="max_abs_error"),
@@ -223,6 +225,7 @@ class _Reader:
             macs_ratio=self.number(node, "macs_ratio", path, optional=True, positive=True, limit="macs_ratio"),
             share=self.number(node, "share", path, optional=True, limit="share"),
             external_data=self.file(node, "external_data", path, optional=True),
+            int8=None if int8 is None else self.model(self.section(node, "int8", path), _join(path, "int8"), "unet"),
         )
 
 

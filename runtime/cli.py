@@ -3,6 +3,7 @@
     aptp-generate --artifacts exports/tiny --prompt "a red car" --output out.png
     aptp-generate --artifacts exports/tiny --prompt "a red car" --prompt "soup" --output out.png
     aptp-generate --artifacts exports/tiny --prompts-file prompts.txt --output images/out.png
+    aptp-generate --artifacts exports/sd21 --memory-budget 3GiB --precision int8 --prompt "soup" --output o.png
 
     aptp-generate --artifacts exports/tiny --prompt "a red car" --steps 30 --scheduler euler \
                   --negative-prompt "blurry" --output out.png
@@ -177,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trusted-key", metavar="PUBLIC.pem",
                         help="refuse the export unless its manifest is signed by this Ed25519 public key "
                         "(aptp-export --sign; needs aptp[sign])")
+    parser.add_argument("--memory-budget", metavar="SIZE",
+                        help="memory the UNet sessions may take together, e.g. 3GiB, 512MiB, 2GB or bytes; they are "
+                        "loaded on demand and evicted least recently used (default: unlimited)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                        help="UNet precision: int8 runs the UNets aptp-export --quantize int8 wrote "
+                        "(default: the export's)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of every file (only existence is checked)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -217,6 +224,7 @@ def run(args: argparse.Namespace) -> list[Path] | int:
     """Generate and save the images of parsed `args`; returns the paths written."""
     from .images import numbered_paths
     from .pipeline import STAGES, AptpPipeline
+    from .residency import parse_memory_budget
 
     if args.show_params is not None:
         return show_params(args.show_params)
@@ -233,8 +241,10 @@ def run(args: argparse.Namespace) -> list[Path] | int:
     check_output_paths([*paths, *([grid] if grid else [])])
     seed = _seed(args.seed, len(prompts))
     threads = None if args.threads is None else _threads(args.threads)
+    parse_memory_budget(args.memory_budget, "--memory-budget")  # a bad budget fails before the export loads
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
-                                    device=args.device, threads=threads, trusted_key=args.trusted_key)
+                                    device=args.device, threads=threads, trusted_key=args.trusted_key,
+                                    memory_budget=args.memory_budget, precision=args.precision)
     options = dict(
         num_inference_steps=None if args.steps is None else _integer(args.steps, "--steps"),
         height=None if args.height is None else _integer(args.height, "--height"),

@@ -18,7 +18,10 @@ alone or in any batch. ``seeds=None`` draws fresh seeds and reports them in the 
 
 The text encoder and the router run once over the whole batch (they are shared by every
 expert); the loop and the decoder run per group. Sessions are created once per pipeline, on
-first use (or all at construction with ``preload=True``), and reused.
+first use (or all at construction with ``preload=True``), and reused. With ``memory_budget``
+the UNet sessions are owned by `aptp.runtime.residency.ResidencyManager` instead: loaded on
+demand, evicted least recently used to stay within the budget, never while a group runs on
+them; ``pipe.memory_report()`` shows what each one measured.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 from aptp.errors import ArtifactError, RuntimeInputError
 
 from . import kernels
-from .artifacts import DENSE, ExportArtifacts, load_artifacts
+from .artifacts import DENSE, ExportArtifacts, ModelFile, load_artifacts
 from .denoise import denoise, denoise_on_device, uses_guidance
 from .engine import (
     BACKENDS,
@@ -55,6 +58,7 @@ from .engine import (
     tensorrt_available,
 )
 from .images import to_uint8
+from .residency import MemoryProbe, ResidencyManager, parse_memory_budget
 from .router import Router
 from .scheduler import SamplerLibrary, SchedulerTable
 from .tokenize import PromptTokenizer, check_prompts
@@ -260,6 +264,25 @@ def _manifest_sha256(artifacts: ExportArtifacts) -> str:
         return ""
 
 
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _check_precision(precision: Any, artifacts: ExportArtifacts) -> str | None:
+    """None (the export's UNets) or ``"int8"``; the export's own precision means None."""
+    if precision is None or precision == artifacts.precision:
+        return None
+    if precision not in PRECISIONS:
+        raise RuntimeInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "int8":
+        raise RuntimeInputError(f"export {artifacts.root} holds {artifacts.precision} UNets, not {precision}: "
+                                f"re-export with --precision {precision}, or pass precision=None")
+    return "int8"
+
+
+def _describe_unet(key: int | str) -> str:
+    return "the dense UNet" if key == DENSE else f"expert {key}'s UNet"
+
+
 class AptpPipeline:
     """Routed text-to-image generation from one export directory; torch-free.
 
@@ -275,13 +298,22 @@ class AptpPipeline:
         preload: create every session now instead of on first use.
         max_batch: prompts per UNet call (a larger expert group runs in chunks); default: the
             export's ``max_batch``.
+        memory_budget: bytes (int) or text (``"3GiB"``, ``"512MiB"``, ``"2GB"``) the UNet
+            sessions may take together; they are then loaded on demand and evicted least
+            recently used (`aptp.runtime.residency`). ``None``: every UNet stays once loaded.
+            Router, text encoder and VAE decoder are always resident and not counted.
+        precision: ``"int8"`` runs the int8 UNets that ``aptp-export --quantize int8`` wrote;
+            ``None`` (or the export's own ``fp32``/``fp16``) runs the exported UNets.
     """
 
     def __init__(self, artifacts: ExportArtifacts, *, backend: str = "auto", device: str = "cpu",
                  device_id: int = 0, threads: int | None = None,
                  scheduler: SchedulerTable | Mapping[str, Any] | None = None, preload: bool = False,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, memory_budget: int | str | None = None,
+                 precision: str | None = None):
         self.artifacts = artifacts
+        self.precision = _check_precision(precision, artifacts)
+        self.memory_budget = parse_memory_budget(memory_budget)
         self.device = device
         self.device_id = int(device_id)
         self.backend = resolve_backend(backend, device, artifacts)
@@ -325,6 +357,10 @@ class AptpPipeline:
         self._lock = threading.Lock()  # engine creation and the unconditional text states
         self._device_lock = threading.Lock()  # the on-device loop reuses the UNets' buffers
         self._uncond: np.ndarray | None = None
+        self.residency = ResidencyManager(self.memory_budget, self._new_unet_engine, self._unet_file_bytes,
+                                          describe=_describe_unet, probe=MemoryProbe(device, self.device_id))
+        for key in artifacts.experts:  # an expert that cannot fit alone fails here, before anything runs
+            self.residency.check_fits(key)
         if scheduler is not None:
             other = self.with_scheduler(scheduler)
             self.scheduler, self.samplers = other.scheduler, other.samplers
@@ -359,26 +395,45 @@ class AptpPipeline:
         return OnnxRuntimeEngine(path, self.device, threads=self.threads, backend=backend,
                                  device_id=self.device_id, sha256=a.sha256(path), external_data=a.external_weights(path))
 
+    def unet_file(self, key: int | str) -> ModelFile:
+        """The UNet graph of expert `key` or ``"dense"`` at this pipeline's precision."""
+        entry = self.artifacts.unet(key)
+        if self.precision == "int8":
+            if entry.int8 is None:
+                raise ArtifactError(f"export {self.artifacts.root} has no int8 UNet for {_describe_unet(key)}: "
+                                    "re-export with aptp-export --quantize int8, or use the default precision")
+            return entry.int8
+        return entry
+
+    def _new_unet_engine(self, key: int | str) -> Engine:
+        entry = self.unet_file(key)
+        return self._make_engine(entry.onnx, entry.tensorrt)
+
+    def _unet_file_bytes(self, key: int | str) -> int:
+        entry = self.unet_file(key)
+        paths = [entry.tensorrt] if self.backend == "tensorrt" and entry.tensorrt else [entry.onnx, entry.external_data]
+        return sum(p.stat().st_size for p in paths if p is not None and p.is_file())
+
     def unet(self, key: int | str) -> Engine:
-        """The loaded UNet engine of expert `key` or ``"dense"`` (created once, then reused)."""
-        name = ("unet", key)
-        engine = self._engines.get(name)
-        if engine is None:
-            with self._lock:
-                engine = self._engines.get(name)
-                if engine is None:
-                    entry = self.artifacts.unet(key)
-                    engine = self._make_engine(entry.onnx, entry.tensorrt)
-                    engine.load()
-                    self._engines[name] = engine
-        return engine
+        """The loaded UNet engine of expert `key` or ``"dense"``, loaded on demand. Under a
+        memory budget it may be evicted once returned: to run on it, hold
+        ``pipe.residency.use(key)`` instead, which pins it."""
+        with self.residency.use(key) as engine:
+            return engine
+
+    def memory_report(self) -> dict[str, Any]:
+        """The budget, this process's RSS (and device memory on CUDA) now, and per UNet session
+        its measured cost (RSS and device bytes added by its last load), loads and evictions."""
+        probe = self.residency.probe
+        return {"precision": self.precision or self.artifacts.precision, "process_rss_bytes": probe.rss(),
+                "device_used_bytes": probe.device_used(), **self.residency.report()}
 
     def load(self) -> None:
-        """Create every session now (router, text encoder, VAE decoder, every UNet)."""
+        """Create every session now: router, text encoder, VAE decoder and every UNet (under a
+        memory budget, the UNets that fit together, in the export's order)."""
         for engine in list(self._engines.values()):
             engine.load()
-        for key in self.artifacts.model_keys:
-            self.unet(key)
+        self.residency.preload(self.artifacts.model_keys)
 
     def with_scheduler(self, scheduler: SchedulerTable | Mapping[str, Any]) -> AptpPipeline:
         """A pipeline sampling with another table on the same sessions (nothing is reloaded).
@@ -407,7 +462,7 @@ class AptpPipeline:
         with self._lock:
             for engine in self._engines.values():
                 engine.unload()
-            self._engines = {k: v for k, v in self._engines.items() if not (isinstance(k, tuple) and k[0] == "unet")}
+        self.residency.clear()
 
     def __enter__(self) -> AptpPipeline:
         return self
@@ -541,6 +596,8 @@ class AptpPipeline:
         else:
             index = self.router.route(router_tokens)
         timings["route"] = time.perf_counter() - clock
+        for slot in np.unique(index).tolist():  # a UNet that cannot fit the budget fails before any work
+            self.residency.check_fits(DENSE if slot == num_codes else int(slot))
 
         clock = time.perf_counter()
         cond = self._encode_text(tokens.input_ids)
@@ -611,11 +668,11 @@ class AptpPipeline:
 
     def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float,
                  table: SchedulerTable) -> np.ndarray:
-        unet = self.unet(key)
-        if self.on_device_loop:
-            with self._device_lock:
-                return denoise_on_device(unet, x, text, table, guidance_scale)
-        try:
-            return denoise(unet, x, text, table, guidance_scale)
-        except ValueError as err:  # a graph whose shapes do not match its manifest entry
-            raise ArtifactError(f"expert {key}: {err}") from err
+        with self.residency.use(key) as unet:  # pinned: never evicted while this group runs on it
+            if self.on_device_loop:
+                with self._device_lock:
+                    return denoise_on_device(unet, x, text, table, guidance_scale)
+            try:
+                return denoise(unet, x, text, table, guidance_scale)
+            except ValueError as err:  # a graph whose shapes do not match its manifest entry
+                raise ArtifactError(f"expert {key}: {err}") from err

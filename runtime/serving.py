@@ -7,10 +7,16 @@
 `submit` checks the request at once (bad input raises there, in the caller's thread), draws
 a seed when none is given, and returns a ``concurrent.futures.Future``. One worker thread
 takes queued requests, routes every new arrival in one router call, and keeps them in one
-pending list per (expert, options). A list runs as one batch when it holds ``max_batch``
-requests, when its oldest request has waited ``max_wait`` seconds, or when the server is
-closing; the list whose oldest request is oldest goes first. A request gives the same result
-batched or alone: its noise comes from its own seed (see `aptp.runtime.pipeline`).
+pending list per (expert, options). A list is ready when it holds ``max_batch`` requests,
+when its oldest request has waited ``max_wait`` seconds, or when the server is closing. A
+request gives the same result batched or alone: its noise comes from its own seed (see
+`aptp.runtime.pipeline`).
+
+Which ready list runs next is expert-aware, because under a memory budget swapping an expert
+in costs a session load (`aptp.runtime.residency`): first any list whose oldest request has
+waited ``max_wait_s`` (oldest first: no expert starves), then the expert that ran last while
+it has ready requests (drain its queue before swapping), then lists whose expert is resident,
+then the oldest. `stats` reports loads, evictions, batch sizes and queue waits.
 
 At most ``max_queue`` requests wait at any time (queued or pending, not yet running);
 `submit` beyond that raises `QueueFullError` instead of letting latency grow without bound.
@@ -86,10 +92,12 @@ class GenerationServer:
         max_batch: prompts per batch; default: the pipeline's ``max_batch`` (the export's).
         max_wait: seconds a request may wait for others to fill its batch.
         max_queue: requests that may wait at once; more are refused with `QueueFullError`.
+        max_wait_s: seconds after which a ready request goes before the expert-aware order
+            (resident experts first, drain the current expert) may keep it waiting.
     """
 
     def __init__(self, pipeline: AptpPipeline, *, max_batch: int | None = None, max_wait: float = 0.01,
-                 max_queue: int = 64):
+                 max_queue: int = 64, max_wait_s: float = 5.0):
         max_batch = pipeline.max_batch if max_batch is None else max_batch
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -97,10 +105,15 @@ class GenerationServer:
             raise RuntimeInputError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not 0 <= max_wait <= MAX_WAIT:
             raise RuntimeInputError(f"max_wait must be in [0, {MAX_WAIT:g}] seconds, got {max_wait!r}")
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= MAX_WAIT:
+            raise RuntimeInputError(f"max_wait_s must be in [0, {MAX_WAIT:g}] seconds, got {max_wait_s!r}")
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.max_wait = float(max_wait)
         self.max_queue = max_queue
+        self.max_wait_s = float(max_wait_s)
+        self._stats = _ServingStats(pipeline)
+        self._last_expert: Any = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet running
@@ -146,6 +159,12 @@ class GenerationServer:
     def generate(self, prompt: str, timeout: float | None = None, **options: Any) -> GenerationResult:
         """`submit` and wait for the result."""
         return self.submit(prompt, **options).result(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Batches (count, sizes, per expert, expert swaps), queue waits (seconds from submit to
+        the start of its batch: mean, p50, p95, max) and UNet session loads/evictions since the
+        server started."""
+        return self._stats.summary()
 
     @property
     def waiting(self) -> int:
@@ -277,11 +296,28 @@ class GenerationServer:
             pending.setdefault((request.expert, request.options), deque()).append(request)
 
     def _ready(self, pending: dict[tuple, deque[_Request]], stopping: bool) -> tuple | None:
-        """The key of the list to run now (oldest first), or None to keep waiting."""
+        """The key of the list to run now (see the module docstring's order), or None to keep waiting."""
         now = time.monotonic()
         ready = [k for k, q in pending.items()
                  if stopping or len(q) >= self.max_batch or now - q[0].arrived >= self.max_wait]
-        return min(ready, key=lambda k: pending[k][0].arrived) if ready else None
+        if not ready:
+            return None
+
+        def oldest(keys: list[tuple]) -> tuple:
+            return min(keys, key=lambda k: pending[k][0].arrived)
+
+        overdue = [k for k in ready if now - pending[k][0].arrived >= self.max_wait_s]
+        if overdue:
+            return oldest(overdue)
+        current = [k for k in ready if k[0] == self._last_expert]
+        if current:
+            return oldest(current)
+        residency = getattr(self.pipeline, "residency", None)
+        if residency is not None:
+            resident = [k for k in ready if residency.is_resident(_unet_key(k[0]))]
+            if resident:
+                return oldest(resident)
+        return oldest(ready)
 
     def _execute(self, batch: list[_Request]) -> None:
         with self._lock:
@@ -291,6 +327,8 @@ class GenerationServer:
             return
         first = batch[0]
         options = dataclasses.replace(first.options, expert=first.expert)
+        self._stats.batch(first.expert, [time.monotonic() - r.arrived for r in batch])
+        self._last_expert = first.expert
         try:
             negatives = [r.negative_prompt for r in batch]
             # Only passed when used, so a pipeline wrapper without the argument still serves.
@@ -320,3 +358,58 @@ class GenerationServer:
         for request in requests:
             if request.future.set_running_or_notify_cancel():
                 request.future.set_exception(err)
+
+
+def _unet_key(expert: Any) -> Any:
+    return expert if isinstance(expert, str) else int(expert)
+
+
+class _ServingStats:
+    """Counters behind `GenerationServer.stats` (updated by the worker, read by any thread)."""
+
+    def __init__(self, pipeline: Any):
+        self._lock = threading.Lock()
+        self._residency = getattr(pipeline, "residency", None)
+        self._base = self._counts()
+        self.started = time.monotonic()
+        self.sizes: list[int] = []
+        self.waits: list[float] = []
+        self.per_expert: dict[str, int] = {}
+        self.swaps = 0
+        self._last: Any = None
+
+    def _counts(self) -> tuple[int, int]:
+        r = self._residency
+        return (r.loads, r.evictions) if r is not None else (0, 0)
+
+    def batch(self, expert: Any, waits: Sequence[float]) -> None:
+        with self._lock:
+            self.sizes.append(len(waits))
+            self.waits.extend(waits)
+            self.per_expert[str(expert)] = self.per_expert.get(str(expert), 0) + 1
+            if self._last is not None and expert != self._last:
+                self.swaps += 1
+            self._last = expert
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            loads, evictions = self._counts()
+            waits = np.asarray(self.waits, dtype=np.float64)
+            sizes = np.asarray(self.sizes, dtype=np.float64)
+
+            def pct(q: float) -> float | None:
+                return float(np.percentile(waits, q)) if waits.size else None
+
+            return {
+                "uptime_s": time.monotonic() - self.started,
+                "requests": int(sizes.sum()),
+                "batches": len(self.sizes),
+                "batch_size_mean": float(sizes.mean()) if sizes.size else None,
+                "batch_sizes": {str(int(k)): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))},
+                "batches_per_expert": dict(self.per_expert),
+                "expert_swaps": self.swaps,
+                "queue_wait_s": {"mean": float(waits.mean()) if waits.size else None, "p50": pct(50), "p95": pct(95),
+                                 "max": float(waits.max()) if waits.size else None},
+                "loads": loads - self._base[0],
+                "evictions": evictions - self._base[1],
+            }

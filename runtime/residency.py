@@ -1,0 +1,442 @@
+"""Which UNet sessions are resident, under a memory budget.
+
+An edge device cannot hold K experts at once. `ResidencyManager` is the one owner of the
+loaded UNet sessions of a pipeline: a caller asks for a session with ``use(key)`` (a context
+manager that pins it while the caller runs on it), the manager loads it on demand and evicts
+the least recently used unpinned sessions so that the charged total stays within the budget.
+
+What a session costs is measured when it is loaded: the process RSS before and after (from
+``/proc/self/statm``, else psutil) and, on CUDA, the device memory in use before and after
+(``cudaMemGetInfo`` through the CUDA runtime library). Until a session has been loaded once,
+its cost is estimated from its files' size (a lower bound: the session holds at least its
+weights) scaled by the largest measured-to-file ratio seen so far; after its first load the
+measured cost is used. A first load whose measured cost exceeds its estimate is recharged at
+once and other unpinned sessions are evicted to make room; ``overshoots`` in the report counts
+the rare case where pinned sessions leave no room, instead of hiding it.
+
+Loads are serialised (one ``_load_lock``), so an RSS delta is not mixed with another load's.
+A pinned session (a group running on it) is never evicted; a caller that needs room held by
+pinned sessions waits until they are released. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import numbers
+import os
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aptp.errors import RuntimeInputError
+
+__all__ = [
+    "MemoryProbe",
+    "ResidencyManager",
+    "SessionRecord",
+    "format_bytes",
+    "parse_memory_budget",
+]
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_UNLIMITED = ("unlimited", "none")
+
+
+def parse_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
+    """A memory budget in bytes: an int byte count, or text like ``"3GiB"``, ``"512MiB"``,
+    ``"2GB"`` (decimal), ``"1.5G"`` (binary); ``None`` or ``"unlimited"`` means no budget.
+
+    Raises:
+        RuntimeInputError: anything else, or a budget that is not positive.
+    """
+    if value is None or isinstance(value, str) and value.strip().lower() in _UNLIMITED:
+        return None
+    bad = RuntimeInputError(f"{name} must be a positive size such as '3GiB', '512MiB', '2GB' or a byte count "
+                            f"(or 'unlimited'), got {value!r}")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, numbers.Integral):
+        size = int(value)
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise bad
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    else:
+        raise bad
+    if size <= 0:
+        raise bad
+    return size
+
+
+def format_bytes(size: float | None) -> str:
+    """``3.00 GiB``-style text (binary units)."""
+    if size is None:
+        return "unknown"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"  # unreachable
+
+
+class MemoryProbe:
+    """Process RSS and, on CUDA, device memory in use (both in bytes, ``None`` when unknown)."""
+
+    def __init__(self, device: str = "cpu", device_id: int = 0):
+        self.device = device
+        self.device_id = device_id
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._cudart: Any = None
+        self._cudart_tried = False
+
+    def rss(self) -> int | None:
+        """Resident set size of this process now."""
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.Process().memory_info().rss)
+
+    def device_used(self) -> int | None:
+        """Device memory in use on the GPU (all processes: what ``cudaMemGetInfo`` sees), CUDA only."""
+        if self.device != "cuda":
+            return None
+        lib = self._cuda_runtime()
+        if lib is None:
+            return None
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if lib.cudaSetDevice(int(self.device_id)) != 0 or lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)):
+            return None
+        return int(total.value - free.value)
+
+    def _cuda_runtime(self) -> Any:
+        if not self._cudart_tried:
+            self._cudart_tried = True
+            for name in (ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+                if not name:
+                    continue
+                try:
+                    self._cudart = ctypes.CDLL(name)
+                    break
+                except OSError:
+                    continue
+            if self._cudart is None:
+                logger.warning("device memory cannot be measured: the CUDA runtime library (libcudart) is not found")
+        return self._cudart
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``): after an eviction the
+    session's weights are free, but without this RSS can keep them and mislead the budget."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class SessionRecord:
+    """What the manager knows of one UNet session (bytes; ``None`` = not measured yet)."""
+
+    key: Any
+    file_bytes: int
+    rss_bytes: int | None = None
+    device_bytes: int | None = None
+    loads: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+
+    @property
+    def measured_bytes(self) -> int | None:
+        """RSS plus device memory the last load added (negative deltas count as 0)."""
+        if self.rss_bytes is None and self.device_bytes is None:
+            return None
+        return max(0, self.rss_bytes or 0) + max(0, self.device_bytes or 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file_bytes": self.file_bytes, "rss_bytes": self.rss_bytes, "device_bytes": self.device_bytes,
+                "measured_bytes": self.measured_bytes, "loads": self.loads, "evictions": self.evictions,
+                "load_seconds": round(self.load_seconds, 4)}
+
+
+class ResidencyManager:
+    """Loads UNet sessions on demand and keeps their charged total within `budget` (LRU).
+
+    Args:
+        budget: bytes, or ``None`` for no limit (sessions are then kept once loaded).
+        factory: ``key -> Engine`` (not yet loaded); the manager calls ``load``/``unload``.
+        file_bytes: ``key -> int``, the size of the session's files (the first estimate).
+        describe: ``key -> str`` for messages (``"expert 3"``).
+        probe: what measures memory (default: a `MemoryProbe` on the CPU).
+    """
+
+    def __init__(self, budget: int | None, factory: Callable[[Any], Any], file_bytes: Callable[[Any], int], *,
+                 describe: Callable[[Any], str] = str, probe: MemoryProbe | None = None):
+        self.budget = budget
+        self.probe = probe or MemoryProbe()
+        self._factory = factory
+        self._file_bytes = file_bytes
+        self._describe = describe
+        self._records: dict[Any, SessionRecord] = {}
+        self._resident: OrderedDict[Any, Any] = OrderedDict()  # least recently used first
+        self._charged: dict[Any, int] = {}  # bytes charged per resident or loading session
+        self._pins: Counter = Counter()
+        self._loading: set = set()
+        self._cond = threading.Condition()
+        self._load_lock = threading.Lock()
+        self.loads = 0
+        self.evictions = 0
+        self.peak_bytes = 0
+        self.overshoots = 0
+        self.max_overshoot_bytes = 0
+        self.events: list[tuple[float, str, Any, int]] = []  # (monotonic time, "load"/"evict", key, bytes)
+
+    # ---- what things cost ------------------------------------------------------------------
+
+    def record(self, key: Any) -> SessionRecord:
+        with self._cond:
+            return self._record(key)
+
+    def _record(self, key: Any) -> SessionRecord:
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = SessionRecord(key, int(self._file_bytes(key)))
+        return record
+
+    def _estimate(self, key: Any) -> tuple[int, str]:
+        record = self._record(key)
+        if record.measured_bytes is not None:
+            return max(1, record.measured_bytes), "measured when it was last loaded"
+        ratios = [r.measured_bytes / r.file_bytes for r in self._records.values()
+                  if r.measured_bytes is not None and r.file_bytes > 0]
+        ratio = max([1.0, *ratios])
+        how = "its files' size, a lower bound on its session" if ratio == 1.0 else \
+            f"its files' size x {ratio:.2f}, the largest session/file ratio measured so far"
+        return max(1, int(record.file_bytes * ratio)), how
+
+    def estimate(self, key: Any) -> int:
+        """Bytes the session of `key` is expected to take (measured if it was ever loaded)."""
+        with self._cond:
+            return self._estimate(key)[0]
+
+    def check_fits(self, key: Any) -> None:
+        """Raise unless the session of `key` fits the budget alone.
+
+        Raises:
+            RuntimeInputError: naming the session's size, how it was obtained, and the budget.
+        """
+        if self.budget is None:
+            return
+        with self._cond:
+            size, how = self._estimate(key)
+        if size > self.budget:
+            raise RuntimeInputError(
+                f"{self._describe(key)} needs {format_bytes(size)} ({how}) but the memory budget is "
+                f"{format_bytes(self.budget)}: it cannot fit even alone; raise the memory budget to at least "
+                f"{format_bytes(size)}, or use a smaller precision (int8)")
+
+    # ---- residency -------------------------------------------------------------------------
+
+    def is_resident(self, key: Any) -> bool:
+        with self._cond:
+            return key in self._resident
+
+    @property
+    def resident_keys(self) -> list[Any]:
+        """Resident sessions, least recently used first."""
+        with self._cond:
+            return list(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        with self._cond:
+            return sum(self._charged.values())
+
+    @contextmanager
+    def use(self, key: Any) -> Iterator[Any]:
+        """The loaded engine of `key`, pinned (never evicted) until the block exits."""
+        engine = self.acquire(key)
+        try:
+            yield engine
+        finally:
+            self.release(key)
+
+    def acquire(self, key: Any) -> Any:
+        """Load (or reuse) the session of `key` and pin it; pair with `release`."""
+        self.check_fits(key)
+        with self._cond:
+            while True:
+                if key in self._resident:
+                    self._pins[key] += 1
+                    self._resident.move_to_end(key)
+                    return self._resident[key]
+                if key in self._loading:
+                    self._cond.wait()
+                    continue
+                need, _ = self._estimate(key)
+                if self._make_room(need, keep=key):
+                    break
+                self._cond.wait()  # the room is held by pinned sessions: wait for a release
+            self._loading.add(key)
+            self._charged[key] = need
+            self._pins[key] += 1
+            self._note_peak()
+        try:
+            engine = self._load(key)
+        except BaseException:
+            with self._cond:
+                self._loading.discard(key)
+                self._charged.pop(key, None)
+                self._unpin(key)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            record = self._records[key]
+            self._charged[key] = max(1, record.measured_bytes) if record.measured_bytes is not None else need
+            self._loading.discard(key)
+            self._resident[key] = engine
+            self.loads += 1
+            self.events.append((time.monotonic(), "load", key, self._charged[key]))
+            if self.budget is not None and not self._make_room(0, keep=key, best_effort=True):
+                over = self._total() - self.budget
+                self.overshoots += 1
+                self.max_overshoot_bytes = max(self.max_overshoot_bytes, over)
+                logger.warning("%s measured %s, more than estimated; pinned sessions leave the budget %s "
+                               "exceeded by %s until they are released", self._describe(key),
+                               format_bytes(self._charged[key]), format_bytes(self.budget), format_bytes(over))
+            self._note_peak()
+            self._cond.notify_all()
+        return engine
+
+    def release(self, key: Any) -> None:
+        """Unpin `key` (it stays resident until evicted)."""
+        with self._cond:
+            self._unpin(key)
+            self._cond.notify_all()
+
+    def preload(self, keys: list[Any]) -> list[Any]:
+        """Load `keys` in order while each fits without evicting another; returns those loaded."""
+        loaded = []
+        for key in keys:
+            with self._cond:
+                fits = self.budget is None or self._total() + self._estimate(key)[0] <= self.budget
+            if not fits:
+                break
+            with self.use(key):
+                loaded.append(key)
+        return loaded
+
+    def evict(self, key: Any) -> bool:
+        """Unload `key` now unless it is pinned; returns whether it was evicted."""
+        with self._cond:
+            if key not in self._resident or self._pins[key]:
+                return False
+            self._evict(key)
+            return True
+
+    def clear(self) -> None:
+        """Unload every session that is not pinned."""
+        with self._cond:
+            for key in [k for k in self._resident if not self._pins[k]]:
+                self._evict(key)
+
+    def report(self) -> dict[str, Any]:
+        """Budget, charged totals, loads/evictions and each session's measured cost."""
+        with self._cond:
+            return {
+                "budget_bytes": self.budget,
+                "resident": [str(k) for k in self._resident],
+                "resident_bytes": self._total(),
+                "peak_resident_bytes": self.peak_bytes,
+                "loads": self.loads,
+                "evictions": self.evictions,
+                "overshoots": self.overshoots,
+                "max_overshoot_bytes": self.max_overshoot_bytes,
+                "sessions": {str(k): r.as_dict() for k, r in self._records.items()},
+            }
+
+    # ---- internals (called with self._cond held) -----------------------------------------
+
+    def _total(self) -> int:
+        return sum(self._charged.values())
+
+    def _note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self._total())
+
+    def _unpin(self, key: Any) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+
+    def _make_room(self, need: int, keep: Any, best_effort: bool = False) -> bool:
+        """Evict unpinned sessions, least recently used first, until `need` more bytes fit
+        (nothing is evicted when they cannot make enough room, unless `best_effort`)."""
+        if self.budget is None:
+            return True
+        evictable = sum(self._charged[k] for k in self._resident if k != keep and not self._pins[k])
+        if self._total() - evictable + need > self.budget and not best_effort:
+            return False  # pinned sessions hold the room: evict nothing, wait for a release
+        evicted = False
+        while self._total() + need > self.budget:
+            victim = next((k for k in self._resident if k != keep and not self._pins[k]), None)
+            if victim is None:
+                break
+            self._evict(victim, trim=False)
+            evicted = True
+        if evicted:
+            _release_free_heap()
+        return self._total() + need <= self.budget
+
+    def _evict(self, key: Any, trim: bool = True) -> None:
+        engine = self._resident.pop(key)
+        engine.unload()
+        charged = self._charged.pop(key, 0)
+        self._records[key].evictions += 1
+        self.evictions += 1
+        self.events.append((time.monotonic(), "evict", key, charged))
+        logger.info("evicted %s (%s)", self._describe(key), format_bytes(charged))
+        if trim:
+            _release_free_heap()
+
+    # ---- loading (outside self._cond, one at a time) --------------------------------------
+
+    def _load(self, key: Any) -> Any:
+        with self._load_lock:
+            engine = self._factory(key)
+            rss0, dev0 = self.probe.rss(), self.probe.device_used()
+            clock = time.perf_counter()
+            engine.load()
+            seconds = time.perf_counter() - clock
+            rss1, dev1 = self.probe.rss(), self.probe.device_used()
+        with self._cond:
+            record = self._record(key)
+            record.rss_bytes = None if rss0 is None or rss1 is None else rss1 - rss0
+            record.device_bytes = None if dev0 is None or dev1 is None else dev1 - dev0
+            record.loads += 1
+            record.load_seconds = seconds
+        logger.info("loaded %s in %.2f s: RSS +%s%s", self._describe(key), seconds, format_bytes(record.rss_bytes),
+                    "" if record.device_bytes is None else f", device +{format_bytes(record.device_bytes)}")
+        return engine

@@ -1,0 +1,292 @@
+"""The memory budget of the runtime's UNet sessions (`aptp.runtime.residency`).
+
+The manager is tested with fake engines whose load adds a known number of bytes to a fake
+probe, so the accounting is exact; the pipeline parts run on the tiny export.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aptp.errors import RuntimeInputError
+from aptp.runtime.residency import ResidencyManager, format_bytes, parse_memory_budget
+
+MiB = 1024**2
+
+
+class FakeProbe:
+    """RSS = the bytes of the fake engines loaded now (plus a constant baseline)."""
+
+    def __init__(self):
+        self.bytes = 100 * MiB
+
+    def rss(self) -> int:
+        return self.bytes
+
+    def device_used(self) -> None:
+        return None
+
+
+class FakeEngine:
+    def __init__(self, key, size: int, probe: FakeProbe, log: list):
+        self.key, self.size, self.probe, self.log = key, size, probe, log
+        self.loaded = False
+
+    def load(self) -> None:
+        assert not self.loaded
+        self.loaded = True
+        self.probe.bytes += self.size
+        self.log.append(("load", self.key))
+
+    def unload(self) -> None:
+        if self.loaded:
+            self.loaded = False
+            self.probe.bytes -= self.size
+            self.log.append(("unload", self.key))
+
+
+def make_manager(budget, sizes, file_sizes=None):
+    probe, log, engines = FakeProbe(), [], {}
+
+    def factory(key):
+        engines[key] = FakeEngine(key, sizes[key], probe, log)
+        return engines[key]
+
+    files = file_sizes or sizes
+    manager = ResidencyManager(budget, factory, lambda k: files[k], probe=probe, describe=lambda k: f"expert {k}")
+    return manager, probe, log, engines
+
+
+# ---- budgets ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("512MiB", 512 * MiB), ("3GiB", 3 * 1024**3), ("2GB", 2 * 1000**3), ("1.5G", int(1.5 * 1024**3)),
+    ("1000", 1000), (4096, 4096), ("64 mib", 64 * MiB), (None, None), ("unlimited", None),
+])
+def test_budgets_parse(text, expected):
+    assert parse_memory_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1", "lots", 0, "0", -5, "3 parsecs", "", True, 2.5, "GiB"])
+def test_bad_budgets_raise_one_clear_error(bad):
+    with pytest.raises(RuntimeInputError, match="memory_budget must be a positive size such as '3GiB'"):
+        parse_memory_budget(bad)
+
+
+@pytest.mark.parametrize("bad", ["-1", "lots", "0"])
+def test_bad_budgets_give_one_line_on_the_command_line(bad, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "aptp.runtime.cli", "--artifacts", str(tmp_path), "--prompt", "x",
+                           "--output", str(tmp_path / "o.png"), f"--memory-budget={bad}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("aptp-generate: error: ")
+    # the budget is checked before the export: a bad budget is named even for a missing export
+    assert f"--memory-budget must be a positive size such as '3GiB'" in lines[0], lines[0]
+
+
+# ---- the manager --------------------------------------------------------------------------
+
+
+def test_eviction_is_least_recently_used():
+    sizes = {k: 10 * MiB for k in range(4)}
+    manager, _, log, _ = make_manager(30 * MiB, sizes)
+    for key in (0, 1, 2):
+        with manager.use(key):
+            pass
+    with manager.use(0):  # 0 becomes the most recently used: 1 is now the oldest
+        pass
+    with manager.use(3):
+        pass
+    assert ("unload", 1) in log and ("unload", 0) not in log and ("unload", 2) not in log
+    assert manager.resident_keys == [2, 0, 3]
+    with manager.use(1):  # the oldest now is 2
+        pass
+    assert [e for e in log if e[0] == "unload"] == [("unload", 1), ("unload", 2)]
+    report = manager.report()
+    assert report["loads"] == 5 and report["evictions"] == 2
+    assert report["sessions"]["1"]["loads"] == 2 and report["sessions"]["1"]["measured_bytes"] == 10 * MiB
+
+
+def test_budget_is_never_exceeded_under_random_use():
+    rng = np.random.default_rng(0)
+    sizes = {k: int(s) * MiB for k, s in enumerate(rng.integers(5, 40, size=8))}
+    budget = 70 * MiB
+    manager, probe, _, _ = make_manager(budget, sizes)
+    baseline = probe.bytes
+    for key in rng.integers(0, 8, size=300).tolist():
+        with manager.use(key) as engine:
+            assert engine.loaded
+            assert probe.bytes - baseline <= budget  # what is really loaded
+            assert manager.resident_bytes <= budget  # what is charged
+    assert manager.report()["peak_resident_bytes"] <= budget
+    assert manager.report()["overshoots"] == 0
+    assert manager.evictions > 0
+
+
+def test_measured_cost_is_charged_not_the_file_size():
+    # Files of 10 MiB whose sessions take 25 MiB (weights prepacked, say): after the first load
+    # the manager charges what it measured and estimates the others with that ratio.
+    sizes = {k: 25 * MiB for k in range(3)}
+    manager, probe, _, _ = make_manager(60 * MiB, sizes, file_sizes={k: 10 * MiB for k in range(3)})
+    assert manager.estimate(0) == 10 * MiB
+    with manager.use(0):
+        pass
+    assert manager.record(0).measured_bytes == 25 * MiB
+    assert manager.estimate(1) == 25 * MiB  # file size x the measured ratio 2.5
+    for key in (1, 2, 0, 2):
+        with manager.use(key):
+            assert probe.bytes - 100 * MiB <= 60 * MiB
+    assert manager.report()["overshoots"] == 0
+
+
+def test_an_expert_that_cannot_fit_alone_is_named_with_its_size_and_the_budget():
+    manager, _, log, _ = make_manager(30 * MiB, {0: 10 * MiB, 1: 40 * MiB})
+    with pytest.raises(RuntimeInputError) as err:
+        with manager.use(1):
+            pass
+    message = str(err.value)
+    assert "expert 1" in message and format_bytes(40 * MiB) in message and format_bytes(30 * MiB) in message
+    assert "lower bound" in message
+    assert log == []  # nothing was loaded
+
+
+def test_unlimited_keeps_every_session():
+    manager, _, log, _ = make_manager(None, {k: 10 * MiB for k in range(5)})
+    for key in [0, 1, 2, 3, 4, 0, 1]:
+        with manager.use(key):
+            pass
+    assert manager.loads == 5 and manager.evictions == 0 and len(manager.resident_keys) == 5
+
+
+def test_a_pinned_session_is_never_evicted_under_threads():
+    """4 threads x 10 uses each over 6 experts with room for 2: a pinned engine is never
+    unloaded while in use, and the budget holds throughout."""
+    sizes = {k: 10 * MiB for k in range(6)}
+    budget = 20 * MiB
+    manager, probe, _, _ = make_manager(budget, sizes)
+    violations: list[str] = []
+    lock = threading.Lock()
+
+    def work(thread: int) -> None:
+        rng = np.random.default_rng(thread)
+        for key in rng.integers(0, 6, size=10).tolist():
+            with manager.use(key) as engine:
+                for _ in range(20):
+                    if not engine.loaded:
+                        violations.append(f"expert {key} evicted while pinned")
+                    with lock:
+                        if manager.resident_bytes > budget:
+                            violations.append(f"charged {manager.resident_bytes} > {budget}")
+                    threading.Event().wait(0.0005)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    assert violations == []
+    assert probe.bytes == 100 * MiB + manager.resident_bytes
+    assert manager.report()["peak_resident_bytes"] <= budget
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    from runtime_fixtures import tiny_export
+
+    return tiny_export(tmp_path_factory.getbasetemp() / "runtime")
+
+
+def _unet_bytes(pipe, key) -> int:
+    return pipe.residency.record(key).file_bytes
+
+
+@pytest.mark.slow
+def test_results_are_bitwise_identical_with_and_without_a_budget(export):
+    from aptp.runtime import AptpPipeline
+    from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS
+
+    prompts = [*VEHICLE_PROMPTS, *FOOD_PROMPTS]
+    free = AptpPipeline.from_export(export, threads=1)
+    reference = free(prompts, seeds=11)
+    dense = free(prompts[:2], seeds=3, expert="dense")
+    smallest = min(_unet_bytes(free, k) for k in free.artifacts.model_keys)
+    largest = max(_unet_bytes(free, k) for k in free.artifacts.model_keys)
+    # Room for one UNet session at a time (the measured cost of a session can exceed its file).
+    tight = AptpPipeline.from_export(export, threads=1, memory_budget=int(largest * 1.2))
+    assert smallest > 0
+    for _ in range(2):
+        got = tight(prompts, seeds=11)
+        got_dense = tight(prompts[:2], seeds=3, expert="dense")
+        for a, b in zip(reference + dense, got + got_dense):
+            assert a.expert == b.expert
+            assert np.array_equal(a.latents, b.latents) and np.array_equal(a.image, b.image)
+    report = tight.memory_report()
+    assert report["evictions"] > 0 and report["peak_resident_bytes"] <= report["budget_bytes"] + \
+        report["max_overshoot_bytes"]
+    assert report["process_rss_bytes"] > 0
+    for key in ("0", "1", "dense"):
+        assert report["sessions"][key]["rss_bytes"] is not None
+    assert free.memory_report()["evictions"] == 0
+
+
+@pytest.mark.slow
+def test_too_small_a_budget_fails_at_construction_naming_the_expert(export):
+    from aptp.runtime import AptpPipeline
+
+    with pytest.raises(RuntimeInputError, match=r"expert \d's UNet needs .* but the memory budget is 1.00 KiB"):
+        AptpPipeline.from_export(export, memory_budget="1KiB")
+    proc = subprocess.run([sys.executable, "-m", "aptp.runtime.cli", "--artifacts", str(export), "--prompt", "x",
+                           "--output", "/nonexistent/o.png", "--memory-budget", "1KiB"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot fit even alone" in proc.stderr
+
+
+@pytest.mark.slow
+def test_server_under_a_budget_four_threads_ten_requests_each(export):
+    """A GenerationServer on a pipeline with room for one UNet: 4 client threads x 10 routed
+    requests; every result equals its single run without a budget, the running group's session
+    is never evicted under it (results would differ or fail), and stats count the swaps."""
+    from aptp.runtime import AptpPipeline, GenerationServer
+    from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS
+
+    prompts = [*VEHICLE_PROMPTS, *FOOD_PROMPTS]
+    free = AptpPipeline.from_export(export, threads=1)
+    largest = max(_unet_bytes(free, k) for k in free.artifacts.model_keys)
+    pipe = AptpPipeline.from_export(export, threads=1, memory_budget=int(largest * 1.2))
+    unloads_while_pinned: list[str] = []
+    original_evict = pipe.residency._evict
+
+    def checked_evict(key, trim=True):
+        if pipe.residency._pins[key]:
+            unloads_while_pinned.append(str(key))
+        original_evict(key, trim)
+
+    pipe.residency._evict = checked_evict
+    jobs = [(t, i, prompts[(t * 10 + i) % len(prompts)], 1000 * t + i) for t in range(4) for i in range(10)]
+    expected = {(t, i): free([p], seeds=[s], output_type="latent")[0].latents for t, i, p, s in jobs}
+    with GenerationServer(pipe, max_batch=4, max_wait=0.02, max_wait_s=2.0, max_queue=64) as server:
+        def client(t):
+            futures = [(i, server.submit(p, seed=s, output_type="latent")) for tt, i, p, s in jobs if tt == t]
+            return [(t, i, f.result(timeout=600)) for i, f in futures]
+
+        with ThreadPoolExecutor(4) as pool:
+            results = [r for chunk in pool.map(client, range(4)) for r in chunk]
+        stats = server.stats()
+    assert len(results) == 40
+    for t, i, result in results:
+        assert np.array_equal(result.latents, expected[(t, i)])
+    assert unloads_while_pinned == []
+    assert stats["requests"] == 40 and stats["batches"] >= 10
+    assert stats["loads"] >= 2 and stats["evictions"] >= 1
+    assert stats["queue_wait_s"]["p95"] is not None and sum(stats["batches_per_expert"].values()) == stats["batches"]
