@@ -8,6 +8,7 @@
     aptp-bench make-synthetic --unet-config sd21 --resolution 256 --output A
     aptp-bench serve --artifacts A [--rates 0.5,1,2] [--count N] [--slo S] [--no-ray] ...
     aptp-bench gpu-check --output-dir OUT [--dry-run]   (aptp.benchmarks.gpu_check)
+    aptp-bench memory --artifacts A [--budgets unlimited,2x,1x] [--precisions fp32,int8] [--requests 48]
 
 Bad input (any `AptpError`) prints one line, ``aptp-bench: error: <message>``, and exits 2;
 Ctrl-C exits 130. torch is imported only after the arguments parse.
@@ -26,7 +27,7 @@ from aptp.cli import positive_int, run_command, seed_int
 from aptp.errors import ConfigError
 
 PROG = "aptp-bench"
-COMMANDS = ("latency", "quality", "make-synthetic", "serve", "gpu-check")
+COMMANDS = ("latency", "quality", "make-synthetic", "serve", "gpu-check", "memory")
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _serve(argv: Sequence[str]) -> int:
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="aptp benchmarks. Commands: latency (default), quality, make-synthetic, serve; "
+    p = _Parser(prog=PROG, description="aptp benchmarks. Commands: latency (default), quality, make-synthetic, serve, memory; "
                 "`aptp-bench COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("command", choices=COMMANDS)
@@ -221,6 +222,54 @@ def _make_synthetic(argv: Sequence[str]) -> int:
     return 0
 
 
+def _memory_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} memory", description="Serve a fixed mixed workload through GenerationServer under "
+                "memory budgets (unlimited, 2x and 1x the dense UNet's fp32 weights) at fp32 and int8, each run in a "
+                "fresh process: peak/mean RSS, throughput, latency, loads, evictions, int8 step speed and error; "
+                "writes memory.json, memory.md and memory.png.")
+    p.add_argument("--artifacts", type=Path, required=True, metavar="DIR", help="export directory (aptp-export)")
+    p.add_argument("--output-dir", type=Path, default=Path("bench-results/memory"), metavar="DIR",
+                   help="where the reports go (default: ./bench-results/memory)")
+    p.add_argument("--budgets", type=_name_list, default=["unlimited", "2x", "1x"], metavar="LIST",
+                   help="unlimited, multiples of the dense UNet's fp32 bytes (2x) or sizes (3GiB) (default: "
+                   "unlimited,2x,1x)")
+    p.add_argument("--precisions", type=_name_list, default=["fp32", "int8"], metavar="LIST",
+                   help="fp32 and/or int8; int8 UNets are made first when the export has none (default: fp32,int8)")
+    p.add_argument("--requests", type=positive_int, default=48, metavar="N", help="requests in the workload (48)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed: arrival order and request seeds (0)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op threads (default: all cores)")
+    p.add_argument("--guidance-scale", type=float, metavar="X", help="guidance (default: the export's)")
+    p.add_argument("--max-wait-s", type=float, default=5.0, metavar="S",
+                   help="the server's head start for the current/resident expert, in seconds (5)")
+    p.add_argument("--arrival-gap", type=float, default=0.0, metavar="S",
+                   help="mean seconds between arrivals (exponential); 0 submits a backlog (default)")
+    p.add_argument("--step-repeats", type=positive_int, default=5, metavar="N",
+                   help="timed fp32/int8 UNet steps per expert (5)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _memory(argv: Sequence[str]) -> int:
+    args = _memory_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .memory import MemoryOptions, run_memory
+
+    options = MemoryOptions(requests=args.requests, seed=args.seed, budgets=args.budgets, precisions=args.precisions,
+                            threads=args.threads, guidance_scale=args.guidance_scale, max_wait_s=args.max_wait_s,
+                            arrival_gap_s=args.arrival_gap, step_repeats=args.step_repeats)
+    options.check()
+    if not args.artifacts.exists():
+        raise ConfigError(f"--artifacts {args.artifacts} does not exist; pass the directory aptp-export wrote")
+    results = run_memory(args.artifacts, args.output_dir, options)
+    print(f"wrote {args.output_dir}/memory.json, memory.md, memory.png")
+    for run in results["runs"]:
+        check = results["checks"][run["precision"]]["runs"][run["budget_label"]]
+        print(f"  {run['precision']:4s} {run['budget_label']:>9s}: peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB, "
+              f"{run['throughput_rps']:.4f} req/s ({check['throughput_vs_reference']:.2f}x the reference), "
+              f"loads {run['stats']['loads']}, evictions {run['stats']['evictions']}")
+    return 0
+
+
 def _quality(argv: Sequence[str]) -> int:
     try:
         from .quality.table import main_quality
@@ -250,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: error: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
     handlers = {"latency": _latency, "quality": _quality, "make-synthetic": _make_synthetic, "serve": _serve,
-                "gpu-check": _gpu_check}
+                "gpu-check": _gpu_check, "memory": _memory}
     return run_command(PROG, lambda: handlers[command](rest))
 
 

@@ -3,7 +3,7 @@
     aptp-export --checkpoint runs/tiny --output artifacts/tiny [--overwrite] [--precision fp32|fp16]
                 [--resolution PX] [--min-resolution PX] [--max-resolution PX] [--max-batch N]
                 [--scheduler ddim|euler|dpmpp_2m] [--steps N] [--tensorrt] [--pipeline-dirs]
-                [--no-dense] [--sign KEYFILE]
+                [--no-dense] [--sign KEYFILE] [--quantize int8]
 
 Bad input (any `AptpError`) prints one line, ``aptp-export: error: <message>``, and exits 2;
 anything else is a bug and keeps its traceback. Ctrl-C exits 130 and leaves the output as it
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sign", type=Path, metavar="KEYFILE",
                         help="sign the manifest with this Ed25519 private key (PEM; make one with "
                         "'python -m aptp.export.signing generate-key KEYFILE'; needs aptp[sign])")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="also write an int8 version of every UNet (onnxruntime static QDQ, calibrated on sampling "
+                        "runs of the checkpoint's prompts) with its error against fp32; the runtime picks it with "
+                        "--precision int8")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -89,13 +93,26 @@ def _export(args: argparse.Namespace) -> None:
         steps=args.steps, tensorrt=args.tensorrt, pipeline_dirs=args.pipeline_dirs, dense=args.dense,
         signing_key=args.sign,
     )
+    if args.quantize and args.precision != "fp32":
+        from aptp.errors import ConfigError
+
+        raise ConfigError(f"--quantize {args.quantize} starts from fp32 weights; drop --precision {args.precision}")
     manifest = export_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
+    if args.quantize:
+        from .quantize import quantize_export
+
+        manifest = quantize_export(args.output, args.quantize)
     experts = manifest["experts"]
     print(f"exported {len(experts)} experts to {args.output}")
     for entry in experts:
         share = "n/a" if entry["share"] is None else f"{entry['share']:.1%}"
         print(f"  expert {entry['code']}: MACs ratio {entry['macs_ratio']:.3f}, prompt share {share}, "
               f"ONNX max abs error {entry['max_abs_error']:.2g}")
+        if entry.get("int8"):
+            q = entry["int8"]
+            print(f"    int8 ({q['method']}): {q['bytes'] / entry['bytes']:.2f}x the fp32 bytes, pixel error "
+                  f"{q['error']['pixels_mean_abs']:.2f} mean / {q['error']['pixels_max_abs']} max (0-255), "
+                  f"ops {q['quantized_ops']}")
 
 
 if __name__ == "__main__":

@@ -428,12 +428,13 @@ class AptpPipeline:
         return {"precision": self.precision or self.artifacts.precision, "process_rss_bytes": probe.rss(),
                 "device_used_bytes": probe.device_used(), **self.residency.report()}
 
-    def load(self) -> None:
-        """Create every session now: router, text encoder, VAE decoder and every UNet (under a
-        memory budget, the UNets that fit together, in the export's order)."""
+    def load(self, unets: bool = True) -> None:
+        """Create every session now: router, text encoder, VAE decoder and, with `unets`, every
+        UNet (under a memory budget, the UNets that fit together, in the export's order)."""
         for engine in list(self._engines.values()):
             engine.load()
-        self.residency.preload(self.artifacts.model_keys)
+        if unets:
+            self.residency.preload(self.artifacts.model_keys)
 
     def with_scheduler(self, scheduler: SchedulerTable | Mapping[str, Any]) -> AptpPipeline:
         """A pipeline sampling with another table on the same sessions (nothing is reloaded).

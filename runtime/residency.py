@@ -10,7 +10,8 @@ What a session costs is measured when it is loaded: the process RSS before and a
 (``cudaMemGetInfo`` through the CUDA runtime library). Until a session has been loaded once,
 its cost is estimated from its files' size (a lower bound: the session holds at least its
 weights) scaled by the largest measured-to-file ratio seen so far; after its first load the
-measured cost is used. A first load whose measured cost exceeds its estimate is recharged at
+measured cost is charged, but never less than the files' size: an RSS delta undercounts when
+the allocator reuses heap that an earlier session freed. A first load whose measured cost exceeds its estimate is recharged at
 once and other unpinned sessions are evicted to make room; ``overshoots`` in the report counts
 the rare case where pinned sessions leave no room, instead of hiding it.
 
@@ -197,7 +198,7 @@ class ResidencyManager:
                  describe: Callable[[Any], str] = str, probe: MemoryProbe | None = None):
         self.budget = budget
         self.probe = probe or MemoryProbe()
-        self._factory = factory
+        self.factory = factory  # replaceable: wrap engines, e.g. to record their inputs
         self._file_bytes = file_bytes
         self._describe = describe
         self._records: dict[Any, SessionRecord] = {}
@@ -229,7 +230,7 @@ class ResidencyManager:
     def _estimate(self, key: Any) -> tuple[int, str]:
         record = self._record(key)
         if record.measured_bytes is not None:
-            return max(1, record.measured_bytes), "measured when it was last loaded"
+            return max(1, record.file_bytes, record.measured_bytes), "measured when it was last loaded"
         ratios = [r.measured_bytes / r.file_bytes for r in self._records.values()
                   if r.measured_bytes is not None and r.file_bytes > 0]
         ratio = max([1.0, *ratios])
@@ -243,7 +244,10 @@ class ResidencyManager:
             return self._estimate(key)[0]
 
     def check_fits(self, key: Any) -> None:
-        """Raise unless the session of `key` fits the budget alone.
+        """Raise when the session of `key` cannot fit the budget even alone: when its files
+        alone (the weights a session must hold) exceed it. A measured cost above the budget is
+        not refused (an RSS delta is noisy for small graphs); that session then runs alone and
+        the report counts the overshoot.
 
         Raises:
             RuntimeInputError: naming the session's size, how it was obtained, and the budget.
@@ -251,12 +255,14 @@ class ResidencyManager:
         if self.budget is None:
             return
         with self._cond:
-            size, how = self._estimate(key)
+            size = self._record(key).file_bytes
+            measured = self._record(key).measured_bytes
         if size > self.budget:
+            seen = "" if measured is None else f"; its session measured {format_bytes(measured)} when loaded"
             raise RuntimeInputError(
-                f"{self._describe(key)} needs {format_bytes(size)} ({how}) but the memory budget is "
-                f"{format_bytes(self.budget)}: it cannot fit even alone; raise the memory budget to at least "
-                f"{format_bytes(size)}, or use a smaller precision (int8)")
+                f"{self._describe(key)} needs at least {format_bytes(size)} (its files' size, a lower bound on its "
+                f"session{seen}) but the memory budget is {format_bytes(self.budget)}: it cannot fit even alone; "
+                f"raise the memory budget above {format_bytes(size)}, or use a smaller precision (int8)")
 
     # ---- residency -------------------------------------------------------------------------
 
@@ -297,7 +303,8 @@ class ResidencyManager:
                     self._cond.wait()
                     continue
                 need, _ = self._estimate(key)
-                if self._make_room(need, keep=key):
+                # A cost measured above the budget (check_fits let it through) runs alone.
+                if self._make_room(min(need, self.budget) if self.budget is not None else need, keep=key):
                     break
                 self._cond.wait()  # the room is held by pinned sessions: wait for a release
             self._loading.add(key)
@@ -315,7 +322,7 @@ class ResidencyManager:
             raise
         with self._cond:
             record = self._records[key]
-            self._charged[key] = max(1, record.measured_bytes) if record.measured_bytes is not None else need
+            self._charged[key] = self._estimate(key)[0]
             self._loading.discard(key)
             self._resident[key] = engine
             self.loads += 1
@@ -425,7 +432,7 @@ class ResidencyManager:
 
     def _load(self, key: Any) -> Any:
         with self._load_lock:
-            engine = self._factory(key)
+            engine = self.factory(key)
             rss0, dev0 = self.probe.rss(), self.probe.device_used()
             clock = time.perf_counter()
             engine.load()

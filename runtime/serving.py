@@ -13,10 +13,14 @@ request gives the same result batched or alone: its noise comes from its own see
 `aptp.runtime.pipeline`).
 
 Which ready list runs next is expert-aware, because under a memory budget swapping an expert
-in costs a session load (`aptp.runtime.residency`): first any list whose oldest request has
-waited ``max_wait_s`` (oldest first: no expert starves), then the expert that ran last while
-it has ready requests (drain its queue before swapping), then lists whose expert is resident,
-then the oldest. `stats` reports loads, evictions, batch sizes and queue waits.
+in costs a session load (`aptp.runtime.residency`). Each ready list scores the age of its
+oldest request, plus ``max_wait_s`` when its expert is the one that ran last or is resident;
+the highest score runs, the expert that ran last winning ties. So an expert's queue is drained
+before swapping and resident experts go first, yet a request is never passed over by a list
+whose oldest request arrived more than ``max_wait_s`` after it: its wait beyond strict arrival
+order is bounded and no expert starves. Without a budget every used expert stays resident and
+the order is oldest first, draining the current expert. `stats` reports loads, evictions,
+batch sizes, expert swaps and queue waits.
 
 At most ``max_queue`` requests wait at any time (queued or pending, not yet running);
 `submit` beyond that raises `QueueFullError` instead of letting latency grow without bound.
@@ -92,8 +96,9 @@ class GenerationServer:
         max_batch: prompts per batch; default: the pipeline's ``max_batch`` (the export's).
         max_wait: seconds a request may wait for others to fill its batch.
         max_queue: requests that may wait at once; more are refused with `QueueFullError`.
-        max_wait_s: seconds after which a ready request goes before the expert-aware order
-            (resident experts first, drain the current expert) may keep it waiting.
+        max_wait_s: the head start, in seconds of waiting, that the expert which ran last and
+            resident experts get over others: a bound on how much longer than arrival order a
+            request may wait for an expert swap.
     """
 
     def __init__(self, pipeline: AptpPipeline, *, max_batch: int | None = None, max_wait: float = 0.01,
@@ -303,21 +308,15 @@ class GenerationServer:
         if not ready:
             return None
 
-        def oldest(keys: list[tuple]) -> tuple:
-            return min(keys, key=lambda k: pending[k][0].arrived)
-
-        overdue = [k for k in ready if now - pending[k][0].arrived >= self.max_wait_s]
-        if overdue:
-            return oldest(overdue)
-        current = [k for k in ready if k[0] == self._last_expert]
-        if current:
-            return oldest(current)
         residency = getattr(self.pipeline, "residency", None)
-        if residency is not None:
-            resident = [k for k in ready if residency.is_resident(_unet_key(k[0]))]
-            if resident:
-                return oldest(resident)
-        return oldest(ready)
+
+        def score(key: tuple) -> tuple[float, bool, float]:
+            current = key[0] == self._last_expert
+            warm = current or (residency is not None and residency.is_resident(_unet_key(key[0])))
+            age = now - pending[key][0].arrived
+            return (age + (self.max_wait_s if warm else 0.0), current, age)
+
+        return max(ready, key=score)
 
     def _execute(self, batch: list[_Request]) -> None:
         with self._lock:

@@ -160,6 +160,21 @@ def test_an_expert_that_cannot_fit_alone_is_named_with_its_size_and_the_budget()
     assert log == []  # nothing was loaded
 
 
+def test_a_session_measured_above_the_budget_runs_alone_and_is_reported():
+    # Its file (the lower bound) fits, its measured session does not: it is served alone and
+    # the overshoot is counted, rather than refused on a noisy measurement.
+    manager, probe, log, _ = make_manager(30 * MiB, {0: 10 * MiB, 1: 40 * MiB}, file_sizes={0: 10 * MiB, 1: 20 * MiB})
+    with manager.use(0):
+        pass
+    for _ in range(2):
+        with manager.use(1):
+            assert manager.resident_keys == [1]
+        with manager.use(0):
+            assert manager.resident_keys == [0]
+    report = manager.report()
+    assert report["overshoots"] == 2 and report["max_overshoot_bytes"] == 10 * MiB
+
+
 def test_unlimited_keeps_every_session():
     manager, _, log, _ = make_manager(None, {k: 10 * MiB for k in range(5)})
     for key in [0, 1, 2, 3, 4, 0, 1]:
@@ -206,8 +221,10 @@ def export(tmp_path_factory) -> Path:
     return tiny_export(tmp_path_factory.getbasetemp() / "runtime")
 
 
-def _unet_bytes(pipe, key) -> int:
-    return pipe.residency.record(key).file_bytes
+def _largest_session(pipe) -> int:
+    """The largest measured UNet session of a pipeline that ran every UNet (small graphs cost
+    several times their file in onnxruntime: prepacked weights, arena, optimised graph)."""
+    return max(pipe.residency.estimate(k) for k in pipe.artifacts.model_keys)
 
 
 @pytest.mark.slow
@@ -219,11 +236,8 @@ def test_results_are_bitwise_identical_with_and_without_a_budget(export):
     free = AptpPipeline.from_export(export, threads=1)
     reference = free(prompts, seeds=11)
     dense = free(prompts[:2], seeds=3, expert="dense")
-    smallest = min(_unet_bytes(free, k) for k in free.artifacts.model_keys)
-    largest = max(_unet_bytes(free, k) for k in free.artifacts.model_keys)
-    # Room for one UNet session at a time (the measured cost of a session can exceed its file).
-    tight = AptpPipeline.from_export(export, threads=1, memory_budget=int(largest * 1.2))
-    assert smallest > 0
+    # Room for about one UNet session at a time.
+    tight = AptpPipeline.from_export(export, threads=1, memory_budget=int(_largest_session(free) * 1.3))
     for _ in range(2):
         got = tight(prompts, seeds=11)
         got_dense = tight(prompts[:2], seeds=3, expert="dense")
@@ -243,7 +257,7 @@ def test_results_are_bitwise_identical_with_and_without_a_budget(export):
 def test_too_small_a_budget_fails_at_construction_naming_the_expert(export):
     from aptp.runtime import AptpPipeline
 
-    with pytest.raises(RuntimeInputError, match=r"expert \d's UNet needs .* but the memory budget is 1.00 KiB"):
+    with pytest.raises(RuntimeInputError, match=r"expert \d's UNet needs at least .* but the memory budget is 1.00 KiB"):
         AptpPipeline.from_export(export, memory_budget="1KiB")
     proc = subprocess.run([sys.executable, "-m", "aptp.runtime.cli", "--artifacts", str(export), "--prompt", "x",
                            "--output", "/nonexistent/o.png", "--memory-budget", "1KiB"],
@@ -262,8 +276,9 @@ def test_server_under_a_budget_four_threads_ten_requests_each(export):
 
     prompts = [*VEHICLE_PROMPTS, *FOOD_PROMPTS]
     free = AptpPipeline.from_export(export, threads=1)
-    largest = max(_unet_bytes(free, k) for k in free.artifacts.model_keys)
-    pipe = AptpPipeline.from_export(export, threads=1, memory_budget=int(largest * 1.2))
+    free(prompts[:1], seeds=0, expert=0)
+    free(prompts[:1], seeds=0, expert=1)
+    pipe = AptpPipeline.from_export(export, threads=1, memory_budget=int(_largest_session(free) * 1.3))
     unloads_while_pinned: list[str] = []
     original_evict = pipe.residency._evict
 

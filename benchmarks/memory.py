@@ -1,0 +1,272 @@
+"""The memory suite (``aptp-bench memory``): serving K experts inside a memory budget.
+
+On one export (the SD 2.1-shaped K=8 synthetic export for the issue's figures), a fixed,
+seeded mixed workload is served by `aptp.runtime.GenerationServer` under each budget and
+precision, each run in a fresh process (`aptp.benchmarks.memory_worker`):
+
+- workload: ``requests`` prompts assigned to experts by the export's shares (synthetic exports,
+  as the latency suite assigns them) or by the router (trained exports), seeds ``1000*seed + i``,
+  submitted in a seeded shuffled order, all at once (a backlog) or ``arrival_gap_s`` apart;
+- budgets: ``unlimited``, ``2x`` and ``1x`` the dense UNet's fp32 weights (its files' bytes),
+  or byte sizes (``3GiB``). When the unlimited run would not fit this machine (the experts'
+  fp32 files plus 1 GiB over 80% of ``MemAvailable``), the largest budget that fits replaces
+  it as the reference and the report says so;
+- precisions: ``fp32`` and ``int8`` (the int8 UNets are made first with
+  `aptp.export.quantize.quantize_export` when the export has none);
+- per run: peak and time-averaged RSS of the serving process, throughput, p50/p95 request
+  latency, session loads and evictions, the server's batch and queue-wait stats; per UNet:
+  fp32 vs int8 step latency (interleaved, in a worker of its own) and int8 error (from the
+  manifest, measured at quantization over a fixed prompt set).
+
+Nothing is asserted; the checks (peak RSS within budget + pinned parts, 2x-budget throughput vs
+the reference, identical latents across budgets) are reported as measured.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from aptp.errors import ConfigError
+
+__all__ = ["MemoryOptions", "build_workload", "resolve_budgets", "run_memory"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "aptp-bench-memory"
+PROMPT_SUBJECTS = ("a red sports car", "a bowl of ramen", "an old lighthouse", "a snowy mountain village",
+                   "a portrait of a fisherman", "a cat on a windowsill", "a city street at night",
+                   "a plate of fresh fruit", "a sailing boat at sunset", "a robot in a workshop",
+                   "a field of sunflowers", "a steam locomotive")
+PROMPT_STYLES = ("photograph", "watercolor", "oil painting", "pencil sketch")
+GiB = 1024**3
+
+
+@dataclass
+class MemoryOptions:
+    """Settings of `run_memory` (the ``aptp-bench memory`` flags)."""
+
+    requests: int = 48
+    seed: int = 0
+    budgets: Sequence[str] = ("unlimited", "2x", "1x")
+    precisions: Sequence[str] = ("fp32", "int8")
+    threads: int | None = None
+    max_batch: int | None = None
+    max_wait: float = 0.05
+    max_wait_s: float = 5.0
+    guidance_scale: float | None = None
+    arrival_gap_s: float = 0.0
+    sample_interval: float = 0.05
+    step_repeats: int = 5
+    step_warmup: int = 1
+    timeout_s: float = 3600.0
+    calibration_prompts: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.requests < 1:
+            raise ConfigError(f"--requests must be >= 1, got {self.requests}")
+        bad = [p for p in self.precisions if p not in ("fp32", "int8")]
+        if bad or not self.precisions:
+            raise ConfigError(f"--precisions must be a list of fp32, int8; got {list(self.precisions)}")
+        for budget in self.budgets:
+            _budget_bytes(budget, 1)  # a bad budget fails before anything runs
+
+
+def _budget_bytes(spec: str, dense_bytes: int) -> int | None:
+    from aptp.runtime.residency import parse_memory_budget
+
+    text = str(spec).strip().lower()
+    if text.endswith("x"):
+        try:
+            factor = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"a budget is 'unlimited', a multiple of the dense UNet ('2x') or a size ('3GiB'), "
+                              f"got {spec!r}") from None
+        if factor <= 0:
+            raise ConfigError(f"a budget multiple must be > 0, got {spec!r}")
+        return int(factor * dense_bytes)
+    return parse_memory_budget(spec, "--budgets")
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def resolve_budgets(manifest: dict[str, Any], root: Path, budgets: Sequence[str]) -> list[dict[str, Any]]:
+    """``[{"label", "bytes", "note"}]`` for the requested budgets on this export and machine."""
+    dense = manifest.get("dense")
+    if not dense:
+        raise ConfigError("the memory suite sizes its budgets by the dense UNet: export with the dense model")
+    dense_bytes = _files_bytes(root, dense)
+    experts_bytes = sum(_files_bytes(root, e) for e in manifest["experts"])
+    available = _mem_available()
+    out = []
+    for spec in budgets:
+        size = _budget_bytes(spec, dense_bytes)
+        note = None
+        if size is None and available is not None and experts_bytes + GiB > 0.8 * available:
+            size = int(0.8 * available - GiB)
+            note = (f"all {len(manifest['experts'])} experts ({experts_bytes / GiB:.1f} GiB of fp32 files) do not fit "
+                    f"80% of this machine's available memory ({available / GiB:.1f} GiB): the largest budget that "
+                    f"fits, {size / GiB:.1f} GiB, is the reference instead of unlimited")
+        out.append({"label": str(spec), "bytes": size, "note": note})
+    return out
+
+
+def _files_bytes(root: Path, entry: dict[str, Any]) -> int:
+    return sum((root / entry[k]).stat().st_size for k in ("unet", "external_data") if entry.get(k))
+
+
+def build_workload(manifest: dict[str, Any], root: Path, requests: int, seed: int,
+                   arrival_gap_s: float = 0.0, threads: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The seeded request list (in arrival order) and how prompts were assigned to experts."""
+    from .latency import synthetic_assignment
+    from .synthetic import read_synthetic_info
+
+    prompts = [f"{PROMPT_STYLES[(i // len(PROMPT_SUBJECTS)) % len(PROMPT_STYLES)]} of "
+               f"{PROMPT_SUBJECTS[i % len(PROMPT_SUBJECTS)]}, variation {i}" for i in range(requests)]
+    synthetic = read_synthetic_info(manifest)
+    if synthetic is not None:
+        codes, how = synthetic_assignment(prompts, synthetic["shares"]), "synthetic (by the export's shares)"
+    else:
+        from aptp.runtime import AptpPipeline
+
+        pipe = AptpPipeline.from_export(root, verify=False, threads=threads)
+        codes, how = pipe.route(prompts), "router (argmax)"
+        pipe.close()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(requests)
+    gaps = rng.exponential(arrival_gap_s, size=requests) if arrival_gap_s > 0 else np.zeros(requests)
+    workload = [{"index": int(i), "prompt": prompts[i], "seed": 1000 * seed + int(i), "expert": int(codes[i]),
+                 "gap": float(g)} for i, g in zip(order, gaps)]
+    return workload, how
+
+
+def _run_worker(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.json", work / f"{name}.log"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "aptp.benchmarks.memory_worker", str(spec_path), str(out_path)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, timeout=spec.get("timeout_s", 3600) + 600)
+    if proc.returncode != 0 or not out_path.is_file():
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"memory worker {name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return json.loads(out_path.read_text())
+
+
+def run_memory(artifacts: str | os.PathLike, output_dir: str | os.PathLike, options: MemoryOptions) -> dict[str, Any]:
+    """Run the suite; writes ``memory.json``, ``memory.md`` and ``memory.png`` to `output_dir`."""
+    from aptp.export.manifest import read_manifest
+
+    from .latency import machine_info
+    from .memory_report import write_memory_reports
+
+    options.check()
+    root = Path(artifacts).expanduser().absolute()
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(root, verify=True)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    machine = machine_info()
+    quantization_s = None
+    if "int8" in options.precisions and not all(e.get("int8") for e in manifest["experts"]):
+        from aptp.export.quantize import quantize_export
+
+        clock = _dt.datetime.now()
+        manifest = quantize_export(root, "int8", threads=options.threads,
+                                   calibration_prompts=options.calibration_prompts,
+                                   keys=[int(e["code"]) for e in manifest["experts"]])
+        quantization_s = (_dt.datetime.now() - clock).total_seconds()
+    budgets = resolve_budgets(manifest, root, options.budgets)
+    workload, assignment = build_workload(manifest, root, options.requests, options.seed, options.arrival_gap_s,
+                                          options.threads)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="aptp-memory-", dir=output) as tmp:
+        work = Path(tmp)
+        for precision in options.precisions:
+            for budget in budgets:
+                name = f"{precision}-{budget['label']}"
+                logger.info("memory run %s (%s)", name, budget["bytes"])
+                spec = {"kind": "serve", "artifacts": str(root), "budget_bytes": budget["bytes"],
+                        "budget_label": budget["label"], "budget_note": budget["note"],
+                        "precision": None if precision == "fp32" else precision, "threads": options.threads,
+                        "max_batch": options.max_batch, "max_wait": options.max_wait, "max_wait_s": options.max_wait_s,
+                        "guidance_scale": options.guidance_scale, "sample_interval": options.sample_interval,
+                        "timeout_s": options.timeout_s, "workload": workload}
+                result = _run_worker(spec, work, name)
+                result["budget_note"] = budget["note"]
+                runs.append(result)
+        steps = None
+        if "int8" in options.precisions:
+            steps = _run_worker({"kind": "steps", "artifacts": str(root), "threads": options.threads,
+                                 "batch": options.max_batch or manifest["max_batch"],
+                                 "keys": [str(e["code"]) for e in manifest["experts"]],
+                                 "repeats": options.step_repeats, "warmup": options.step_warmup}, work, "steps")
+        logs = {p.stem: p.read_text()[-4000:] for p in work.glob("*.log")}
+    machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results = {
+        "format": RESULTS_FORMAT, "started": started, "artifacts": str(root), "machine": machine,
+        "settings": {**asdict(options), "assignment": assignment, "steps": manifest["scheduler"].get("num_steps"),
+                     "image": manifest["image"], "max_batch": options.max_batch or manifest["max_batch"],
+                     "quantization_s": quantization_s},
+        "unets": _unet_table(manifest, root, steps),
+        "budgets": budgets, "runs": runs, "checks": _checks(runs),
+        "worker_log_tails": logs,
+    }
+    write_memory_reports(results, output)
+    return results
+
+
+def _unet_table(manifest: dict[str, Any], root: Path, steps: dict[str, Any] | None) -> list[dict[str, Any]]:
+    rows = []
+    entries = [(str(e["code"]), e) for e in manifest["experts"]] + \
+        ([("dense", manifest["dense"])] if manifest.get("dense") else [])
+    for key, entry in entries:
+        int8 = entry.get("int8") or {}
+        step = (steps or {}).get(key)
+        rows.append({"key": key, "macs_ratio": entry.get("macs_ratio"), "share": entry.get("share"),
+                     "fp32_bytes": _files_bytes(root, entry), "int8_bytes": int8.get("bytes"),
+                     "int8_method": int8.get("method"), "int8_ops": int8.get("quantized_ops"),
+                     "int8_error": int8.get("error"),
+                     "fp32_step_s": step["fp32"]["median_s"] if step else None,
+                     "int8_step_s": step["int8"]["median_s"] if step else None,
+                     "int8_speedup": step["speedup_int8"] if step else None})
+    return rows
+
+
+def _checks(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    for precision in sorted({r["precision"] for r in runs}):
+        mine = [r for r in runs if r["precision"] == precision]
+        reference = mine[0]
+        hashes = {json.dumps(r["latents_sha256"], sort_keys=True) for r in mine}
+        checks[precision] = {
+            "reference": reference["budget_label"],
+            "identical_latents_across_budgets": len(hashes) == 1,
+            "runs": {r["budget_label"]: {
+                "peak_rss_within_budget_plus_pinned": None if r["budget_bytes"] is None else
+                r["peak_rss_bytes"] <= r["budget_bytes"] + r["baseline_rss_bytes"],
+                "peak_over_pinned_vs_budget": None if r["budget_bytes"] is None else
+                r["peak_over_baseline_bytes"] / r["budget_bytes"],
+                "throughput_vs_reference": r["throughput_rps"] / reference["throughput_rps"],
+                "completed": r["requests"]} for r in mine},
+        }
+    return checks
