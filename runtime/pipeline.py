@@ -359,7 +359,8 @@ class AptpPipeline:
         self._uncond: np.ndarray | None = None
         self.residency = ResidencyManager(self.memory_budget, self._new_unet_engine, self._unet_file_bytes,
                                           describe=_describe_unet, probe=MemoryProbe(device, self.device_id))
-        for key in artifacts.experts:  # an expert that cannot fit alone fails here, before anything runs
+        for key in artifacts.experts:  # a missing int8 file or an expert that cannot fit alone fails here
+            self.unet_file(key)
             self.residency.check_fits(key)
         if scheduler is not None:
             other = self.with_scheduler(scheduler)
