@@ -101,7 +101,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.quantize:
         from .quantize import quantize_export
 
-        manifest = quantize_export(args.output, args.quantize)
+        manifest = quantize_export(args.output, args.quantize, signing_key=args.sign)
     experts = manifest["experts"]
     print(f"exported {len(experts)} experts to {args.output}")
     for entry in experts:

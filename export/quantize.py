@@ -238,7 +238,8 @@ def _entries(manifest: dict[str, Any]) -> list[tuple[int | str, dict[str, Any]]]
 
 
 def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_prompts: int = 4,
-                    threads: int | None = None, keys: Sequence[int | str] | None = None) -> dict[str, Any]:
+                    threads: int | None = None, keys: Sequence[int | str] | None = None,
+                    signing_key: Any = None) -> dict[str, Any]:
     """Add int8 UNets to the fp32 export at `root` and list them in its manifest; returns it.
 
     Args:
@@ -247,9 +248,11 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
         calibration_prompts: prompts sampled per UNet to record calibration activations.
         threads: intra-op threads of the calibration and error runs.
         keys: the UNets to quantize (default: every expert and the dense model).
+        signing_key: the Ed25519 private key to re-sign the manifest with (`aptp.export.signing`);
+            required when the export is signed, since its manifest changes.
 
     Raises:
-        ConfigError: another mode, or an fp16 export.
+        ConfigError: another mode, an fp16 export, or a signed export without `signing_key`.
         ArtifactError: the export is incomplete or modified (checked first).
     """
     from aptp.runtime import AptpPipeline
@@ -259,6 +262,13 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
         raise ConfigError(f"--quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     root = Path(root).expanduser().absolute()
     manifest = read_manifest(root, verify=True)
+    if manifest.get("signature") is not None and signing_key is None:
+        raise ConfigError(f"{root} is signed and adding int8 UNets changes its manifest: pass the signing key "
+                          "(aptp-export --sign KEYFILE --quantize int8) to re-sign it")
+    if signing_key is not None:
+        from .signing import load_private_key
+
+        signing_key = load_private_key(signing_key)  # an unusable key fails now, not after the work
     if manifest.get("precision") != "fp32":
         raise ConfigError(f"int8 quantization starts from fp32 weights; {root} is {manifest.get('precision')}: "
                           "export with --precision fp32 --quantize int8")
@@ -303,7 +313,7 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
                  "activations": "uint8, asymmetric, MinMax over the calibration feeds",
                  "op_types": list(QUANTIZED_OP_TYPES), "error_prompts": list(ERROR_PROMPTS)},
     }
-    _write(root, manifest)
+    _write(root, manifest, signing_key)
     # Measure the error with the runtime on the listed files; then record it.
     from aptp.runtime.artifacts import load_artifacts
 
@@ -313,17 +323,24 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
         logger.info("%s: int8 vs fp32 %s", key, entry["int8"]["error"])
     fp32_pipe.close()
     int8_pipe.close()
-    _write(root, manifest)
-    return manifest
+    return _write(root, manifest, signing_key)
 
 
-def _write(root: Path, manifest: dict[str, Any]) -> None:
-    """Replace ``manifest.json`` atomically (temporary file in the same directory, then rename)."""
+def _write(root: Path, manifest: dict[str, Any], signing_key: Any = None) -> dict[str, Any]:
+    """Replace ``manifest.json`` atomically (temporary file in the same directory, then rename),
+    signed again when a key is given."""
     if any(p not in manifest["files"] for p in _int8_paths(manifest)):
         raise ArtifactError("int8 entries point to files that are not hashed")
+    if signing_key is not None:
+        from .signing import sign_manifest
+
+        signed = sign_manifest(manifest, signing_key)
+        manifest.clear()
+        manifest.update(signed)
     tmp = root / f".{MANIFEST_FILE}.int8.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, root / MANIFEST_FILE)
+    return manifest
 
 
 def _int8_paths(manifest: dict[str, Any]) -> list[str]:

@@ -146,6 +146,7 @@ class ExportArtifacts:
         """``[(path, sha256)]`` of the external weight file of the ONNX `graph`, if it has one."""
         models = [self.text_encoder, self.router_encoder, self.router_head, self.vae_decoder,
                   *self.experts.values(), *([self.dense] if self.dense is not None else [])]
+        models += [m.int8 for m in models if m.int8 is not None]
         return [(m.external_data, self.sha256(m.external_data)) for m in models
                 if m.onnx == Path(graph) and m.external_data is not None]
 
@@ -225,8 +226,26 @@ class _Reader:
             macs_ratio=self.number(node, "macs_ratio", path, optional=True, positive=True, limit="macs_ratio"),
             share=self.number(node, "share", path, optional=True, limit="share"),
             external_data=self.file(node, "external_data", path, optional=True),
-            int8=None if int8 is None else self.model(self.section(node, "int8", path), _join(path, "int8"), "unet"),
+            int8=None if int8 is None else self.int8(node, path),
         )
+
+    def int8(self, node: Mapping[str, Any], path: str) -> ModelFile:
+        """The int8 UNet beside an fp32 one (`aptp.export.quantize`): its file, hashed; its
+        recorded size and sha256 must be those of the file, its errors finite."""
+        where = _join(path, "int8")
+        entry = self.section(node, "int8", path)
+        model = self.model(entry, where, "unet")
+        self.integer(entry, "bytes", where, optional=True)
+        sha = entry.get("sha256")
+        if sha is not None and sha != self.manifest["files"].get(entry["unet"]):
+            raise self.fail(_join(where, "sha256"), "differs from the hash of its file in the files table")
+        error = entry.get("error")
+        if error is not None:
+            if not isinstance(error, Mapping):
+                raise self.fail(_join(where, "error"), f"must be a JSON object, got {type(error).__name__}")
+            for key in ("latents_mean_abs", "pixels_mean_abs"):
+                self.number(error, key, _join(where, "error"), optional=True)
+        return model
 
 
 def _check_table_bounds(r: _Reader, table: SchedulerTable) -> None:

@@ -254,16 +254,17 @@ def test_results_are_bitwise_identical_with_and_without_a_budget(export):
 
 
 @pytest.mark.slow
-def test_too_small_a_budget_fails_at_construction_naming_the_expert(export):
+def test_too_small_a_budget_fails_at_construction_naming_the_expert(export, tmp_path):
     from aptp.runtime import AptpPipeline
 
     with pytest.raises(RuntimeInputError, match=r"expert \d's UNet needs at least .* but the memory budget is 1.00 KiB"):
         AptpPipeline.from_export(export, memory_budget="1KiB")
     proc = subprocess.run([sys.executable, "-m", "aptp.runtime.cli", "--artifacts", str(export), "--prompt", "x",
-                           "--output", "/nonexistent/o.png", "--memory-budget", "1KiB"],
+                           "--output", str(tmp_path / "o.png"), "--memory-budget", "1KiB"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "cannot fit even alone" in proc.stderr
+    assert not (tmp_path / "o.png").exists()
 
 
 @pytest.mark.slow

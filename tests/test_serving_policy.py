@@ -8,6 +8,8 @@ import threading
 import numpy as np
 import pytest
 
+from aptp.errors import RuntimeInputError
+
 from aptp.runtime.pipeline import GenerationOptions, GenerationResult
 from aptp.runtime.serving import GenerationServer
 
@@ -64,5 +66,5 @@ def test_max_wait_s_zero_is_arrival_order():
 
 
 def test_max_wait_s_is_checked():
-    with pytest.raises(ValueError, match="max_wait_s"):
+    with pytest.raises(RuntimeInputError, match="max_wait_s"):
         GenerationServer(FakePipeline(), max_wait_s=-1)
