@@ -30,7 +30,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -160,7 +159,12 @@ def build_workload(manifest: dict[str, Any], root: Path, requests: int, seed: in
 
 
 def _run_worker(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    """Run one worker, or reuse its result from an earlier, interrupted suite with the same spec."""
     spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.json", work / f"{name}.log"
+    if out_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
+        logger.info("reusing %s from an earlier run with the same settings", out_path)
+        return json.loads(out_path.read_text())
+    out_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
@@ -199,28 +203,28 @@ def run_memory(artifacts: str | os.PathLike, output_dir: str | os.PathLike, opti
     workload, assignment = build_workload(manifest, root, options.requests, options.seed, options.arrival_gap_s,
                                           options.threads)
     runs = []
-    with tempfile.TemporaryDirectory(prefix="aptp-memory-", dir=output) as tmp:
-        work = Path(tmp)
-        for precision in options.precisions:
-            for budget in budgets:
-                name = f"{precision}-{budget['label']}"
-                logger.info("memory run %s (%s)", name, budget["bytes"])
-                spec = {"kind": "serve", "artifacts": str(root), "budget_bytes": budget["bytes"],
-                        "budget_label": budget["label"], "budget_note": budget["note"],
-                        "precision": None if precision == "fp32" else precision, "threads": options.threads,
-                        "max_batch": options.max_batch, "max_wait": options.max_wait, "max_wait_s": options.max_wait_s,
-                        "guidance_scale": options.guidance_scale, "sample_interval": options.sample_interval,
-                        "timeout_s": options.timeout_s, "workload": workload}
-                result = _run_worker(spec, work, name)
-                result["budget_note"] = budget["note"]
-                runs.append(result)
-        steps = None
-        if "int8" in options.precisions:
-            steps = _run_worker({"kind": "steps", "artifacts": str(root), "threads": options.threads,
-                                 "batch": options.max_batch or manifest["max_batch"],
-                                 "keys": [str(e["code"]) for e in manifest["experts"]],
-                                 "repeats": options.step_repeats, "warmup": options.step_warmup}, work, "steps")
-        logs = {p.stem: p.read_text()[-4000:] for p in work.glob("*.log")}
+    work = output / "runs"  # per-run specs, results and logs: a rerun reuses the finished ones
+    work.mkdir(exist_ok=True)
+    for precision in options.precisions:
+        for budget in budgets:
+            name = f"{precision}-{budget['label']}"
+            logger.info("memory run %s (%s)", name, budget["bytes"])
+            spec = {"kind": "serve", "artifacts": str(root), "budget_bytes": budget["bytes"],
+                    "budget_label": budget["label"], "budget_note": budget["note"],
+                    "precision": None if precision == "fp32" else precision, "threads": options.threads,
+                    "max_batch": options.max_batch, "max_wait": options.max_wait, "max_wait_s": options.max_wait_s,
+                    "guidance_scale": options.guidance_scale, "sample_interval": options.sample_interval,
+                    "timeout_s": options.timeout_s, "workload": workload}
+            result = _run_worker(spec, work, name)
+            result["budget_note"] = budget["note"]
+            runs.append(result)
+    steps = None
+    if "int8" in options.precisions:
+        steps = _run_worker({"kind": "steps", "artifacts": str(root), "threads": options.threads,
+                             "batch": options.max_batch or manifest["max_batch"],
+                             "keys": [str(e["code"]) for e in manifest["experts"]],
+                             "repeats": options.step_repeats, "warmup": options.step_warmup}, work, "steps")
+    logs = {p.stem: p.read_text()[-4000:] for p in work.glob("*.log")}
     machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results = {
         "format": RESULTS_FORMAT, "started": started, "artifacts": str(root), "machine": machine,

@@ -117,36 +117,32 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def steps(spec: dict[str, Any]) -> dict[str, Any]:
-    """fp32 vs int8 UNet-step latency per UNet (interleaved repeats, both sessions loaded)."""
+    """fp32 vs int8 UNet-step latency per UNet, with the latency suite's backend and timing
+    layer (interleaved repeats; both sessions loaded side by side for that UNet only)."""
     from aptp.runtime.artifacts import load_artifacts
-    from aptp.runtime.engine import OnnxRuntimeEngine
 
-    from .latency import _interleaved, summarize
+    from .latency.backends import ort_step
+    from .latency.timing import interleaved, summarize
 
     artifacts = load_artifacts(spec["artifacts"], verify=False)
     rows = 2 * int(spec["batch"])  # classifier-free guidance doubles the UNet batch
-    rng = np.random.default_rng(0)
-    feed = {"sample": rng.standard_normal((rows, artifacts.latent_channels, artifacts.latent_height,
-                                           artifacts.latent_width), dtype=np.float32),
-            "timestep": np.full((rows,), 500.0, dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((rows, artifacts.tokenizer.max_length,
-                                                          artifacts.text_hidden_size), dtype=np.float32)}
+    shape = {"channels": artifacts.latent_channels, "text_length": artifacts.tokenizer.max_length,
+             "hidden": artifacts.text_hidden_size}
     out: dict[str, Any] = {}
     for key in spec["keys"]:
         entry = artifacts.unet(key if key == "dense" else int(key))
         if entry.int8 is None:
             continue
-        engines = {name: OnnxRuntimeEngine(path, threads=spec.get("threads"), backend="onnxruntime")
-                   for name, path in (("fp32", entry.onnx), ("int8", entry.int8.onnx))}
-        for engine in engines.values():
-            engine.load()
-        samples = _interleaved({name: (lambda e=e: e.infer(feed)) for name, e in engines.items()},
-                               int(spec["repeats"]), int(spec["warmup"]))
+        variants = {"fp32": ort_step(entry.onnx, shape, spec.get("threads"), "cpu"),
+                    "int8": ort_step(entry.int8.onnx, shape, spec.get("threads"), "cpu")}
+        calls = {name: step.prepare(rows, artifacts.latent_height, artifacts.latent_width)
+                 for name, step in variants.items()}
+        samples = interleaved(calls, int(spec["repeats"]), int(spec["warmup"]))
         fp32, int8 = summarize(samples["fp32"]), summarize(samples["int8"])
         out[str(key)] = {"fp32": fp32, "int8": int8, "rows": rows,
                          "speedup_int8": fp32["median_s"] / int8["median_s"]}
-        for engine in engines.values():
-            engine.unload()
+        for step in variants.values():
+            step.close()
     return out
 
 

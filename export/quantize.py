@@ -147,18 +147,20 @@ def _weight_matmuls(model: Any) -> tuple[list[str], list[str]]:
 
 
 def count_quantized_ops(path: str | os.PathLike) -> dict[str, int]:
-    """Op types of the int8 graph that run on quantized inputs, with node counts: in QDQ form the
-    float ops fed by DequantizeLinear; in dynamic form the integer ops."""
+    """Op types of the int8 graph that run on int8 weights, with node counts: in QDQ form the
+    nodes with an input dequantized from an int8 initializer (activation QDQ pairs elsewhere
+    are not counted); in dynamic form the integer ops."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    initializers = {t.name for t in model.graph.initializer}
+    weights = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
     counts: Counter = Counter()
     for node in model.graph.node:
         if node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
                             "MatMulIntegerToFloat"):
             counts[node.op_type] += 1
-        elif node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dequantized for i in node.input):
+        elif node.op_type != "DequantizeLinear" and any(i in weights for i in node.input):
             counts[node.op_type] += 1
     return dict(sorted(counts.items()))
 
