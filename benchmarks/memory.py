@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from aptp.errors import ConfigError
+from aptp.errors import AptpError, ConfigError
 
 __all__ = ["MemoryOptions", "build_workload", "resolve_budgets", "run_memory"]
 
@@ -95,7 +95,10 @@ def _budget_bytes(spec: str, dense_bytes: int) -> int | None:
         if factor <= 0:
             raise ConfigError(f"a budget multiple must be > 0, got {spec!r}")
         return int(factor * dense_bytes)
-    return parse_memory_budget(spec, "--budgets")
+    try:
+        return parse_memory_budget(spec, "--budgets")
+    except AptpError as err:  # a bad flag of the suite: its own error type
+        raise ConfigError(str(err)) from None
 
 
 def _mem_available() -> int | None:

@@ -1,0 +1,74 @@
+"""The memory suite's setup (`aptp.benchmarks.memory`): budgets, workload, bad flags. The
+serving runs themselves are what ``aptp-bench memory`` reports; nothing is timed here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from aptp.benchmarks.memory import MemoryOptions, build_workload, resolve_budgets
+from aptp.errors import ConfigError
+
+
+def _fake_export(root: Path, sizes: dict[str, int]) -> dict:
+    manifest = {"experts": [], "dense": None}
+    for name, size in sizes.items():
+        path = root / name / "unet.onnx"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"\0" * size)
+        entry = {"unet": f"{name}/unet.onnx", "external_data": None}
+        if name == "dense":
+            manifest["dense"] = entry
+        else:
+            manifest["experts"].append({**entry, "code": len(manifest["experts"])})
+    return manifest
+
+
+def test_budgets_are_multiples_of_the_dense_unet(tmp_path):
+    manifest = _fake_export(tmp_path, {"e0": 300, "e1": 500, "dense": 1000})
+    budgets = resolve_budgets(manifest, tmp_path, ["unlimited", "2x", "1x", "0.5x", "3KiB"])
+    assert [b["bytes"] for b in budgets] == [None, 2000, 1000, 500, 3072]
+    assert budgets[0]["note"] is None  # 800 bytes of experts fit this machine
+
+
+def test_an_unlimited_run_that_cannot_fit_becomes_the_largest_budget_that_fits(tmp_path, monkeypatch):
+    import aptp.benchmarks.memory as memory
+
+    manifest = _fake_export(tmp_path, {"e0": 300, "dense": 1000})
+    monkeypatch.setattr(memory, "_mem_available", lambda: 10 * memory.GiB)
+    monkeypatch.setattr(memory, "_files_bytes", lambda root, entry: 9 * memory.GiB)
+    (budget,) = resolve_budgets(manifest, tmp_path, ["unlimited"])
+    assert budget["bytes"] == int(0.8 * 10 * memory.GiB - memory.GiB)
+    assert "is the reference instead of unlimited" in budget["note"]
+
+
+def test_workload_is_seeded_shuffled_and_follows_the_shares(tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "synthetic.json").write_text('{"shares": [0.5, 0.25, 0.25]}')
+    manifest = {"checkpoint": {"path": str(checkpoint)}}
+    a, how = build_workload(manifest, tmp_path, 48, seed=0)
+    b, _ = build_workload(manifest, tmp_path, 48, seed=0)
+    c, _ = build_workload(manifest, tmp_path, 48, seed=1)
+    assert a == b and a != c and how.startswith("synthetic")
+    assert Counter(r["expert"] for r in a) == {0: 24, 1: 12, 2: 12}
+    assert [r["index"] for r in a] != list(range(48)) and sorted(r["index"] for r in a) == list(range(48))
+    assert len({r["prompt"] for r in a}) == 48
+
+
+@pytest.mark.parametrize("budgets", [["lots"], ["-1"], ["0"], ["0x"]])
+def test_bad_budgets_are_refused(budgets):
+    with pytest.raises(ConfigError):
+        MemoryOptions(budgets=budgets).check()
+
+
+def test_bad_budget_on_the_command_line_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "aptp.benchmarks.cli", "memory", "--artifacts", str(tmp_path),
+                           "--budgets", "lots"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aptp-bench: error: ") and "lots" in lines[0], proc.stderr
