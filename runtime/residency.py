@@ -303,8 +303,11 @@ class ResidencyManager:
                     self._cond.wait()
                     continue
                 need, _ = self._estimate(key)
-                # A cost measured above the budget (check_fits let it through) runs alone.
-                if self._make_room(min(need, self.budget) if self.budget is not None else need, keep=key):
+                if self.budget is not None:
+                    # A cost measured above the budget (check_fits let it through) runs alone:
+                    # it reserves the whole budget, and its overshoot is counted once loaded.
+                    need = min(need, self.budget)
+                if self._make_room(need, keep=key):
                     break
                 self._cond.wait()  # the room is held by pinned sessions: wait for a release
             self._loading.add(key)
