@@ -25,13 +25,16 @@ class FakePipeline:
     def options(self, *, expert=None, **_):
         return GenerationOptions(7.5, 2, 64, 64, expert, "latent")
 
+    def check_negative_prompts(self, negative, count):
+        return None
+
     def check_seeds(self, seeds, count):
         return [0] * count if seeds is None else list(seeds)
 
     def route(self, prompts):
         return np.zeros(len(prompts), dtype=np.int64)
 
-    def generate(self, prompts, seeds, options, codes=None):
+    def generate(self, prompts, seeds, options, codes=None, negative_prompts=None):
         self.order.append(options.expert)
         self.first.set()
         self.gate.wait(30)  # the first batch holds the worker while the backlog is submitted
