@@ -231,7 +231,7 @@ def run_memory(artifacts: str | os.PathLike, output_dir: str | os.PathLike, opti
     machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results = {
         "format": RESULTS_FORMAT, "started": started, "artifacts": str(root), "machine": machine,
-        "settings": {**asdict(options), "assignment": assignment, "steps": manifest["scheduler"].get("num_steps"),
+        "settings": {**asdict(options), "assignment": assignment, "steps": manifest["scheduler"].get("num_inference_steps"),
                      "image": manifest["image"], "max_batch": options.max_batch or manifest["max_batch"],
                      "quantization_s": quantization_s},
         "unets": _unet_table(manifest, root, steps),
