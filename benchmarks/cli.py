@@ -169,7 +169,7 @@ def _serve(argv: Sequence[str]) -> int:
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="aptp benchmarks. Commands: latency (default), quality, make-synthetic, serve, memory; "
+    p = _Parser(prog=PROG, description="aptp benchmarks. Commands: latency (default), quality, make-synthetic, serve, gpu-check, memory; "
                 "`aptp-bench COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("command", choices=COMMANDS)
