@@ -94,7 +94,7 @@ build_rootfs() {  # cache rootfs binfmt
     say "venv: $(elapsed "$start") s; rootfs ready in $(elapsed "$cold_start") s (cold build)"
 }
 
-# Runs a shell command in the rootfs, in /work/aptp: chroot in a private mount namespace (the
+# Runs a shell command in the rootfs, in /work/src: chroot in a private mount namespace (the
 # /proc and /dev binds vanish with it), or proot -q where there is no binfmt_misc.
 in_rootfs() {  # rootfs binfmt command
     local rootfs=$1 binfmt=$2
@@ -104,10 +104,10 @@ in_rootfs() {  # rootfs binfmt command
     if [ "$binfmt" = yes ]; then
         unshare --mount --propagation private sh -ec '
             mount --rbind /proc "$1/proc"; mount --rbind /dev "$1/dev"; shift
-            exec chroot "$@"' sh "$rootfs" "$rootfs" /usr/bin/env -i "${envs[@]}" sh -ec "cd /work/aptp && $3"
+            exec chroot "$@"' sh "$rootfs" "$rootfs" /usr/bin/env -i "${envs[@]}" sh -ec "cd /work/src && $3"
     else
         command -v proot >/dev/null || missing "no binfmt_misc entry for qemu-aarch64 and no proot"
-        proot -q qemu-aarch64-static -r "$rootfs" -b /proc -b /dev -w /work/aptp \
+        proot -q qemu-aarch64-static -r "$rootfs" -b /proc -b /dev -w /work/src \
             /usr/bin/env -i "${envs[@]}" sh -ec "$3"
     fi
 }
@@ -167,8 +167,9 @@ main() {
 
     local work out total_start start export_dir install_s gen_arm_s gen_x86_s tests_s diff status limit
     work="$(mktemp -d "${TMPDIR:-/tmp}/aptp-aarch64.XXXXXX")"
-    # What this run put in the rootfs goes with the temp dir; the cached layers stay.
-    trap 'rm -rf --one-file-system "$work" "$rootfs/work"' EXIT
+    # What this run put in the rootfs goes with the temp dir; the cached layers stay. (Expanded
+    # now: main's locals are gone when the EXIT trap runs.)
+    trap "rm -rf --one-file-system '$work' '$rootfs/work'" EXIT
     out="${APTP_AARCH64_OUT:-$work/out}"
     mkdir -p "$out"
     total_start=$(date +%s)
@@ -191,11 +192,14 @@ PY
     fi
     [ -f "$export_dir/manifest.json" ] || { echo "aarch64_check: error: $export_dir has no manifest.json" >&2; exit 2; }
 
-    # A fresh copy of the sources (tracked and untracked-not-ignored) and of the export.
+    # A fresh copy of the sources (tracked and untracked-not-ignored) and of the export. Python
+    # runs outside /work/src below: the source folder aptp/ in the working directory would shadow
+    # the installed package, which alone has aptp._C and the subpackages mapped from train/,
+    # export/, runtime/.
     rm -rf --one-file-system "$rootfs/work"
-    mkdir -p "$rootfs/work/aptp" "$rootfs/work/out"
+    mkdir -p "$rootfs/work/src" "$rootfs/work/out"
     (cd "$repo" && git ls-files -z --cached --others --exclude-standard |
-        xargs -0 -I{} sh -c '[ -e "$1" ] && cp --parents -t "$2" "$1" || true' sh {} "$rootfs/work/aptp")
+        xargs -0 -I{} sh -c '[ -e "$1" ] && cp --parents -t "$2" "$1" || true' sh {} "$rootfs/work/src")
     cp -rL "$export_dir" "$rootfs/work/export"
     # For pip, should `pip install .` need to fetch a dependency added since the venv was built.
     cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
@@ -207,7 +211,7 @@ PY
     say "pip install . in the rootfs (resolves install_requires, compiles aptp._C with g++)"
     in_rootfs "$rootfs" "$binfmt" "pip install --no-build-isolation --no-cache-dir . > /work/out/pip-install.log 2>&1 ||
         { tail -30 /work/out/pip-install.log; exit 1; }
-python -c 'import platform, aptp._C, aptp.runtime.kernels as k; print(platform.machine(), aptp._C.__file__, k.backend())'"
+cd / && python -c 'import platform, aptp._C, aptp.runtime.kernels as k; print(platform.machine(), aptp._C.__file__, k.backend())'"
     install_s=$(elapsed "$start")
     say "install + build: $install_s s"
 
@@ -223,12 +227,12 @@ python -c 'import platform, aptp._C, aptp.runtime.kernels as k; print(platform.m
     diff="$(max_pixel_diff "$python_host" "$out")"
     say "max pixel difference arm64 vs x86_64: $diff (of 255)"
 
-    tests="$(cd "$repo" && for f in $tests; do [ -f "$f" ] && printf '%s ' "$f"; done)"
+    tests="$(cd "$repo" && for f in $tests; do [ -f "$f" ] && printf '/work/src/%s ' "$f"; done)"
     start=$(date +%s)
     say "runtime tests under emulation: $tests"
     set +e
     in_rootfs "$rootfs" "$binfmt" \
-        "APTP_TEST_RUNTIME_EXPORT=/work/export python -m pytest -q -p no:cacheprovider -rs $tests" |
+        "cd /work/out && APTP_TEST_RUNTIME_EXPORT=/work/export python -m pytest -q -p no:cacheprovider -rs $tests" |
         tee "$out/pytest.log"
     status=${PIPESTATUS[0]}
     set -e
