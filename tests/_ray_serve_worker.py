@@ -105,7 +105,7 @@ MALFORMED = {
     "empty_prompt": b'{"prompt": "   "}',
     "prompt_number": b'{"prompt": 5}',
     "steps_zero": b'{"prompt": "a car", "steps": 0}',
-    "steps_other_table": b'{"prompt": "a car", "steps": 7}',
+    "steps_out_of_range": b'{"prompt": "a car", "steps": 151}',
     "guidance_text": b'{"prompt": "a car", "guidance_scale": "high"}',
     "seed_negative": b'{"prompt": "a car", "seed": -1}',
     "expert_unknown": b'{"prompt": "a car", "expert": 9}',

@@ -36,6 +36,9 @@ class FakePipeline:
     def options(self, *, expert=None, output_type="np", **_):
         return GenerationOptions(7.5, 4, 32, 32, expert, output_type)
 
+    def check_negative_prompts(self, negative, count):
+        return None
+
     def check_seeds(self, seeds, count):
         return [0] * count if seeds is None else list(seeds)
 
@@ -44,7 +47,7 @@ class FakePipeline:
             raise ArtifactError(f"simulated router failure on {self.fail_route_on!r}")
         return np.zeros(len(prompts), dtype=np.int64)
 
-    def generate(self, prompts, seeds, options, codes=None):
+    def generate(self, prompts, seeds, options, codes=None, negative_prompts=None):
         self.entered.set()
         assert self.gate.wait(timeout=LIMIT), "test gate never opened"
         self.batches.append(list(prompts))

@@ -235,7 +235,7 @@ def test_malformed_requests_get_4xx_and_do_not_disturb_others(served, reference)
         message = json.loads(entry["body"])["error"]
         assert message and "\n" not in message and "Traceback" not in message, (name, message)
     assert bad["bad_too_large"]["status"] == 413 and bad["bad_get"]["status"] == 405
-    assert "steps" in json.loads(bad["bad_steps_other_table"]["body"])["error"]
+    assert "steps" in json.loads(bad["bad_steps_out_of_range"]["body"])["error"]
     good = {name: r for name, r in results.items() if name.startswith("good_")}
     assert len(good) == 15
     for name, entry in good.items():
