@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .report import _json_default, _machine_lines
+from .report import _machine_lines, write_report_files
 
 __all__ = ["write_memory_reports", "memory_markdown", "memory_plot"]
 
@@ -125,11 +125,5 @@ def memory_plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def write_memory_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
-    directory = Path(directory)
-    paths = {"json": directory / "memory.json", "markdown": directory / "memory.md", "plot": directory / "memory.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=_json_default))
-    os.replace(tmp, paths["json"])
-    paths["markdown"].write_text(memory_markdown(results))
-    memory_plot(results, paths["plot"])
-    return paths
+    """memory.json (atomic), memory.md and memory.png in `directory`."""
+    return write_report_files(results, directory, ("memory.json", "memory.md", "memory.png"), memory_markdown, memory_plot)

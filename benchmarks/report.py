@@ -9,9 +9,9 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-__all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
+__all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_json", "write_report_files", "write_reports"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,20 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
     """Write the three reports into `directory`; returns their paths by kind."""
+    return write_report_files(results, directory, (JSON_FILE, MARKDOWN_FILE, PLOT_FILE), markdown, plot)
+
+
+def write_report_files(results: Mapping[str, Any], directory: str | os.PathLike, names: tuple[str, str, str],
+                       render_markdown: Callable[[Mapping[str, Any]], str],
+                       render_plot: Callable[[Mapping[str, Any], Path], Any]) -> dict[str, Path]:
+    """Every suite's report set: `results` as JSON (atomic), Markdown and a plot in `directory`,
+    under the (json, markdown, plot) file `names`; returns their paths by kind."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {"json": directory / JSON_FILE, "markdown": directory / MARKDOWN_FILE, "plot": directory / PLOT_FILE}
+    paths = dict(zip(("json", "markdown", "plot"), (directory / name for name in names)))
     write_json(results, paths["json"])
-    paths["markdown"].write_text(markdown(results))
-    plot(results, paths["plot"])
+    paths["markdown"].write_text(render_markdown(results))
+    render_plot(results, paths["plot"])
     logger.info("reports written to %s", directory)
     return paths
 

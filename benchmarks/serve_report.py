@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["checks", "markdown", "plot", "write_reports"]
-
-logger = logging.getLogger(__name__)
 
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "serve.json", "serve.md", "serve_latency.png"
 
@@ -138,14 +135,7 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
     """Write the three reports into `directory` (the JSON through a temp file and a rename)."""
-    from .report import write_json
+    from .report import write_report_files
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     results["machine"]["load_average_after"] = list(os.getloadavg())  # type: ignore[index]
-    paths = {"json": directory / JSON_FILE, "markdown": directory / MARKDOWN_FILE, "plot": directory / PLOT_FILE}
-    write_json(results, paths["json"])
-    paths["markdown"].write_text(markdown(results))
-    plot(results, paths["plot"])
-    logger.info("reports written to %s", directory)
-    return paths
+    return write_report_files(results, directory, (JSON_FILE, MARKDOWN_FILE, PLOT_FILE), markdown, plot)
