@@ -279,7 +279,11 @@ def test_server_under_a_budget_four_threads_ten_requests_each(export):
     free = AptpPipeline.from_export(export, threads=1)
     free(prompts[:1], seeds=0, expert=0)
     free(prompts[:1], seeds=0, expert=1)
-    pipe = AptpPipeline.from_export(export, threads=1, memory_budget=int(_largest_session(free) * 1.3))
+    # Room for either expert alone but never both: a session is charged at least its files' size,
+    # so a budget one byte under the two files together forces a swap (a budget derived from
+    # measured RSS let both fit when a second load reused freed heap).
+    files = [free.memory_report()["sessions"][str(k)]["file_bytes"] for k in (0, 1)]
+    pipe = AptpPipeline.from_export(export, threads=1, memory_budget=sum(files) - 1)
     unloads_while_pinned: list[str] = []
     original_evict = pipe.residency._evict
 
