@@ -95,7 +95,9 @@ build_rootfs() {  # cache rootfs binfmt
 }
 
 # Runs a shell command in the rootfs, in /work/src: chroot in a private mount namespace (the
-# /proc, /dev and /sys binds vanish with it; onnxruntime reads the CPU list from /sys), or proot -q where there is no binfmt_misc.
+# /proc and /dev binds vanish with it), or proot -q where there is no binfmt_misc. Not /sys: with
+# the host's (x86-64) CPU topology there, onnxruntime's cpuinfo crashes under qemu (SIGSEGV);
+# without it, it warns that it cannot read the CPU list and runs.
 in_rootfs() {  # rootfs binfmt command
     local rootfs=$1 binfmt=$2
     local envs=(PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root OMP_NUM_THREADS=1 PIP_CONFIG_FILE=/dev/null
@@ -103,11 +105,11 @@ in_rootfs() {  # rootfs binfmt command
                 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1)
     if [ "$binfmt" = yes ]; then
         unshare --mount --propagation private sh -ec '
-            mount --rbind /proc "$1/proc"; mount --rbind /dev "$1/dev"; mount --rbind /sys "$1/sys"; shift
+            mount --rbind /proc "$1/proc"; mount --rbind /dev "$1/dev"; shift
             exec chroot "$@"' sh "$rootfs" "$rootfs" /usr/bin/env -i "${envs[@]}" sh -ec "cd /work/src && $3"
     else
         command -v proot >/dev/null || missing "no binfmt_misc entry for qemu-aarch64 and no proot"
-        proot -q qemu-aarch64-static -r "$rootfs" -b /proc -b /dev -b /sys -w /work/src \
+        proot -q qemu-aarch64-static -r "$rootfs" -b /proc -b /dev -w /work/src \
             /usr/bin/env -i "${envs[@]}" sh -ec "$3"
     fi
 }
