@@ -3,7 +3,7 @@
 # every expert, export them to ONNX with a manifest, and generate images with the torch-free
 # runtime. A few minutes on 2 CPU cores; no network needed.
 #
-#   bash scripts/run_tiny.sh            # writes runs/tiny
+#   bash scripts/run_tiny.sh            # writes runs/tiny and runs/tiny-export
 #   APTP_RUN_DIR=/tmp/t bash scripts/run_tiny.sh
 set -euo pipefail
 
@@ -24,13 +24,18 @@ for i in $routed; do
     aptp-train finetune --checkpoint "$run_dir" --expert "$i"
 done
 
-aptp-export --checkpoint "$run_dir" --output "$run_dir/export" --steps 25 --scheduler ddim
+# The export sits beside the checkpoint (an export inside its own checkpoint is refused); a rerun
+# replaces the export this script wrote before, and nothing else.
+export_dir="${APTP_EXPORT_DIR:-$run_dir-export}"
+overwrite=()
+if [ -e "$export_dir/manifest.json" ]; then overwrite=(--overwrite); fi
+aptp-export --checkpoint "$run_dir" --output "$export_dir" --steps 25 --scheduler ddim "${overwrite[@]}"
 
-aptp-generate --artifacts "$run_dir/export" --output "$run_dir/images/sample.png" --seed 0 \
+aptp-generate --artifacts "$export_dir" --output "$run_dir/images/sample.png" --seed 0 \
     --prompt "two red circles on the left" \
     --prompt "a blue square at the top" \
     --prompt "the word SUN in green" \
     --prompt "three yellow triangles at the bottom"
 
-echo "run_tiny: pruned, routed and fine-tuned $num_experts experts in $run_dir, exported them to $run_dir/export,"
+echo "run_tiny: pruned, routed and fine-tuned $num_experts experts in $run_dir, exported them to $export_dir,"
 echo "          and generated images into $run_dir/images"
