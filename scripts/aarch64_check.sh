@@ -145,7 +145,7 @@ main() {
     cache="${APTP_AARCH64_CACHE:-/var/cache/aptp-aarch64}"
     python_host="${PYTHON:-python3}"
     # The runtime's test files (torch-free once their diffusers references skip); those present run.
-    tests="${APTP_AARCH64_TESTS:-tests/test_kernels.py tests/test_runtime*.py tests/test_hardening_runtime.py tests/test_hardening_server.py}"
+    tests="${APTP_AARCH64_TESTS:-tests/test_kernels.py tests/test_runtime*.py tests/test_hardening_runtime.py tests/test_hardening_server.py tests/test_residency.py tests/test_serving_policy.py tests/test_providers.py tests/test_generation_options.py}"
     mode=all
     case "${1:-}" in
         "") ;;
@@ -234,7 +234,7 @@ cd / && python -c 'import platform, aptp._C, aptp.runtime.kernels as k; print(pl
     say "runtime tests under emulation: $tests"
     set +e
     in_rootfs "$rootfs" "$binfmt" \
-        "cd /work/out && APTP_TEST_RUNTIME_EXPORT=/work/export python -m pytest -q -p no:cacheprovider -rs $tests" |
+        "cd /work/out && APTP_TEST_RUNTIME_EXPORT=/work/export APTP_TEST_TIMEOUT_SCALE=20 python -m pytest -q -p no:cacheprovider -rs $tests" |
         tee "$out/pytest.log"
     status=${PIPESTATUS[0]}
     set -e

@@ -53,6 +53,16 @@ def _splitting_head(checkpoint: Path) -> None:
     head.save_pretrained(str(checkpoint / ckpt.ROUTER_HEAD_DIR))
 
 
+# Hang guards, not timings: where everything runs far slower (about 20x under qemu's arm64
+# emulation, scripts/aarch64_check.sh) they are stretched by APTP_TEST_TIMEOUT_SCALE.
+TIMEOUT_SCALE = float(os.environ.get("APTP_TEST_TIMEOUT_SCALE", "1"))
+
+
+def hang_guard(seconds: float) -> float:
+    """`seconds` stretched by APTP_TEST_TIMEOUT_SCALE (1 unless set)."""
+    return seconds * TIMEOUT_SCALE
+
+
 def tiny_export(root: Path) -> Path:
     """The export (``STEPS``-step DDIM, dense UNet included) under `root`, built on first call."""
     if "export" in _BUILT:

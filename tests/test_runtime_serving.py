@@ -14,7 +14,7 @@ import pytest
 
 from aptp.errors import ArtifactError, RuntimeInputError
 from aptp.runtime import AptpPipeline, GenerationServer, QueueFullError, ServerClosedError
-from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS, tiny_export
+from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS, hang_guard, tiny_export
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ class RecordingPipeline:
 
     def generate(self, prompts, seeds, options, codes=None):
         self.entered.set()
-        self.gate.wait(timeout=60)
+        self.gate.wait(timeout=hang_guard(60))
         self.batches.append((list(prompts), options.expert))
         if self.fail_on is not None and self.fail_on in prompts:
             raise ArtifactError(f"simulated engine failure on {self.fail_on!r}")
@@ -60,7 +60,7 @@ def test_four_threads_ten_requests_each_equal_their_single_runs(pipe):
         # Every thread sends the ten requests in its own order: batches mix threads and seeds.
         order = unique[t * 3:] + unique[:t * 3]
         futures = [(p, s, server.submit(p, seed=s, output_type="latent")) for p, s in order]
-        return [(p, s, f.result(timeout=300)) for p, s, f in futures]
+        return [(p, s, f.result(timeout=hang_guard(300))) for p, s, f in futures]
 
     with ThreadPoolExecutor(4) as pool:
         served = [item for chunk in pool.map(client, range(4)) for item in chunk]
@@ -85,7 +85,7 @@ def test_full_queue_refuses_work_then_recovers(pipe):
     server = GenerationServer(recorder, max_batch=1, max_wait=0.0, max_queue=2)
     try:
         running = server.submit(VEHICLE_PROMPTS[0], seed=1, output_type="latent")
-        assert recorder.entered.wait(timeout=60)  # the worker holds it: it no longer waits
+        assert recorder.entered.wait(timeout=hang_guard(60))  # the worker holds it: it no longer waits
         waiting = [server.submit(FOOD_PROMPTS[0], seed=2, output_type="latent"),
                    server.submit(FOOD_PROMPTS[1], seed=3, output_type="latent")]
         with pytest.raises(QueueFullError, match="max_queue"):
@@ -93,8 +93,8 @@ def test_full_queue_refuses_work_then_recovers(pipe):
         assert server.waiting == 2
         recorder.gate.set()
         for future in (running, *waiting):
-            assert future.result(timeout=120).latents.shape == (4, 16, 16)
-        assert server.generate(FOOD_PROMPTS[2], seed=4, output_type="latent", timeout=120).expert == 1
+            assert future.result(timeout=hang_guard(120)).latents.shape == (4, 16, 16)
+        assert server.generate(FOOD_PROMPTS[2], seed=4, output_type="latent", timeout=hang_guard(120)).expert == 1
     finally:
         recorder.gate.set()
         server.close()
@@ -113,7 +113,7 @@ def test_bad_requests_are_refused_at_submit_and_serving_goes_on(pipe):
             with pytest.raises(RuntimeInputError, match=message):
                 server.submit(prompt, **options)
         assert server.waiting == 0
-        result = server.generate(VEHICLE_PROMPTS[1], seed=3, output_type="latent", timeout=120)
+        result = server.generate(VEHICLE_PROMPTS[1], seed=3, output_type="latent", timeout=hang_guard(120))
         alone = pipe([VEHICLE_PROMPTS[1]], seeds=[3], output_type="latent")[0]
         np.testing.assert_array_equal(result.latents, alone.latents)
     with pytest.raises(ServerClosedError):
@@ -126,9 +126,9 @@ def test_failing_batch_fails_only_its_requests(pipe):
         bad = server.submit("boom", seed=1, expert=0, output_type="latent")
         good = server.submit(FOOD_PROMPTS[0], seed=2, expert=1, output_type="latent")
         with pytest.raises(ArtifactError, match="simulated engine failure"):
-            bad.result(timeout=120)
-        assert good.result(timeout=120).expert == 1
-        forced = server.generate(FOOD_PROMPTS[0], seed=2, expert="dense", output_type="latent", timeout=120)
+            bad.result(timeout=hang_guard(120))
+        assert good.result(timeout=hang_guard(120)).expert == 1
+        forced = server.generate(FOOD_PROMPTS[0], seed=2, expert="dense", output_type="latent", timeout=hang_guard(120))
     assert forced.expert == "dense"
     assert [expert for _, expert in recorder.batches] == [0, 1, "dense"]
 
