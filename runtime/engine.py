@@ -258,6 +258,7 @@ class Engine(ABC):
         self.device = device
         self.device_id = device_id
         self.buffers: dict[str, DeviceTensor] = {}
+        self.retired: str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, device={self.device!r})"
@@ -311,7 +312,17 @@ class Engine(ABC):
 
     @abstractmethod
     def unload(self) -> None:
-        """Drop buffers, session or context. The engine can be loaded again."""
+        """Drop buffers, session or context. The engine can be loaded again (unless retired)."""
+
+    def retire(self, reason: str) -> None:
+        """Refuse to load again. A memory manager that evicted this engine retires it: a caller
+        still holding it would otherwise reload it behind the manager's back, outside the budget."""
+        self.retired = reason
+
+    def _refuse_if_retired(self) -> None:
+        if self.retired:
+            raise RuntimeInputError(f"{self.retired}: this engine object cannot be loaded again; run on the UNet "
+                                    f"inside `pipe.residency.use(key)`, which reloads it within the budget")
 
     def _missing_inputs(self, feed: Mapping[str, Any]) -> None:
         missing = [name for name in self.input_names if name not in feed]
@@ -371,6 +382,7 @@ class OnnxRuntimeEngine(Engine):
     def load(self) -> None:
         if self.session is not None:
             return
+        self._refuse_if_retired()
         with self._load_lock:  # concurrent first calls create one session, not several
             if self.session is None:
                 self._create_session()
@@ -501,6 +513,7 @@ class TensorRTEngine(Engine):
     def load(self) -> None:
         if self.engine is not None:
             return
+        self._refuse_if_retired()
         ok, reason = tensorrt_available()
         if not ok:
             raise RuntimeInputError(f"backend 'tensorrt' cannot run {self.path}: {reason}; use backend 'onnxruntime'")

@@ -417,8 +417,9 @@ class AptpPipeline:
 
     def unet(self, key: int | str) -> Engine:
         """The loaded UNet engine of expert `key` or ``"dense"``, loaded on demand. Under a
-        memory budget it may be evicted once returned: to run on it, hold
-        ``pipe.residency.use(key)`` instead, which pins it."""
+        memory budget it may be evicted once returned, and an evicted engine refuses to load
+        again (it would bypass the budget): to run on it, hold ``pipe.residency.use(key)``
+        instead, which pins it and reloads it within the budget."""
         with self.residency.use(key) as engine:
             return engine
 

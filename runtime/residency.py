@@ -15,6 +15,22 @@ the allocator reuses heap that an earlier session freed. A first load whose meas
 once and other unpinned sessions are evicted to make room; ``overshoots`` in the report counts
 the rare case where pinned sessions leave no room, instead of hiding it.
 
+Running a session costs memory too: onnxruntime's allocator arena grows on a session's first
+runs to hold its activations, and keeps that memory for as long as the session lives (the
+arena's high-water mark). So a session's charge also includes its working memory: the RSS (and
+device memory) it gained while it ran, measured across each use during which it was the only
+session in use and nothing was loaded or evicted. The largest growth seen over one residence is
+kept, so a reload is charged its working memory before it runs, and sessions never run yet are
+estimated at the largest measured-cost-to-file ratio, working memory included.
+
+Loading costs more than holding: onnxruntime parses the graph and copies the weights before the
+verified bytes are released, so RSS peaks at about three times the files while a session is
+created (measured: 363 MiB for a 119 MiB expert that then holds 153 MiB). Each load's peak above
+the RSS before it is measured from the kernel's peak-RSS mark (``VmHWM``, reset through
+``/proc/self/clear_refs`` just before the load; Linux only, else not measured), and a load
+reserves room for its peak (measured, or estimated at the largest measured peak-to-file ratio),
+not just for what the session keeps.
+
 Loads are serialised (one ``_load_lock``), so an RSS delta is not mixed with another load's.
 A pinned session (a group running on it) is never evicted; a caller that needs room held by
 pinned sessions waits until they are released. Thread-safe.
@@ -120,6 +136,28 @@ class MemoryProbe:
             return None
         return int(psutil.Process().memory_info().rss)
 
+    def reset_peak(self) -> bool:
+        """Reset this process's peak-RSS mark to its RSS now (Linux ``/proc/self/clear_refs``);
+        False where that cannot be done. It is one mark per process: whoever reads ``VmHWM``
+        afterwards sees the peak since this reset."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def peak_rss(self) -> int | None:
+        """The largest RSS of this process since the last `reset_peak` (``VmHWM``)."""
+        try:
+            with open("/proc/self/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
     def device_used(self) -> int | None:
         """Device memory in use on the GPU (all processes: what ``cudaMemGetInfo`` sees), CUDA only."""
         if self.device != "cuda":
@@ -166,20 +204,25 @@ class SessionRecord:
     file_bytes: int
     rss_bytes: int | None = None
     device_bytes: int | None = None
+    run_bytes: int | None = None  # working memory: the most RSS + device memory one residence gained running
+    load_peak_bytes: int | None = None  # the RSS peak of the last load above the RSS before it
     loads: int = 0
     evictions: int = 0
     load_seconds: float = 0.0
 
     @property
     def measured_bytes(self) -> int | None:
-        """RSS plus device memory the last load added (negative deltas count as 0)."""
+        """RSS plus device memory the last load added, plus the working memory measured while
+        running (negative deltas count as 0)."""
         if self.rss_bytes is None and self.device_bytes is None:
             return None
-        return max(0, self.rss_bytes or 0) + max(0, self.device_bytes or 0)
+        return max(0, self.rss_bytes or 0) + max(0, self.device_bytes or 0) + (self.run_bytes or 0)
 
     def as_dict(self) -> dict[str, Any]:
         return {"file_bytes": self.file_bytes, "rss_bytes": self.rss_bytes, "device_bytes": self.device_bytes,
-                "measured_bytes": self.measured_bytes, "loads": self.loads, "evictions": self.evictions,
+                "run_bytes": self.run_bytes, "measured_bytes": self.measured_bytes,
+                "load_peak_bytes": self.load_peak_bytes,
+                "loads": self.loads, "evictions": self.evictions,
                 "load_seconds": round(self.load_seconds, 4)}
 
 
@@ -214,6 +257,11 @@ class ResidencyManager:
         self.overshoots = 0
         self.max_overshoot_bytes = 0
         self.events: list[tuple[float, str, Any, int]] = []  # (monotonic time, "load"/"evict", key, bytes)
+        # Working-memory measurement: every acquire, load and eviction bumps _activity; a use
+        # measures cleanly when _activity did not move between its acquire and its release.
+        self._activity = 0
+        self._use_start: dict[Any, tuple[int, int | None, int | None]] = {}  # key -> (activity, rss, device)
+        self._growth: dict[Any, int] = {}  # working memory gained by each resident session this residence
 
     # ---- what things cost ------------------------------------------------------------------
 
@@ -237,6 +285,15 @@ class ResidencyManager:
         how = "its files' size, a lower bound on its session" if ratio == 1.0 else \
             f"its files' size x {ratio:.2f}, the largest session/file ratio measured so far"
         return max(1, int(record.file_bytes * ratio)), how
+
+    def _estimate_load_peak(self, key: Any) -> int:
+        """Bytes a load of `key` is expected to need at its peak (0 when no load was measured)."""
+        record = self._record(key)
+        if record.load_peak_bytes is not None:
+            return record.load_peak_bytes
+        ratios = [r.load_peak_bytes / r.file_bytes for r in self._records.values()
+                  if r.load_peak_bytes is not None and r.file_bytes > 0]
+        return int(record.file_bytes * max(ratios)) if ratios else 0
 
     def estimate(self, key: Any) -> int:
         """Bytes the session of `key` is expected to take (measured if it was ever loaded)."""
@@ -298,11 +355,13 @@ class ResidencyManager:
                 if key in self._resident:
                     self._pins[key] += 1
                     self._resident.move_to_end(key)
+                    self._start_use(key)
                     return self._resident[key]
                 if key in self._loading:
                     self._cond.wait()
                     continue
-                need, _ = self._estimate(key)
+                # Room for the load's peak, which is more than the session keeps once loaded.
+                need = max(self._estimate(key)[0], self._estimate_load_peak(key))
                 if self.budget is not None:
                     # A cost measured above the budget (check_fits let it through) runs alone:
                     # it reserves the whole budget, and its overshoot is counted once loaded.
@@ -311,6 +370,7 @@ class ResidencyManager:
                     break
                 self._cond.wait()  # the room is held by pinned sessions: wait for a release
             self._loading.add(key)
+            self._activity += 1
             self._charged[key] = need
             self._pins[key] += 1
             self._note_peak()
@@ -329,6 +389,7 @@ class ResidencyManager:
             self._loading.discard(key)
             self._resident[key] = engine
             self.loads += 1
+            self._growth[key] = 0
             self.events.append((time.monotonic(), "load", key, self._charged[key]))
             if self.budget is not None and not self._make_room(0, keep=key, best_effort=True):
                 over = self._total() - self.budget
@@ -338,13 +399,15 @@ class ResidencyManager:
                                "exceeded by %s until they are released", self._describe(key),
                                format_bytes(self._charged[key]), format_bytes(self.budget), format_bytes(over))
             self._note_peak()
+            self._start_use(key)
             self._cond.notify_all()
         return engine
 
     def release(self, key: Any) -> None:
-        """Unpin `key` (it stays resident until evicted)."""
+        """Unpin `key` (it stays resident until evicted); a clean use's working memory is charged."""
         with self._cond:
             self._unpin(key)
+            self._end_use(key)
             self._cond.notify_all()
 
     def preload(self, keys: list[Any]) -> list[Any]:
@@ -393,6 +456,39 @@ class ResidencyManager:
     def _total(self) -> int:
         return sum(self._charged.values())
 
+    def _start_use(self, key: Any) -> None:
+        """Bump the activity count; when `key` is now the only pinned session, note the
+        memory in use so that `_end_use` can measure what running on it added."""
+        self._activity += 1
+        if len(self._pins) == 1 and self._pins[key] == 1 and not self._loading:
+            self._use_start[key] = (self._activity, self.probe.rss(), self.probe.device_used())
+        else:
+            self._use_start.clear()  # overlapping uses: none of them measures cleanly
+
+    def _end_use(self, key: Any) -> None:
+        start = self._use_start.pop(key, None)
+        if start is None or start[0] != self._activity or key not in self._resident or self._pins[key]:
+            return
+        rss, device = self.probe.rss(), self.probe.device_used()
+        gained = sum(max(0, now - then) for now, then in ((rss, start[1]), (device, start[2]))
+                     if now is not None and then is not None)
+        if gained <= 0:
+            return
+        self._growth[key] = self._growth.get(key, 0) + gained
+        record = self._records[key]
+        if self._growth[key] <= (record.run_bytes or 0):
+            return  # this residence has not yet outgrown what an earlier one measured
+        record.run_bytes = self._growth[key]
+        self._charged[key] = self._estimate(key)[0]
+        if self.budget is not None and not self._make_room(0, keep=key, best_effort=True):
+            over = self._total() - self.budget
+            self.overshoots += 1
+            self.max_overshoot_bytes = max(self.max_overshoot_bytes, over)
+            logger.warning("%s grew its working memory to %s while running; pinned sessions leave the budget %s "
+                           "exceeded by %s until they are released", self._describe(key),
+                           format_bytes(record.run_bytes), format_bytes(self.budget), format_bytes(over))
+        self._note_peak()
+
     def _note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self._total())
 
@@ -423,6 +519,11 @@ class ResidencyManager:
     def _evict(self, key: Any, trim: bool = True) -> None:
         engine = self._resident.pop(key)
         engine.unload()
+        retire = getattr(engine, "retire", None)
+        if retire is not None:  # a caller still holding it must not reload it outside the budget
+            retire(f"{self._describe(key)} was evicted under the memory budget")
+        self._activity += 1
+        self._growth.pop(key, None)
         charged = self._charged.pop(key, 0)
         self._records[key].evictions += 1
         self.evictions += 1
@@ -437,12 +538,17 @@ class ResidencyManager:
         with self._load_lock:
             engine = self.factory(key)
             rss0, dev0 = self.probe.rss(), self.probe.device_used()
+            peak_known = self.probe.reset_peak()
             clock = time.perf_counter()
             engine.load()
             seconds = time.perf_counter() - clock
+            _release_free_heap()  # what the load freed (verified bytes, parsing copies) is not the session's
             rss1, dev1 = self.probe.rss(), self.probe.device_used()
+            peak = self.probe.peak_rss() if peak_known else None
         with self._cond:
             record = self._record(key)
+            if peak is not None and rss0 is not None:
+                record.load_peak_bytes = max(0, peak - rss0)
             record.rss_bytes = None if rss0 is None or rss1 is None else rss1 - rss0
             record.device_bytes = None if dev0 is None or dev1 is None else dev1 - dev0
             record.loads += 1

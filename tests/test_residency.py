@@ -22,10 +22,12 @@ MiB = 1024**2
 
 
 class FakeProbe:
-    """RSS = the bytes of the fake engines loaded now (plus a constant baseline)."""
+    """RSS = the bytes of the fake engines loaded now (plus a constant baseline); `peak` is the
+    kernel's high-water mark (reset by `reset_peak`), `highest` the highest RSS ever seen."""
 
     def __init__(self):
         self.bytes = 100 * MiB
+        self.peak = self.highest = self.bytes
 
     def rss(self) -> int:
         return self.bytes
@@ -33,30 +35,55 @@ class FakeProbe:
     def device_used(self) -> None:
         return None
 
+    def reset_peak(self) -> bool:
+        self.peak = self.bytes
+        return True
+
+    def peak_rss(self) -> int:
+        return self.peak
+
+    def touch(self) -> None:
+        self.peak, self.highest = max(self.peak, self.bytes), max(self.highest, self.bytes)
+
 
 class FakeEngine:
-    def __init__(self, key, size: int, probe: FakeProbe, log: list):
-        self.key, self.size, self.probe, self.log = key, size, probe, log
+    """Loading adds `size` bytes; the first `run` adds `work` more (onnxruntime's arena, which
+    keeps its high-water mark until the session is dropped)."""
+
+    def __init__(self, key, size: int, probe: FakeProbe, log: list, work: int = 0, transient: int = 0):
+        self.key, self.size, self.probe, self.log, self.work = key, size, probe, log, work
+        self.transient = transient  # held only while loading (the verified bytes, parsing copies)
         self.loaded = False
+        self.ran = False
+
+    def run(self) -> None:
+        assert self.loaded
+        if not self.ran:
+            self.ran = True
+            self.probe.bytes += self.work
+            self.probe.touch()
 
     def load(self) -> None:
         assert not self.loaded
         self.loaded = True
-        self.probe.bytes += self.size
+        self.probe.bytes += self.size + self.transient
+        self.probe.touch()
+        self.probe.bytes -= self.transient
         self.log.append(("load", self.key))
 
     def unload(self) -> None:
         if self.loaded:
             self.loaded = False
-            self.probe.bytes -= self.size
+            self.probe.bytes -= self.size + (self.work if self.ran else 0)
+            self.ran = False
             self.log.append(("unload", self.key))
 
 
-def make_manager(budget, sizes, file_sizes=None):
+def make_manager(budget, sizes, file_sizes=None, work=None, transient=None):
     probe, log, engines = FakeProbe(), [], {}
 
     def factory(key):
-        engines[key] = FakeEngine(key, sizes[key], probe, log)
+        engines[key] = FakeEngine(key, sizes[key], probe, log, (work or {}).get(key, 0), (transient or {}).get(key, 0))
         return engines[key]
 
     files = file_sizes or sizes
@@ -147,6 +174,71 @@ def test_measured_cost_is_charged_not_the_file_size():
         with manager.use(key):
             assert probe.bytes - 100 * MiB <= 60 * MiB
     assert manager.report()["overshoots"] == 0
+
+
+def test_working_memory_is_charged_and_the_real_total_stays_in_the_budget():
+    # 10 MiB of weights and 6 MiB of activations each: charging weights alone would keep five
+    # sessions (80 MiB really held) in a 50 MiB budget; with working memory it keeps three.
+    rng = np.random.default_rng(1)
+    keys = range(8)
+    manager, probe, _, _ = make_manager(50 * MiB, {k: 10 * MiB for k in keys}, work={k: 6 * MiB for k in keys})
+    baseline = probe.bytes
+    for key in rng.integers(0, 8, size=200).tolist():
+        with manager.use(key) as engine:
+            engine.run()
+            assert probe.bytes - baseline <= 50 * MiB
+        assert manager.resident_bytes == probe.bytes - baseline  # charged == really held
+    record = manager.record(0)
+    assert record.run_bytes == 6 * MiB and record.measured_bytes == 16 * MiB
+    assert manager.estimate(7) == 16 * MiB
+    assert len(manager.resident_keys) == 3 and manager.evictions > 0
+    assert manager.report()["overshoots"] == 0
+
+
+def test_working_memory_is_not_counted_twice_on_a_reload():
+    manager, probe, _, _ = make_manager(20 * MiB, {0: 10 * MiB, 1: 10 * MiB}, work={0: 6 * MiB, 1: 6 * MiB})
+    for key in (0, 1, 0, 1, 0):  # room for one at a time: every use reloads
+        with manager.use(key) as engine:
+            engine.run()
+    assert manager.loads == 5
+    assert manager.record(0).run_bytes == 6 * MiB and manager.record(0).measured_bytes == 16 * MiB
+    assert manager.resident_bytes == 16 * MiB == probe.bytes - 100 * MiB
+
+
+def test_a_load_reserves_room_for_its_measured_peak():
+    # Sessions keep 10 MiB but need 30 MiB while loading: after the first load is measured,
+    # every later one evicts enough first, so the real RSS never passes the budget.
+    keys = range(6)
+    manager, probe, _, _ = make_manager(40 * MiB, {k: 10 * MiB for k in keys}, transient={k: 20 * MiB for k in keys})
+    with manager.use(0):
+        pass
+    assert manager.record(0).load_peak_bytes == 30 * MiB and manager.record(0).measured_bytes == 10 * MiB
+    probe.highest = probe.bytes
+    for key in [1, 2, 3, 4, 5, 0, 2, 1, 5, 3]:
+        with manager.use(key):
+            pass
+    assert probe.highest - 100 * MiB <= 40 * MiB
+    assert manager.report()["sessions"]["3"]["load_peak_bytes"] == 30 * MiB
+    # without the reservation the third session would have loaded beside the first two: 50 MiB
+
+
+def test_overlapping_uses_do_not_measure_working_memory():
+    # Another session in use at the same time: an RSS delta could be either's, so none is taken.
+    manager, _, _, _ = make_manager(None, {0: 10 * MiB, 1: 10 * MiB}, work={0: 6 * MiB, 1: 6 * MiB})
+    with manager.use(0) as first:
+        with manager.use(1) as second:
+            second.run()
+        first.run()
+    assert manager.record(0).run_bytes is None and manager.record(1).run_bytes is None
+
+
+def test_an_evicted_engine_refuses_to_reload_outside_the_budget(tmp_path):
+    from aptp.runtime.engine import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(tmp_path / "unet.onnx")
+    engine.retire("expert 2 was evicted under the memory budget")
+    with pytest.raises(RuntimeInputError, match=r"expert 2 was evicted .* `pipe\.residency\.use\(key\)`"):
+        engine.load()
 
 
 def test_an_expert_that_cannot_fit_alone_is_named_with_its_size_and_the_budget():
