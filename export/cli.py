@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write diffusers OnnxStableDiffusionPipeline directories under pipelines/")
     parser.add_argument("--no-dense", dest="dense", action="store_false",
                         help="do not export the unpruned UNet")
+    parser.add_argument("--inline-unet-weights", dest="unet_external_data", action="store_false",
+                        help="keep small UNets' weights inside the .onnx graph (default: a .data file beside it, "
+                        "which onnxruntime holds once in memory instead of about twice)")
     parser.add_argument("--sign", type=Path, metavar="KEYFILE",
                         help="sign the manifest with this Ed25519 private key (PEM; make one with "
                         "'python -m aptp.export.signing generate-key KEYFILE'; needs aptp[sign])")
@@ -91,7 +94,7 @@ def _export(args: argparse.Namespace) -> None:
         precision=args.precision, resolution=args.resolution, min_resolution=args.min_resolution,
         max_resolution=args.max_resolution, max_batch=args.max_batch, scheduler=args.scheduler,
         steps=args.steps, tensorrt=args.tensorrt, pipeline_dirs=args.pipeline_dirs, dense=args.dense,
-        signing_key=args.sign,
+        unet_external_data=args.unet_external_data, signing_key=args.sign,
     )
     if args.quantize and args.precision != "fp32":
         from aptp.errors import ConfigError

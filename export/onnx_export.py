@@ -33,6 +33,7 @@ __all__ = [
     "OnnxValidationError",
     "check_tolerance",
     "compare_onnx",
+    "consolidate_graph",
     "export_and_validate",
     "export_onnx",
     "make_session",
@@ -87,7 +88,7 @@ def _model_for_precision(model: Any, config: OnnxConfig) -> Any:
     return copy.deepcopy(model).to(torch.float16).eval()
 
 
-def _consolidate(src: Path, dst: Path, threshold: int, data_name: str) -> Path | None:
+def consolidate_graph(src: Path, dst: Path, threshold: int, data_name: str) -> Path | None:
     """Write the graph at `src` (possibly with per-tensor external files beside it, as the
     TorchScript exporter leaves models over 2 GiB) to `dst`: inline if its weights fit under
     `threshold` bytes, else with every large tensor in one external file `data_name`.
@@ -202,7 +203,7 @@ def export_onnx(
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
-        data = _consolidate(traced, path, external_data_threshold, external_data_name or f"{path.name}.data")
+        data = consolidate_graph(traced, path, external_data_threshold, external_data_name or f"{path.name}.data")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     import onnx

@@ -94,14 +94,16 @@ def checkpoint_of_export() -> Path:
 def shallow_copy(export: Path, target: Path, copy: tuple[str, ...] = ()) -> Path:
     """A copy of `export` whose files are hard links (real copies across filesystems), except
     ``manifest.json`` and `copy` (real copies that a test may modify without touching the shared
-    export). Not symlinks: the runtime refuses files that resolve outside the export."""
+    export). Not symlinks: the runtime refuses files that resolve outside the export. ONNX
+    external data (``*.data``) is copied too: the onnx package refuses hard-linked weight files
+    (a "hardlink attack"), and quantization loads graphs through it."""
     for dirpath, _, filenames in os.walk(export):
         for name in filenames:
             src = Path(dirpath) / name
             rel = src.relative_to(export)
             dst = target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            if rel.as_posix() == "manifest.json" or rel.as_posix() in copy:
+            if rel.as_posix() == "manifest.json" or rel.as_posix() in copy or name.endswith(".data"):
                 shutil.copyfile(src, dst)
             else:
                 try:
