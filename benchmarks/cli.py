@@ -245,6 +245,9 @@ def _memory_parser() -> argparse.ArgumentParser:
                    help="mean seconds between arrivals (exponential); 0 submits a backlog (default)")
     p.add_argument("--step-repeats", type=positive_int, default=5, metavar="N",
                    help="timed fp32/int8 UNet steps per expert (5)")
+    p.add_argument("--rounds", type=positive_int, default=1, metavar="N",
+                   help="serve every budget N times, interleaved round by round, and compare throughput within "
+                   "each round (medians over rounds); guards the ratios against a machine whose load drifts (1)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -256,7 +259,8 @@ def _memory(argv: Sequence[str]) -> int:
 
     options = MemoryOptions(requests=args.requests, seed=args.seed, budgets=args.budgets, precisions=args.precisions,
                             threads=args.threads, guidance_scale=args.guidance_scale, max_wait_s=args.max_wait_s,
-                            arrival_gap_s=args.arrival_gap, step_repeats=args.step_repeats)
+                            arrival_gap_s=args.arrival_gap, step_repeats=args.step_repeats,
+                            rounds=args.rounds)
     options.check()
     if not args.artifacts.exists():
         raise ConfigError(f"--artifacts {args.artifacts} does not exist; pass the directory aptp-export wrote")

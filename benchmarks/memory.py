@@ -68,6 +68,8 @@ class MemoryOptions:
     sample_interval: float = 0.05
     step_repeats: int = 5
     step_warmup: int = 1
+    profile_repeats: int = 3
+    rounds: int = 1
     timeout_s: float = 3600.0
     calibration_prompts: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +77,8 @@ class MemoryOptions:
     def check(self) -> None:
         if self.requests < 1:
             raise ConfigError(f"--requests must be >= 1, got {self.requests}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         bad = [p for p in self.precisions if p not in ("fp32", "int8")]
         if bad or not self.precisions:
             raise ConfigError(f"--precisions must be a list of fp32, int8; got {list(self.precisions)}")
@@ -208,25 +212,31 @@ def run_memory(artifacts: str | os.PathLike, output_dir: str | os.PathLike, opti
     runs = []
     work = output / "runs"  # per-run specs, results and logs: a rerun reuses the finished ones
     work.mkdir(exist_ok=True)
-    for precision in options.precisions:
-        for budget in budgets:
-            name = f"{precision}-{budget['label']}"
-            logger.info("memory run %s (%s)", name, budget["bytes"])
-            spec = {"kind": "serve", "artifacts": str(root), "budget_bytes": budget["bytes"],
-                    "budget_label": budget["label"], "budget_note": budget["note"],
-                    "precision": None if precision == "fp32" else precision, "threads": options.threads,
-                    "max_batch": options.max_batch, "max_wait": options.max_wait, "max_wait_s": options.max_wait_s,
-                    "guidance_scale": options.guidance_scale, "sample_interval": options.sample_interval,
-                    "timeout_s": options.timeout_s, "workload": workload}
-            result = _run_worker(spec, work, name)
-            result["budget_note"] = budget["note"]
-            runs.append(result)
+    # Round by round (every budget once, then again): a drift in the machine's load hits each
+    # budget alike, and throughput is compared within a round.
+    plan = [(precision, round_, budget) for precision in options.precisions for round_ in range(options.rounds)
+            for budget in budgets]
+    for precision, round_, budget in plan:
+        name = f"{precision}-{budget['label']}" + (f"-r{round_}" if options.rounds > 1 else "")
+        logger.info("memory run %s (%s)", name, budget["bytes"])
+        spec = {"kind": "serve", "artifacts": str(root), "budget_bytes": budget["bytes"],
+                "budget_label": budget["label"], "budget_note": budget["note"],
+                "precision": None if precision == "fp32" else precision, "threads": options.threads,
+                "max_batch": options.max_batch, "max_wait": options.max_wait, "max_wait_s": options.max_wait_s,
+                "guidance_scale": options.guidance_scale, "sample_interval": options.sample_interval,
+                "timeout_s": options.timeout_s, "workload": workload}
+        result = _run_worker(spec, work, name)
+        result["budget_note"] = budget["note"]
+        result["round"] = round_
+        runs.append(result)
     steps = None
     if "int8" in options.precisions:
         steps = _run_worker({"kind": "steps", "artifacts": str(root), "threads": options.threads,
                              "batch": options.max_batch or manifest["max_batch"],
                              "keys": [str(e["code"]) for e in manifest["experts"]],
-                             "repeats": options.step_repeats, "warmup": options.step_warmup}, work, "steps")
+                             "repeats": options.step_repeats, "warmup": options.step_warmup,
+                             "profile_repeats": options.profile_repeats, "profile_dir": str(work / "profiles")},
+                            work, "steps")
     logs = {p.stem: p.read_text()[-4000:] for p in work.glob("*.log")}
     machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results = {
@@ -253,27 +263,40 @@ def _unet_table(manifest: dict[str, Any], root: Path, steps: dict[str, Any] | No
                      "fp32_bytes": _files_bytes(root, entry), "int8_bytes": int8.get("bytes"),
                      "int8_method": int8.get("method"), "int8_ops": int8.get("quantized_ops"),
                      "int8_error": int8.get("error"),
+                     "ops": step.get("ops") if step else None,
                      "fp32_step_s": step["fp32"]["median_s"] if step else None,
                      "int8_step_s": step["int8"]["median_s"] if step else None,
                      "int8_speedup": step["speedup_int8"] if step else None})
     return rows
 
 
+def throughput_vs_reference(run: dict[str, Any], runs: list[dict[str, Any]]) -> float:
+    """`run`'s throughput over its round's reference run (the first budget of its precision)."""
+    same = [r for r in runs if r["precision"] == run["precision"] and r.get("round", 0) == run.get("round", 0)]
+    return run["throughput_rps"] / same[0]["throughput_rps"]
+
+
 def _checks(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per precision and budget, over every round: the worst peak RSS against budget + pinned
+    parts, and the median of the within-round throughput ratios to the reference budget."""
     checks: dict[str, Any] = {}
     for precision in sorted({r["precision"] for r in runs}):
         mine = [r for r in runs if r["precision"] == precision]
-        reference = mine[0]
         hashes = {json.dumps(r["latents_sha256"], sort_keys=True) for r in mine}
+        by_budget: dict[str, list[dict[str, Any]]] = {}
+        for run in mine:
+            by_budget.setdefault(run["budget_label"], []).append(run)
         checks[precision] = {
-            "reference": reference["budget_label"],
+            "reference": mine[0]["budget_label"],
+            "rounds": max(r.get("round", 0) for r in mine) + 1,
             "identical_latents_across_budgets": len(hashes) == 1,
-            "runs": {r["budget_label"]: {
-                "peak_rss_within_budget_plus_pinned": None if r["budget_bytes"] is None else
-                r["peak_rss_bytes"] <= r["budget_bytes"] + r["baseline_rss_bytes"],
-                "peak_over_pinned_vs_budget": None if r["budget_bytes"] is None else
-                r["peak_over_baseline_bytes"] / r["budget_bytes"],
-                "throughput_vs_reference": r["throughput_rps"] / reference["throughput_rps"],
-                "completed": r["requests"]} for r in mine},
+            "runs": {label: {
+                "peak_rss_within_budget_plus_pinned": None if group[0]["budget_bytes"] is None else
+                all(r["peak_rss_bytes"] <= r["budget_bytes"] + r["baseline_rss_bytes"] for r in group),
+                "peak_over_pinned_vs_budget": None if group[0]["budget_bytes"] is None else
+                max(r["peak_over_baseline_bytes"] / r["budget_bytes"] for r in group),
+                "throughput_vs_reference": float(np.median([throughput_vs_reference(r, runs) for r in group])),
+                "throughput_vs_reference_by_round": [throughput_vs_reference(r, runs) for r in group],
+                "completed": min(r["requests"] for r in group)} for label, group in by_budget.items()},
         }
     return checks

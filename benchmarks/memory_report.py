@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from .memory import throughput_vs_reference
 from .report import _machine_lines, write_report_files
 
 __all__ = ["write_memory_reports", "memory_markdown", "memory_plot"]
@@ -39,20 +40,21 @@ def memory_markdown(results: Mapping[str, Any]) -> str:
         "- Each run is a fresh process; RSS sampled every "
         f"{s['sample_interval']} s in it; 'pinned' = RSS with router, text encoder and VAE decoder loaded, "
         "before any UNet", "",
-        "| precision | budget | peak RSS (GiB) | mean RSS (GiB) | pinned (GiB) | peak - pinned / budget | "
-        "throughput (req/s) | vs reference | p50 latency (s) | p95 latency (s) | loads | evictions | swaps | "
-        "mean batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| precision | round | budget | peak RSS (GiB) | mean RSS (GiB) | pinned (GiB) | peak - pinned / budget | "
+        "throughput (req/s) | vs reference (same round) | p50 latency (s) | p95 latency (s) | loads | evictions | "
+        "swaps | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = results["checks"]
-    for run in results["runs"]:
-        check = checks[run["precision"]]["runs"][run["budget_label"]]
-        frac = check["peak_over_pinned_vs_budget"]
+    runs = list(results["runs"])
+    for run in runs:
+        frac = None if run["budget_bytes"] is None else run["peak_over_baseline_bytes"] / run["budget_bytes"]
         st = run["stats"]
         lines.append(
-            f"| {run['precision']} | {_budget(run)} | {_gib(run['peak_rss_bytes'])} | {_gib(run['mean_rss_bytes'])} | "
-            f"{_gib(run['baseline_rss_bytes'])} | {'n/a' if frac is None else f'{frac:.2f}'} | "
-            f"{run['throughput_rps']:.4f} | {check['throughput_vs_reference']:.2f}x | {run['latency_s']['p50']:.1f} | "
+            f"| {run['precision']} | {run.get('round', 0)} | {_budget(run)} | {_gib(run['peak_rss_bytes'])} | "
+            f"{_gib(run['mean_rss_bytes'])} | {_gib(run['baseline_rss_bytes'])} | "
+            f"{'n/a' if frac is None else f'{frac:.2f}'} | {run['throughput_rps']:.4f} | "
+            f"{throughput_vs_reference(run, runs):.2f}x | {run['latency_s']['p50']:.1f} | "
             f"{run['latency_s']['p95']:.1f} | {st['loads']} | {st['evictions']} | {st['expert_swaps']} | "
             f"{st['batch_size_mean']:.2f} |")
     notes = {r["budget_note"] for r in results["runs"] if r.get("budget_note")}
@@ -60,6 +62,14 @@ def memory_markdown(results: Mapping[str, Any]) -> str:
     for precision, check in checks.items():
         lines.append(f"- {precision}: latents identical across budgets: {check['identical_latents_across_budgets']} "
                      f"(reference run: {check['reference']})")
+        for label, c in check["runs"].items():
+            if c["peak_over_pinned_vs_budget"] is None:
+                continue
+            lines.append(
+                f"  - {label}: throughput {c['throughput_vs_reference']:.2f}x the reference (median over "
+                f"{len(c.get('throughput_vs_reference_by_round', [0]))} round(s)); peak RSS within budget + pinned "
+                f"parts in every round: {c['peak_rss_within_budget_plus_pinned']} (worst (peak - pinned) / budget "
+                f"{c['peak_over_pinned_vs_budget']:.2f})")
     lines += ["", "| UNet | MACs ratio | share | fp32 MiB | int8 MiB | int8 method | fp32 step (s) | int8 step (s) | "
               "int8 speedup | latents mean abs err | pixels mean abs err (0-255) | pixels max |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -79,7 +89,27 @@ def memory_markdown(results: Mapping[str, Any]) -> str:
     ops = {json.dumps(u["int8_ops"], sort_keys=True) for u in results["unets"] if u.get("int8_ops")}
     if ops:
         lines += ["", f"int8 quantized op types (node counts, per UNet): {'; '.join(sorted(ops))}"]
+    lines += _op_profile_lines(results["unets"])
     return "\n".join(lines) + "\n"
+
+
+def _op_profile_lines(unets: list[Mapping[str, Any]], top: int = 14) -> list[str]:
+    """Seconds per op type of one UNet step, fp32 against int8, summed over the profiled UNets."""
+    profiled = [u for u in unets if u.get("ops")]
+    if not profiled:
+        return []
+    totals: dict[str, list[float]] = {}
+    for u in profiled:
+        for column, precision in enumerate(("fp32", "int8")):
+            for op, seconds in u["ops"][precision].items():
+                totals.setdefault(op, [0.0, 0.0])[column] += seconds
+    fp32_all, int8_all = (sum(t[i] for t in totals.values()) for i in (0, 1))
+    lines = ["", f"Per-op profile (onnxruntime's profiler; seconds of one step, summed over {len(profiled)} UNets; "
+             f"total {fp32_all:.3f} s fp32 vs {int8_all:.3f} s int8):", "",
+             "| op type | fp32 (s) | int8 (s) | int8 / fp32 |", "|---|---|---|---|"]
+    for op, (a, b) in sorted(totals.items(), key=lambda kv: -max(kv[1]))[:top]:
+        lines.append(f"| {op} | {a:.4f} | {b:.4f} | {'n/a' if not a else f'{b / a:.2f}'} |")
+    return lines
 
 
 def memory_plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -10,7 +10,8 @@ Two kinds of run, read from a JSON spec (argv[1]); the JSON result goes to argv[
   and a sha256 of each request's final latents (equal across budgets: a budget must not change
   a result).
 - ``"steps"``: per UNet, one step of the fp32 and the int8 graph timed interleaved with the
-  latency suite's timer, both sessions loaded side by side only for that UNet.
+  latency suite's timer, both sessions loaded side by side only for that UNet; then, with
+  ``profile_repeats``, onnxruntime's per-op-type profile of both (where int8 wins or loses).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def steps(spec: dict[str, Any]) -> dict[str, Any]:
     from aptp.runtime.artifacts import load_artifacts
 
     from .latency.backends import ort_step
+    from .latency.profile import profile_by_op
     from .latency.timing import interleaved, summarize
 
     artifacts = load_artifacts(spec["artifacts"], verify=False)
@@ -143,6 +145,11 @@ def steps(spec: dict[str, Any]) -> dict[str, Any]:
                          "speedup_int8": fp32["median_s"] / int8["median_s"]}
         for step in variants.values():
             step.close()
+        if spec.get("profile_repeats"):
+            fp32_ops, int8_ops = profile_by_op(
+                [entry.onnx, entry.int8.onnx], shape, rows, artifacts.latent_height, artifacts.latent_width,
+                spec.get("threads") or 0, int(spec["profile_repeats"]), Path(spec["profile_dir"]) / str(key))
+            out[str(key)]["ops"] = {"fp32": fp32_ops, "int8": int8_ops}
     return out
 
 

@@ -72,3 +72,17 @@ def test_bad_budget_on_the_command_line_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("aptp-bench: error: ") and "lots" in lines[0], proc.stderr
+
+
+def test_the_int8_op_profile_is_summed_over_unets_and_sorted():
+    from aptp.benchmarks.memory_report import _op_profile_lines
+
+    unets = [{"ops": {"fp32": {"Conv": 0.2, "MatMul": 0.1}, "int8": {"ConvInteger": 0.05, "QuantizeLinear": 0.3}}},
+             {"ops": {"fp32": {"Conv": 0.4}, "int8": {"QuantizeLinear": 0.1, "Conv": 0.05}}},
+             {"ops": None}]
+    lines = _op_profile_lines(unets)
+    assert "summed over 2 UNets" in lines[1] and "total 0.700 s fp32 vs 0.500 s int8" in lines[1]
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| op type")]
+    assert rows[0] == "| Conv | 0.6000 | 0.0500 | 0.08 |"
+    assert rows[1] == "| QuantizeLinear | 0.0000 | 0.4000 | n/a |"
+    assert _op_profile_lines([{"ops": None}]) == []
