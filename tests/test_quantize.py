@@ -39,7 +39,9 @@ def test_int8_unets_are_listed_hashed_and_measured(quantized):
         assert path.is_file() and q["unet"] in manifest["files"]
         assert q["sha256"] == file_sha256(path) == manifest["files"][q["unet"]]
         assert entry["sha256"] == manifest["files"][entry["unet"]]
-        assert q["bytes"] == path.stat().st_size and 0 < q["bytes"] < entry["bytes"]
+        files = [path] + ([quantized / q["external_data"]] if q.get("external_data") else [])
+        assert all(p.relative_to(quantized).as_posix() in manifest["files"] for p in files)
+        assert q["bytes"] == sum(p.stat().st_size for p in files) and 0 < q["bytes"] < entry["bytes"]
         assert q["method"] == "static-qdq"
         assert q["quantized_ops"].get("Conv", 0) > 0 and q["quantized_ops"].get("MatMul", 0) > 0
         assert q["calibration"]["unet_calls"] > 0

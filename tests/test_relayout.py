@@ -75,6 +75,7 @@ def test_relayout_refuses_a_modified_export_and_changes_nothing(checkpoint, tmp_
     with pytest.raises(ArtifactError, match="sha256"):
         externalize_unet_weights(root)
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == listing
+    capsys.readouterr()  # the export's progress bars
     assert main([str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m aptp.export.relayout: error:"), err
