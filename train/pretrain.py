@@ -2,7 +2,7 @@
 
 No pretrained diffusion weights can be downloaded offline, so the ``tiny`` pipeline that pruning
 starts from is trained here, in two stages, with the trainer's own step machinery
-(`StepBatchSampler`, `step_generator`, `make_loader`, `JsonlLog`) and its denoising loss:
+(`StepBatchSampler`, `step_generator`, `make_loader`) and its denoising loss:
 
 1. **VAE**: the random `AutoencoderKL` of `build_tiny_pipeline` learns to reconstruct procedural
    images (L1 + MSE + a small KL term), then its ``scaling_factor`` is recalibrated so that
@@ -10,6 +10,10 @@ starts from is trained here, in two stages, with the trainer's own step machiner
 2. **UNet and text encoder**: trained together, densely, on the frozen VAE's latents with
    `aptp.train.losses.denoising_loss` (min-SNR weighting, the scheduler's prediction type).
    A fraction of captions is replaced by the empty prompt so that classifier-free guidance works.
+
+Every ``checkpoint_every`` steps and at the end of each stage a resumable training state is
+written under ``<output>/.pretrain-state/`` (`aptp.train.pretrain_state`); ``resume=True``
+(``--resume``) continues from the latest one with bitwise the same result as an uninterrupted run.
 
 The result is a diffusers pipeline directory (``StableDiffusionPipeline.save_pretrained``) that
 `aptp.train.models.load_components` loads; commit it at `aptp.train.models.TINY_WEIGHTS` to make
@@ -35,14 +39,31 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from aptp.errors import ConfigError
-from aptp.outputs import PIPELINE, check_output_dir, commit_dir, ordinary_tree
+from aptp.errors import ArtifactError, ConfigError
+from aptp.outputs import PIPELINE, check_output_dir, claim_in_place, commit_dir, ordinary_tree
 
 from .config import _check_type  # the training config's type check, same messages
 from .data import ProceduralCaptions
 from .losses import denoising_loss
 from .models import build_tiny_pipeline, load_components
-from .training import JsonlLog, StepBatchSampler, make_loader, step_generator
+from .pretrain_state import (
+    MODULES,
+    STAGES,
+    TrainingState,
+    TrainLog,
+    check_same_run,
+    clean_temp,
+    has_state,
+    latest_state,
+    load_ema,
+    load_modules,
+    load_optimizer,
+    restore_rng,
+    run_identity,
+    save_state,
+    state_root,
+)
+from .training import StepBatchSampler, make_loader, step_generator
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +114,10 @@ class PretrainConfig:
     text_fraction: float = 0.25
     seed: int = 0
     num_threads: int | None = 2
+    # Save a resumable training state every this many steps of a stage (0: only at the end of
+    # each stage, where one is always saved). It cannot change the result, so a resumed run
+    # may use another value.
+    checkpoint_every: int = 500
     vae: VaeStageConfig = field(default_factory=VaeStageConfig)
     unet: UnetStageConfig = field(default_factory=UnetStageConfig)
 
@@ -154,6 +179,8 @@ def pretrain_config_from_dict(raw: dict[str, Any], source: str = "config") -> Pr
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             raise ConfigError(f"{source}: {name} must be an integer in [0, 2**63), got {value!r}")
+    if config.checkpoint_every < 0:
+        raise ConfigError(f"{source}: checkpoint_every must be >= 0 (0: a state only at the end of each stage)")
     if config.resolution % 16:
         raise ConfigError(f"{source}: resolution {config.resolution} must be a multiple of 16")
     for stage in (config.vae, config.unet):
@@ -169,32 +196,54 @@ def run_pretrain(
     init_from: str | Path | None = None,
     stages: Sequence[str] = ("vae", "unet"),
     overwrite: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Train the tiny pipeline and write it to ``output_dir`` as a diffusers pipeline directory.
 
     Args:
         config: the training recipe.
         output_dir: where the pipeline goes (written to a sibling temp directory, then renamed).
+            While training it holds the resumable state (``.pretrain-state/``), which the
+            finished pipeline replaces.
         init_from: a pipeline directory to start from; default: a fresh random tiny pipeline
             (`build_tiny_pipeline` with ``config.seed``). Use it to run the stages separately.
         stages: which of ``"vae"`` and ``"unet"`` to train (in that order).
-        overwrite: replace an existing ``output_dir``.
+        overwrite: replace an existing ``output_dir`` (a pipeline or an unfinished run), starting over.
+        resume: continue the unfinished run in ``output_dir`` from its latest state; the config,
+            stages and `init_from` must be those it started with.
 
     Returns:
         ``output_dir``. Logs go to ``output_dir/pretrain_log.jsonl`` (one line per step).
     """
-    unknown = sorted(set(stages) - {"vae", "unet"})
+    unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown pretrain stage(s) {unknown}; choose from 'vae' and 'unet'")
     output_dir = Path(output_dir).expanduser().absolute()
-    # Only a pipeline this command wrote is replaced (with --overwrite); never a user's folder.
-    check_output_dir(output_dir, PIPELINE, allow_existing=overwrite,
-                     existing_hint="pass overwrite=True (--overwrite) to replace it or choose another directory")
+    if resume and overwrite:
+        raise ConfigError(f"--resume and --overwrite exclude each other: --resume continues the run in {output_dir}, "
+                          "--overwrite starts it over; pass one of them")
+    unfinished = has_state(output_dir)
+    hint = ("it holds an unfinished run: pass --resume to continue it or --overwrite to start over" if unfinished
+            else "pass overwrite=True (--overwrite) to replace it or choose another directory")
+    # Only a pipeline (or run) this command wrote is replaced or continued; never a user's folder.
+    existed = check_output_dir(output_dir, PIPELINE, allow_existing=overwrite or resume, existing_hint=hint)
+    identity = run_identity(config, stages, init_from)
+    state = latest_state(output_dir) if resume and existed else None
+    if resume:
+        if state is None:
+            finished = " (it is a finished pipeline)" if (output_dir / "model_index.json").is_file() else ""
+            raise ConfigError(f"cannot resume: {output_dir} holds no pretrain training state{finished}; a run saves "
+                              "one every checkpoint_every steps and at the end of each stage; run without --resume")
+        check_same_run(state, identity)
+        logger.info("resuming from %s (%s)", state.describe(), state.path)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    claim_in_place(output_dir, PIPELINE, allow_existing=True)  # the states live in it while training
+    clean_temp(output_dir)
+    if not resume:
+        shutil.rmtree(state_root(output_dir), ignore_errors=True)  # ours: an earlier run's, started over
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         if init_from is None:
@@ -203,23 +252,59 @@ def run_pretrain(
         components = load_components(str(init_from))
         dataset = ProceduralCaptions(config.num_samples, config.resolution, seed=config.data_seed,
                                      text_fraction=config.text_fraction)
-        log = JsonlLog(staging / "pretrain_log.jsonl", None)
-        earlier = Path(init_from) / "pretrain_log.jsonl"
-        if earlier.is_file():  # keep the history of stages trained before (run separately)
-            (staging / "pretrain_log.jsonl").write_text(earlier.read_text())
-        if "vae" in stages:
-            train_vae(components, dataset, config, log)
-        if "unet" in stages:
-            train_unet(components, dataset, config, log)
+        # A fresh run keeps the history of stages trained before (run separately).
+        log = TrainLog(output_dir, state, history=Path(init_from) / "pretrain_log.jsonl")
+        checkpoints = _Checkpoints(output_dir, identity, config.checkpoint_every, log, components)
+        if state is not None:
+            load_modules(state, {name: getattr(components, name) for name in MODULES})
+            components.vae.register_to_config(scaling_factor=state.info["vae_scaling_factor"])
+        try:
+            for stage, train in (("vae", train_vae), ("unet", train_unet)):
+                if stage not in stages or (state is not None and STAGES.index(stage) < STAGES.index(state.stage)):
+                    continue
+                if state is not None and stage == state.stage and state.done:
+                    restore_rng(state)  # where the uninterrupted run stood when the next stage began
+                    continue
+                train(components, dataset, config, log, checkpoints, state if state and stage == state.stage else None)
+        except KeyboardInterrupt:
+            last = latest_state(output_dir)
+            logger.warning("interrupted; %s", f"the state at {last.describe()} is kept in {last.path.parent}: "
+                           "continue with --resume" if last else "no training state was saved yet")
+            raise
         save_pipeline(components, staging / "pipeline", scheduler_source=init_from)
-        shutil.move(str(staging / "pretrain_log.jsonl"), staging / "pipeline" / "pretrain_log.jsonl")
+        shutil.copyfile(log.path, staging / "pipeline" / "pretrain_log.jsonl")
         (staging / "pipeline" / "pretrain_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         ordinary_tree(staging / "pipeline")
+        # Replaces the run's folder (its states included) with the finished pipeline.
         commit_dir(staging / "pipeline", output_dir, PIPELINE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote the trained pipeline to %s", output_dir)
     return output_dir
+
+
+class _Checkpoints:
+    """Saves the run's training states: every ``every`` steps of a stage and at its end."""
+
+    def __init__(self, output_dir: Path, identity: dict[str, Any], every: int, log: TrainLog, components: Any):
+        self.output_dir, self.identity, self.every, self.log, self.components = output_dir, identity, every, log, components
+
+    def due(self, done: int, total: int) -> bool:
+        """After `done` steps of `total`; the last step is covered by the end-of-stage state."""
+        return self.every > 0 and done % self.every == 0 and done < total
+
+    def save(self, stage: str, step: int, done: bool, elapsed_s: float, optimizer: Any = None, schedule: Any = None,
+             emas: dict[str, _Ema] | None = None) -> None:
+        emas = {name: ema for name, ema in (emas or {}).items() if ema is not None}
+        save_state(
+            self.output_dir, stage=stage, step=step, done=done, identity=self.identity,
+            modules={name: getattr(self.components, name) for name in MODULES},
+            emas={name: ema.state_dict() for name, ema in emas.items()},
+            ema_updates={name: ema.updates for name, ema in emas.items()},
+            optimizer=optimizer, schedule=schedule,
+            extra={"vae_scaling_factor": float(self.components.vae.config.scaling_factor),
+                   "log_bytes": self.log.size(), "elapsed_s": elapsed_s},
+        )
 
 
 def _cosine_rate(step: int, total: int, warmup: int, final_fraction: float) -> float:
@@ -230,24 +315,41 @@ def _cosine_rate(step: int, total: int, warmup: int, final_fraction: float) -> f
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_vae(components: Any, dataset: ProceduralCaptions, config: PretrainConfig, log: JsonlLog) -> None:
-    """Stage 1: the VAE reconstructs procedural images; then its scaling factor is recalibrated."""
+def _resume_loop(resume: TrainingState | None, optimizer: Any, schedule: Any) -> tuple[int, float]:
+    """Put the optimiser and schedule back; returns (first step, seconds already trained)."""
+    if resume is None:
+        return 0, 0.0
+    load_optimizer(resume, optimizer, schedule)
+    return resume.step, float(resume.info.get("elapsed_s", 0.0))
+
+
+def train_vae(components: Any, dataset: ProceduralCaptions, config: PretrainConfig, log: Any,
+              checkpoints: _Checkpoints | None = None, resume: TrainingState | None = None) -> None:
+    """Stage 1: the VAE reconstructs procedural images; then its scaling factor is recalibrated.
+
+    `resume`: a state saved during this stage, to continue from (weights already loaded)."""
     cfg = config.vae
     vae = components.vae
     # A fresh encoder's log-variance is ~0, so the sampled latents are mostly noise and the decoder
     # first learns to output the mean image (a long plateau). Starting the posterior narrow
     # (std ~0.02) lets reconstruction drive learning from the first step; what matters
     # downstream is that `latent_dist.sample()` stays close to the mean, as it does for SD's VAE.
-    with torch.no_grad():
-        latent_channels = vae.config.latent_channels
-        vae.quant_conv.bias[latent_channels:] -= 8.0
+    if resume is None:  # a resumed run's weights already have it
+        with torch.no_grad():
+            latent_channels = vae.config.latent_channels
+            vae.quant_conv.bias[latent_channels:] -= 8.0
     vae.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_rate(s, cfg.max_steps, 50, 0.05))
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed, 0, cfg.max_steps)
-    started = time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, desc="pretrain vae")
-    for step, batch in zip(range(cfg.max_steps), make_loader(dataset, sampler, 0)):
+    start, elapsed = _resume_loop(resume, optimizer, schedule)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed, start, cfg.max_steps)
+    # The loader's iterator draws its base seed from the global RNG: create it before restoring it.
+    batches = iter(make_loader(dataset, sampler, 0))
+    if resume is not None:
+        restore_rng(resume)
+    started = time.perf_counter() - elapsed
+    progress = tqdm(total=cfg.max_steps, initial=start, desc="pretrain vae")
+    for step, batch in zip(range(start, cfg.max_steps), batches):
         generator = step_generator(config.seed, step, 0)
         pixels = batch["pixel_values"]
         posterior = vae.encode(pixels).latent_dist
@@ -267,11 +369,15 @@ def train_vae(components: Any, dataset: ProceduralCaptions, config: PretrainConf
                    "elapsed_s": round(time.perf_counter() - started, 1)})
         progress.update(1)
         progress.set_postfix(l1=f"{l1.item():.4f}", mse=f"{mse.item():.4f}")
+        if checkpoints is not None and checkpoints.due(step + 1, cfg.max_steps):
+            checkpoints.save("vae", step + 1, False, time.perf_counter() - started, optimizer, schedule)
     progress.close()
     vae.requires_grad_(False).eval()
     scale = calibrate_scaling_factor(vae, dataset)
     vae.register_to_config(scaling_factor=scale)
     logger.info("VAE trained %d steps; scaling_factor %.5f", cfg.max_steps, scale)
+    if checkpoints is not None:
+        checkpoints.save("vae", cfg.max_steps, True, time.perf_counter() - started)
 
 
 @torch.no_grad()
@@ -283,8 +389,11 @@ def calibrate_scaling_factor(vae: Any, dataset: ProceduralCaptions, num_images: 
     return round(float(1.0 / latents.std()), 5)
 
 
-def train_unet(components: Any, dataset: ProceduralCaptions, config: PretrainConfig, log: JsonlLog) -> None:
-    """Stage 2: UNet (and text encoder) trained from scratch with `denoising_loss` on VAE latents."""
+def train_unet(components: Any, dataset: ProceduralCaptions, config: PretrainConfig, log: Any,
+               checkpoints: _Checkpoints | None = None, resume: TrainingState | None = None) -> None:
+    """Stage 2: UNet (and text encoder) trained from scratch with `denoising_loss` on VAE latents.
+
+    `resume`: a state saved during this stage, to continue from (weights already loaded)."""
     cfg = config.unet
     unet, text_encoder, vae, scheduler = components.unet, components.text_encoder, components.vae, components.noise_scheduler
     vae.requires_grad_(False).eval()
@@ -300,12 +409,22 @@ def train_unet(components: Any, dataset: ProceduralCaptions, config: PretrainCon
         optimizer, lambda s: _cosine_rate(s, cfg.max_steps, cfg.warmup_steps, cfg.final_lr_fraction))
     ema = _Ema(unet, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ema_text = _Ema(text_encoder, cfg.ema_decay) if cfg.ema_decay > 0 and cfg.train_text_encoder else None
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed + 1, 0, cfg.max_steps)
+    averages = {"unet": ema, "text_encoder": ema_text}
+    start, elapsed = _resume_loop(resume, optimizer, schedule)
+    if resume is not None:
+        for name, average in averages.items():
+            if average is not None:
+                average.load_state_dict(*load_ema(resume, name))
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed + 1, start, cfg.max_steps)
     num_timesteps = scheduler.config.num_train_timesteps
     scale = vae.config.scaling_factor
-    started = time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, desc="pretrain unet")
-    for step, batch in zip(range(cfg.max_steps), make_loader(dataset, sampler, 0)):
+    # The loader's iterator draws its base seed from the global RNG: create it before restoring it.
+    batches = iter(make_loader(dataset, sampler, 0))
+    if resume is not None:
+        restore_rng(resume)
+    started = time.perf_counter() - elapsed
+    progress = tqdm(total=cfg.max_steps, initial=start, desc="pretrain unet")
+    for step, batch in zip(range(start, cfg.max_steps), batches):
         generator = step_generator(config.seed + 1, step, 0)
         with torch.no_grad():
             posterior = vae.encode(batch["pixel_values"]).latent_dist
@@ -330,12 +449,16 @@ def train_unet(components: Any, dataset: ProceduralCaptions, config: PretrainCon
                    "elapsed_s": round(time.perf_counter() - started, 1)})
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
+        if checkpoints is not None and checkpoints.due(step + 1, cfg.max_steps):
+            checkpoints.save("unet", step + 1, False, time.perf_counter() - started, optimizer, schedule, averages)
     progress.close()
     for average in (ema, ema_text):
         if average is not None:
             average.copy_to_model()
     unet.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
+    if checkpoints is not None:
+        checkpoints.save("unet", cfg.max_steps, True, time.perf_counter() - started)
 
 
 class _Ema:
@@ -357,6 +480,19 @@ class _Ema:
     def copy_to_model(self) -> None:
         for shadow, param in zip(self.shadow, self.module.parameters()):
             param.copy_(shadow)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages by parameter name (saved with the training state)."""
+        return {name: shadow for (name, _), shadow in zip(self.module.named_parameters(), self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, shadows: dict[str, torch.Tensor], updates: int) -> None:
+        names = [name for name, _ in self.module.named_parameters()]
+        if sorted(names) != sorted(shadows):
+            raise ArtifactError("cannot resume: the saved EMA averages do not match the model's parameters")
+        for name, shadow in zip(names, self.shadow):
+            shadow.copy_(shadows[name])
+        self.updates = updates
 
 
 def save_pipeline(components: Any, directory: str | Path, scheduler_source: str | Path) -> Path:
