@@ -3,7 +3,7 @@
     aptp-train prune --config tiny --output-dir runs/tiny [--max-steps N] [--resume] [--set k=v ...]
     aptp-train route --checkpoint runs/tiny [--prompts FILE | --data-format F --data-path P] [--output FILE]
     aptp-train finetune --checkpoint runs/tiny --expert 0 [--max-steps N] [--resume] [--set k=v ...]
-    aptp-train pretrain --output-dir DIR [--config tiny_teacher] [--stages vae,unet] [--init-from DIR]
+    aptp-train pretrain --output-dir DIR [--config tiny_teacher] [--stages vae,unet] [--init-from DIR] [--resume]
 
 Bad input (any `AptpError`) prints one line, ``aptp-train: error: <message>``, and exits 2;
 anything else is a bug and keeps its traceback. The trainer is imported only inside each
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--init-from", type=Path, metavar="DIR", help="start from this pipeline instead of random weights")
     pretrain.add_argument("--stages", default="vae,unet", help="comma-separated stages to train, in order (vae, unet)")
     pretrain.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue the interrupted run in --output-dir from its latest training state")
     _add_set(pretrain)
     pretrain.set_defaults(handler=_pretrain)
     return parser
@@ -103,7 +105,8 @@ def _pretrain(args: argparse.Namespace) -> None:
 
     config = load_pretrain_config(args.config, args.overrides)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    output = run_pretrain(config, args.output_dir, init_from=args.init_from, stages=stages, overwrite=args.overwrite)
+    output = run_pretrain(config, args.output_dir, init_from=args.init_from, stages=stages, overwrite=args.overwrite,
+                          resume=args.resume)
     logger.info("pretrained pipeline written to %s", output)
 
 

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-from", type=Path, default=None, help="start from this pipeline instead of a random one")
     parser.add_argument("--stages", nargs="+", default=["vae", "unet"], choices=["vae", "unet"])
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     parser.add_argument("--no-samples", action="store_true", help="skip the sample grid")
     return parser
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_pretrain_config(args.config, args.overrides)
-        output = run_pretrain(config, args.output, init_from=args.init_from, stages=args.stages, overwrite=args.overwrite)
+        output = run_pretrain(config, args.output, init_from=args.init_from, stages=args.stages, overwrite=args.overwrite,
+                             resume=args.resume)
         if not args.no_samples:
             save_sample_grid(output, output / "samples.png")
     except AptpError as error:
