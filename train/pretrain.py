@@ -315,12 +315,21 @@ def _cosine_rate(step: int, total: int, warmup: int, final_fraction: float) -> f
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _resume_loop(resume: TrainingState | None, optimizer: Any, schedule: Any) -> tuple[int, float]:
-    """Put the optimiser and schedule back; returns (first step, seconds already trained)."""
-    if resume is None:
-        return 0, 0.0
-    load_optimizer(resume, optimizer, schedule)
-    return resume.step, float(resume.info.get("elapsed_s", 0.0))
+def _stage_steps(stage: str, resume: TrainingState | None, optimizer: Any, schedule: Any,
+                 dataset: ProceduralCaptions, batch_size: int, seed: int, total: int) -> tuple[Any, Any, float]:
+    """The (step, batch) pairs a stage still has to train, its progress bar and its start time,
+    with the optimiser, schedule and RNGs of `resume` (if any) put back first."""
+    start, elapsed = 0, 0.0
+    if resume is not None:
+        load_optimizer(resume, optimizer, schedule)
+        start, elapsed = resume.step, float(resume.info.get("elapsed_s", 0.0))
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total)
+    # The loader's iterator draws its base seed from the global RNG: create it before restoring it.
+    batches = iter(make_loader(dataset, sampler, 0))
+    if resume is not None:
+        restore_rng(resume)
+    progress = tqdm(total=total, initial=start, desc=f"pretrain {stage}")
+    return zip(range(start, total), batches), progress, time.perf_counter() - elapsed
 
 
 def train_vae(components: Any, dataset: ProceduralCaptions, config: PretrainConfig, log: Any,
@@ -341,15 +350,9 @@ def train_vae(components: Any, dataset: ProceduralCaptions, config: PretrainConf
     vae.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_rate(s, cfg.max_steps, 50, 0.05))
-    start, elapsed = _resume_loop(resume, optimizer, schedule)
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed, start, cfg.max_steps)
-    # The loader's iterator draws its base seed from the global RNG: create it before restoring it.
-    batches = iter(make_loader(dataset, sampler, 0))
-    if resume is not None:
-        restore_rng(resume)
-    started = time.perf_counter() - elapsed
-    progress = tqdm(total=cfg.max_steps, initial=start, desc="pretrain vae")
-    for step, batch in zip(range(start, cfg.max_steps), batches):
+    steps, progress, started = _stage_steps("vae", resume, optimizer, schedule, dataset, cfg.batch_size,
+                                            config.seed, cfg.max_steps)
+    for step, batch in steps:
         generator = step_generator(config.seed, step, 0)
         pixels = batch["pixel_values"]
         posterior = vae.encode(pixels).latent_dist
@@ -410,21 +413,15 @@ def train_unet(components: Any, dataset: ProceduralCaptions, config: PretrainCon
     ema = _Ema(unet, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ema_text = _Ema(text_encoder, cfg.ema_decay) if cfg.ema_decay > 0 and cfg.train_text_encoder else None
     averages = {"unet": ema, "text_encoder": ema_text}
-    start, elapsed = _resume_loop(resume, optimizer, schedule)
     if resume is not None:
         for name, average in averages.items():
             if average is not None:
                 average.load_state_dict(*load_ema(resume, name))
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, config.seed + 1, start, cfg.max_steps)
     num_timesteps = scheduler.config.num_train_timesteps
     scale = vae.config.scaling_factor
-    # The loader's iterator draws its base seed from the global RNG: create it before restoring it.
-    batches = iter(make_loader(dataset, sampler, 0))
-    if resume is not None:
-        restore_rng(resume)
-    started = time.perf_counter() - elapsed
-    progress = tqdm(total=cfg.max_steps, initial=start, desc="pretrain unet")
-    for step, batch in zip(range(start, cfg.max_steps), batches):
+    steps, progress, started = _stage_steps("unet", resume, optimizer, schedule, dataset, cfg.batch_size,
+                                            config.seed + 1, cfg.max_steps)
+    for step, batch in steps:
         generator = step_generator(config.seed + 1, step, 0)
         with torch.no_grad():
             posterior = vae.encode(batch["pixel_values"]).latent_dist

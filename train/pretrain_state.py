@@ -12,8 +12,9 @@ One snapshot is a directory ``<stage index>-<stage>-<step>`` holding:
 - ``vae.safetensors``, ``unet.safetensors``, ``text_encoder.safetensors``: the weights;
 - ``ema_unet.safetensors``, ``ema_text_encoder.safetensors``: the EMA averages (UNet stage);
 - ``optimizer.pt``, ``rng.pt``: optimiser/schedule and RNG states, with ``torch.save``. These
-  pickles live only in this training-state folder, which nothing but `load_state` reads (and
-  with ``weights_only=True``); the pipeline the run writes, which other code loads, holds none;
+  pickles live only in this training-state folder, which only `load_optimizer` and
+  `restore_rng` read (with ``weights_only=True``); the finished pipeline, which other code
+  loads, replaces the folder and holds none, and the runtime never loads either;
 - ``state.json``: format, aptp version, stage, step, whether the stage is finished, the config
   hash and the config itself (to name what differs), the VAE scaling factor, the log length.
 
@@ -197,7 +198,8 @@ def save_state(
         for name, shadow in emas.items():
             save_file({k: v.detach().contiguous() for k, v in shadow.items()}, str(temp / f"ema_{name}.safetensors"))
         if optimizer is not None:
-            # torch.save only in this training-state folder (see the module docstring).
+            # torch.save only here, in the training-state folder: nothing the runtime (or any
+            # pipeline loader) reads; the finished pipeline replaces this folder.
             torch.save({"optimizer": optimizer.state_dict(),
                         "schedule": None if schedule is None else schedule.state_dict()}, temp / "optimizer.pt")
         torch.save(_rng_state(), temp / "rng.pt")
