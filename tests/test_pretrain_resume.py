@@ -179,3 +179,23 @@ def test_state_interrupted_while_saving_keeps_the_previous_one(tmp_path, monkeyp
     # A complete newer state replaces it, and only then is the older one removed.
     second = save_state(tmp_path, stage="unet", step=4, done=False, identity=identity, modules={"unet": model})
     assert latest_state(tmp_path).path == second.path and not first.path.exists()
+
+
+def test_overwrite_starts_an_unfinished_run_over(tmp_path, monkeypatch):
+    from aptp.outputs import PIPELINE, claim_in_place
+    from aptp.train.pretrain import run_pretrain
+    from aptp.train.pretrain_state import latest_state, save_state
+
+    out = tmp_path / "run"
+    claim_in_place(out, PIPELINE)
+    save_state(out, stage="unet", step=2, done=False, identity={"seed": 7}, modules={"unet": torch.nn.Linear(2, 2)})
+    with pytest.raises(ConfigError, match="unfinished run: pass --resume to continue it or --overwrite"):
+        run_pretrain(_config(), out)
+    with pytest.raises(ConfigError, match=r"another config \(differs in .*seed \(7 -> 0\)"):
+        run_pretrain(_config(), out, resume=True)
+    assert latest_state(out).step == 2
+    # --overwrite drops the old run's state at once (interrupted before the new run saved one).
+    _interrupt_at(monkeypatch, "vae", 0)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(_config(), out, overwrite=True)
+    assert latest_state(out) is None and PIPELINE.owns(out)
