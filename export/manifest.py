@@ -67,12 +67,22 @@ def read_verified(path: str | os.PathLike, sha256: str | None, what: str = "file
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
-        raise ArtifactError(f"cannot read {what} {path}: {err.strerror or err}; check that it exists and that "
-                            "this account may read it") from err
+        raise unreadable(path, what, err) from err
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ArtifactError(f"{what} {path} does not match its sha256 in {MANIFEST_FILE}: it was modified or "
-                            "replaced after the export (refusing to load it); re-export or restore the file")
+        raise sha256_mismatch(path, what)
     return data
+
+
+def unreadable(path: str | os.PathLike, what: str, err: OSError) -> ArtifactError:
+    """The error for an export file that cannot be read."""
+    return ArtifactError(f"cannot read {what} {path}: {err.strerror or err}; check that it exists and that "
+                         "this account may read it")
+
+
+def sha256_mismatch(path: str | os.PathLike, what: str) -> ArtifactError:
+    """The error for an export file whose bytes are not those the manifest hashed."""
+    return ArtifactError(f"{what} {path} does not match its sha256 in {MANIFEST_FILE}: it was modified or "
+                         "replaced after the export (refusing to load it); re-export or restore the file")
 
 
 def contained_path(root: str | os.PathLike, rel: Any, entry: str = "file") -> Path:

@@ -1,0 +1,129 @@
+"""Verified external weights read by onnxruntime from pinned files (`aptp.runtime.pinned_files`)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aptp.errors import ArtifactError
+from aptp.runtime import pinned_files
+from aptp.runtime.engine import OnnxRuntimeEngine
+from aptp.runtime.pinned_files import pinned_weights
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    path = tmp_path / "export" / "unet.onnx.data"
+    path.parent.mkdir()
+    path.write_bytes(np.arange(4096, dtype=np.float32).tobytes())
+    return path
+
+
+def test_a_pinned_folder_holds_the_same_file_and_is_removed(weights):
+    with pinned_weights([(weights, _sha(weights))]) as folder:
+        assert folder is not None and folder != weights.parent
+        pinned = folder / weights.name
+        assert pinned.read_bytes() == weights.read_bytes()
+        assert os.stat(pinned).st_ino == os.stat(weights).st_ino  # the same file, not a copy
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert not folder.exists() and weights.is_file()
+
+
+def test_a_wrong_hash_is_refused_before_onnxruntime_reads(weights):
+    with pytest.raises(ArtifactError, match="ONNX external data .*unet.onnx.data does not match its sha256"):
+        with pinned_weights([(weights, "0" * 64)]):
+            pytest.fail("the block must not run")
+
+
+def test_a_write_while_loading_is_caught(weights):
+    with pytest.raises(ArtifactError, match="changed while onnxruntime was loading it"):
+        with pinned_weights([(weights, _sha(weights))]):
+            with open(weights, "r+b") as f:  # in place: same inode, new bytes
+                f.write(b"\1\2\3\4")
+
+
+def test_a_rename_while_loading_is_caught(weights):
+    with pytest.raises(ArtifactError, match="changed while onnxruntime was loading it"):
+        with pinned_weights([(weights, _sha(weights))]):
+            moved = weights.with_name("elsewhere")
+            os.rename(weights, moved)  # swapped out and back: the inode's ctime moves
+            os.rename(moved, weights)
+
+
+def test_a_path_swapped_between_open_and_link_is_refused(weights, monkeypatch):
+    other = weights.with_name("other.data")
+    other.write_bytes(weights.read_bytes())
+    real_link = os.link
+    monkeypatch.setattr(pinned_files.os, "link", lambda src, dst, **kw: real_link(other, dst, **kw))
+    with pytest.raises(ArtifactError, match="was replaced while it was being opened"):
+        with pinned_weights([(weights, _sha(weights))]):
+            pytest.fail("the block must not run")
+
+
+def test_where_no_hard_link_can_be_made_it_yields_none(weights, monkeypatch):
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(pinned_files.os, "link", cross_device)
+    with pinned_weights([(weights, _sha(weights))]) as folder:
+        assert folder is None
+
+
+def test_an_unreadable_file_is_named(tmp_path):
+    with pytest.raises(ArtifactError, match=r"cannot read ONNX external data .*missing.data"):
+        with pinned_weights([(tmp_path / "missing.data", None)]):
+            pass
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_the_engine_runs_the_same_graph_pinned_or_from_memory(tmp_path, monkeypatch, pinned):
+    onnx = pytest.importorskip("onnx", reason="building a graph with external data needs the onnx package")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 100, "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    if not pinned:
+        monkeypatch.setattr(pinned_files.os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no")))
+    seen = []
+    real = pinned_files.pinned_weights
+
+    def spy(files):
+        cm = real(files)
+        folder = cm.__enter__()
+        seen.append(folder)
+        return _Reentered(cm, folder)
+
+    monkeypatch.setattr("aptp.runtime.engine.pinned_weights", spy)
+    data = tmp_path / "m.onnx.data"
+    engine = OnnxRuntimeEngine(tmp_path / "m.onnx", threads=1, sha256=_sha(tmp_path / "m.onnx"),
+                               external_data=[(data, _sha(data))])
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_allclose(engine.infer({"x": x})["y"], x @ numpy_helper.to_array(weight), rtol=1e-6)
+    assert (seen[0] is not None) == pinned
+
+
+class _Reentered:
+    """A context manager already entered (so the test can see what it yielded)."""
+
+    def __init__(self, cm, value):
+        self.cm, self.value = cm, value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc)
