@@ -384,20 +384,13 @@ class ResidencyManager:
                 self._cond.notify_all()
             raise
         with self._cond:
-            record = self._records[key]
             self._charged[key] = self._estimate(key)[0]
             self._loading.discard(key)
             self._resident[key] = engine
             self.loads += 1
             self._growth[key] = 0
             self.events.append((time.monotonic(), "load", key, self._charged[key]))
-            if self.budget is not None and not self._make_room(0, keep=key, best_effort=True):
-                over = self._total() - self.budget
-                self.overshoots += 1
-                self.max_overshoot_bytes = max(self.max_overshoot_bytes, over)
-                logger.warning("%s measured %s, more than estimated; pinned sessions leave the budget %s "
-                               "exceeded by %s until they are released", self._describe(key),
-                               format_bytes(self._charged[key]), format_bytes(self.budget), format_bytes(over))
+            self._fit_recharged(key, f"measured {format_bytes(self._charged[key])}, more than estimated")
             self._note_peak()
             self._start_use(key)
             self._cond.notify_all()
@@ -480,14 +473,19 @@ class ResidencyManager:
             return  # this residence has not yet outgrown what an earlier one measured
         record.run_bytes = self._growth[key]
         self._charged[key] = self._estimate(key)[0]
-        if self.budget is not None and not self._make_room(0, keep=key, best_effort=True):
-            over = self._total() - self.budget
-            self.overshoots += 1
-            self.max_overshoot_bytes = max(self.max_overshoot_bytes, over)
-            logger.warning("%s grew its working memory to %s while running; pinned sessions leave the budget %s "
-                           "exceeded by %s until they are released", self._describe(key),
-                           format_bytes(record.run_bytes), format_bytes(self.budget), format_bytes(over))
+        self._fit_recharged(key, f"grew its working memory to {format_bytes(record.run_bytes)} while running")
         self._note_peak()
+
+    def _fit_recharged(self, key: Any, why: str) -> None:
+        """After `key`'s charge grew: evict others to fit it, or count (and log) the overshoot
+        that pinned sessions leave."""
+        if self.budget is None or self._make_room(0, keep=key, best_effort=True):
+            return
+        over = self._total() - self.budget
+        self.overshoots += 1
+        self.max_overshoot_bytes = max(self.max_overshoot_bytes, over)
+        logger.warning("%s %s; pinned sessions leave the budget %s exceeded by %s until they are released",
+                       self._describe(key), why, format_bytes(self.budget), format_bytes(over))
 
     def _note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self._total())

@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 VEHICLE_PROMPTS = ("a red sports car on a highway", "an old truck parked in a city street",
                    "a yellow taxi in new york")
 FOOD_PROMPTS = ("a bowl of tomato soup", "a plate of fresh pasta", "a slice of chocolate cake")
@@ -111,3 +113,20 @@ def shallow_copy(export: Path, target: Path, copy: tuple[str, ...] = ()) -> Path
                 except OSError:
                     shutil.copyfile(src, dst)
     return target
+
+
+def external_weights_graph(directory: Path, location: str) -> np.ndarray:
+    """Write ``m.onnx`` in `directory`: y = x @ W for a (1, 64) input, with the 64x64 weight W in
+    the external data file `location` beside it. Returns W. Needs the onnx package."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 100
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(directory / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return weight

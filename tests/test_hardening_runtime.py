@@ -132,24 +132,17 @@ def test_unreadable_file_is_one_clear_error(export_dir, tmp_path, monkeypatch):
 
 
 def test_external_weights_are_hashed_and_given_from_memory(tmp_path, monkeypatch):
-    onnx = pytest.importorskip("onnx", reason="building a graph with external data needs the onnx package")
-    from onnx import TensorProto, helper, numpy_helper
-
+    pytest.importorskip("onnx", reason="building a graph with external data needs the onnx package")
     from aptp.export.manifest import file_sha256
+    from runtime_fixtures import external_weights_graph
 
-    weight = numpy_helper.from_array(np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="m.onnx_data", size_threshold=0)
+    weight = external_weights_graph(tmp_path, "m.onnx_data")
     graph_sha, data_sha = file_sha256(tmp_path / "m.onnx"), file_sha256(tmp_path / "m.onnx_data")
     x = np.ones((1, 64), np.float32)
 
     engine = OnnxRuntimeEngine(tmp_path / "m.onnx", threads=1, sha256=graph_sha,
                                external_data=[(tmp_path / "m.onnx_data", data_sha)])
-    np.testing.assert_array_equal(engine.infer({"x": x})["y"], x @ numpy_helper.to_array(weight))
+    np.testing.assert_allclose(engine.infer({"x": x})["y"], x @ weight, rtol=1e-6)
 
     # Without the external file given, onnxruntime must not read one from disk by itself (here:
     # from the working directory, where a planted copy waits).

@@ -14,6 +14,7 @@ from aptp.errors import ArtifactError
 from aptp.runtime import pinned_files
 from aptp.runtime.engine import OnnxRuntimeEngine
 from aptp.runtime.pinned_files import pinned_weights
+from runtime_fixtures import external_weights_graph
 
 
 def _sha(path: Path) -> str:
@@ -86,16 +87,8 @@ def test_an_unreadable_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("pinned", [True, False])
 def test_the_engine_runs_the_same_graph_pinned_or_from_memory(tmp_path, monkeypatch, pinned):
-    onnx = pytest.importorskip("onnx", reason="building a graph with external data needs the onnx package")
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = numpy_helper.from_array(np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 100, "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="m.onnx.data", size_threshold=0)
+    pytest.importorskip("onnx", reason="building a graph with external data needs the onnx package")
+    weight = external_weights_graph(tmp_path, "m.onnx.data")
     if not pinned:
         monkeypatch.setattr(pinned_files.os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no")))
     seen = []
@@ -112,7 +105,7 @@ def test_the_engine_runs_the_same_graph_pinned_or_from_memory(tmp_path, monkeypa
     engine = OnnxRuntimeEngine(tmp_path / "m.onnx", threads=1, sha256=_sha(tmp_path / "m.onnx"),
                                external_data=[(data, _sha(data))])
     x = np.ones((1, 64), np.float32)
-    np.testing.assert_allclose(engine.infer({"x": x})["y"], x @ numpy_helper.to_array(weight), rtol=1e-6)
+    np.testing.assert_allclose(engine.infer({"x": x})["y"], x @ weight, rtol=1e-6)
     assert (seen[0] is not None) == pinned
 
 

@@ -118,7 +118,7 @@ def test_bad_budgets_give_one_line_on_the_command_line(bad, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("aptp-generate: error: ")
     # the budget is checked before the export: a bad budget is named even for a missing export
-    assert f"--memory-budget must be a positive size such as '3GiB'" in lines[0], lines[0]
+    assert "--memory-budget must be a positive size such as '3GiB'" in lines[0], lines[0]
 
 
 # ---- the manager --------------------------------------------------------------------------
