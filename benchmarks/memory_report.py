@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .memory import throughput_vs_reference
+from .memory import pinned_rss, throughput_vs_reference
 from .report import _machine_lines, write_report_files
 
 __all__ = ["write_memory_reports", "memory_markdown", "memory_plot"]
@@ -38,9 +38,11 @@ def memory_markdown(results: Mapping[str, Any]) -> str:
         f"{s['image']['height']} px, {s['steps']} steps, guidance {s['guidance_scale'] or 'the export default'}, "
         f"max_batch {s['max_batch']}, max_wait {s['max_wait']} s, max_wait_s {s['max_wait_s']} s",
         "- Each run is a fresh process; RSS sampled every "
-        f"{s['sample_interval']} s in it; 'pinned' = RSS with router, text encoder and VAE decoder loaded, "
-        "before any UNet", "",
-        "| precision | round | budget | peak RSS (GiB) | mean RSS (GiB) | pinned (GiB) | peak - pinned / budget | "
+        f"{s['sample_interval']} s in it; 'pinned loaded' = RSS with router, text encoder and VAE decoder "
+        "loaded, before any request; 'pinned at work' = the highest RSS before the first UNet load began "
+        "(those parts having run on the first batch); the budget covers the UNet sessions only", "",
+        "| precision | round | budget | peak RSS (GiB) | mean RSS (GiB) | pinned loaded / at work (GiB) | "
+        "peak - pinned at work / budget | "
         "throughput (req/s) | vs reference (same round) | p50 latency (s) | p95 latency (s) | loads | evictions | "
         "swaps | mean batch |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -48,11 +50,11 @@ def memory_markdown(results: Mapping[str, Any]) -> str:
     checks = results["checks"]
     runs = list(results["runs"])
     for run in runs:
-        frac = None if run["budget_bytes"] is None else run["peak_over_baseline_bytes"] / run["budget_bytes"]
+        frac = None if run["budget_bytes"] is None else (run["peak_rss_bytes"] - pinned_rss(run)) / run["budget_bytes"]
         st = run["stats"]
         lines.append(
             f"| {run['precision']} | {run.get('round', 0)} | {_budget(run)} | {_gib(run['peak_rss_bytes'])} | "
-            f"{_gib(run['mean_rss_bytes'])} | {_gib(run['baseline_rss_bytes'])} | "
+            f"{_gib(run['mean_rss_bytes'])} | {_gib(run['baseline_rss_bytes'])} / {_gib(pinned_rss(run))} | "
             f"{'n/a' if frac is None else f'{frac:.2f}'} | {run['throughput_rps']:.4f} | "
             f"{throughput_vs_reference(run, runs):.2f}x | {run['latency_s']['p50']:.1f} | "
             f"{run['latency_s']['p95']:.1f} | {st['loads']} | {st['evictions']} | {st['expert_swaps']} | "

@@ -86,3 +86,14 @@ def test_the_int8_op_profile_is_summed_over_unets_and_sorted():
     assert rows[0] == "| Conv | 0.6000 | 0.0500 | 0.08 |"
     assert rows[1] == "| QuantizeLinear | 0.0000 | 0.4000 | n/a |"
     assert _op_profile_lines([{"ops": None}]) == []
+
+
+def test_pinned_parts_at_work_are_the_rss_before_the_first_unet_load():
+    from aptp.benchmarks.memory_worker import _rss_before_first_load
+
+    samples = [(0.0, 100), (0.5, 140), (1.0, 150), (1.5, 300), (2.0, 400)]
+    # the first load ended at t = 2.2 (monotonic 12.2 - start 10) after 1.0 s: it began at 1.2
+    events = [(12.2, "load", 3, 0), (13.0, "evict", 3, 0), (14.0, "load", 1, 0)]
+    report = {"sessions": {"3": {"load_seconds": 1.0}, "1": {"load_seconds": 0.5}}}
+    assert _rss_before_first_load(samples, 10.0, events, report) == 150
+    assert _rss_before_first_load(samples, 10.0, [], report) is None
