@@ -31,6 +31,12 @@ the RSS before it is measured from the kernel's peak-RSS mark (``VmHWM``, reset 
 reserves room for its peak (measured, or estimated at the largest measured peak-to-file ratio),
 not just for what the session keeps.
 
+Charges are deltas, and a delta misses memory the allocator keeps: heap that an evicted session
+freed but that stays mapped (fragmentation), or growth of the parts outside the budget. So the
+manager also reconciles with the process itself: the RSS above its floor (the RSS just before
+its first load) that no charge explains is counted against the budget too (``unattributed``
+in the report), and evictions go on until charges plus that excess fit.
+
 Loads are serialised (one ``_load_lock``), so an RSS delta is not mixed with another load's.
 A pinned session (a group running on it) is never evicted; a caller that needs room held by
 pinned sessions waits until they are released. Thread-safe.
@@ -262,6 +268,8 @@ class ResidencyManager:
         self._activity = 0
         self._use_start: dict[Any, tuple[int, int | None, int | None]] = {}  # key -> (activity, rss, device)
         self._growth: dict[Any, int] = {}  # working memory gained by each resident session this residence
+        self._floor: int | None = None  # process RSS just before the first load (no UNet resident)
+        self.unattributed_bytes = 0  # the last excess of RSS over floor + charges
 
     # ---- what things cost ------------------------------------------------------------------
 
@@ -369,6 +377,8 @@ class ResidencyManager:
                 if self._make_room(need, keep=key):
                     break
                 self._cond.wait()  # the room is held by pinned sessions: wait for a release
+            if self._floor is None and not self._resident and not self._loading:
+                self._floor = self.probe.rss()
             self._loading.add(key)
             self._activity += 1
             self._charged[key] = need
@@ -441,6 +451,8 @@ class ResidencyManager:
                 "evictions": self.evictions,
                 "overshoots": self.overshoots,
                 "max_overshoot_bytes": self.max_overshoot_bytes,
+                "floor_rss_bytes": self._floor,
+                "unattributed_bytes": self.unattributed_bytes,
                 "sessions": {str(k): r.as_dict() for k, r in self._records.items()},
             }
 
@@ -500,21 +512,31 @@ class ResidencyManager:
         (nothing is evicted when they cannot make enough room, unless `best_effort`)."""
         if self.budget is None:
             return True
+        excess = self._excess()
         evictable = sum(self._charged[k] for k in self._resident if k != keep and not self._pins[k])
-        if self._total() - evictable + need > self.budget and not best_effort:
+        others_busy = any(k != keep for k in self._pins) or any(k != keep for k in self._loading)
+        if self._total() - evictable + need + excess > self.budget and not best_effort and others_busy:
             return False  # pinned sessions hold the room: evict nothing, wait for a release
-        evicted = False
-        while self._total() + need > self.budget:
+        while self._total() + need + excess > self.budget:
             victim = next((k for k in self._resident if k != keep and not self._pins[k]), None)
             if victim is None:
                 break
-            self._evict(victim, trim=False)
-            evicted = True
-        if evicted:
-            _release_free_heap()
-        return self._total() + need <= self.budget
+            self._evict(victim)  # trims the heap: the excess may shrink with it
+            excess = self._excess()
+        # With nothing left to evict and nobody to wait for, a load goes ahead alone (the
+        # report counts the overshoot once it is loaded).
+        return self._total() + need + excess <= self.budget or not best_effort
 
-    def _evict(self, key: Any, trim: bool = True) -> None:
+    def _excess(self) -> int:
+        """Process RSS above the floor that no charge explains (0 before the first load)."""
+        rss = self.probe.rss()
+        if self._floor is None or rss is None:
+            return 0
+        self._floor = min(self._floor, rss)
+        self.unattributed_bytes = max(0, rss - self._floor - self._total())
+        return self.unattributed_bytes
+
+    def _evict(self, key: Any) -> None:
         engine = self._resident.pop(key)
         engine.unload()
         retire = getattr(engine, "retire", None)
@@ -527,8 +549,7 @@ class ResidencyManager:
         self.evictions += 1
         self.events.append((time.monotonic(), "evict", key, charged))
         logger.info("evicted %s (%s)", self._describe(key), format_bytes(charged))
-        if trim:
-            _release_free_heap()
+        _release_free_heap()
 
     # ---- loading (outside self._cond, one at a time) --------------------------------------
 

@@ -53,6 +53,7 @@ class FakeEngine:
     def __init__(self, key, size: int, probe: FakeProbe, log: list, work: int = 0, transient: int = 0):
         self.key, self.size, self.probe, self.log, self.work = key, size, probe, log, work
         self.transient = transient  # held only while loading (the verified bytes, parsing copies)
+        self.kept = 0  # bytes that stay in the process after unload (heap the allocator keeps)
         self.loaded = False
         self.ran = False
 
@@ -74,7 +75,7 @@ class FakeEngine:
     def unload(self) -> None:
         if self.loaded:
             self.loaded = False
-            self.probe.bytes -= self.size + (self.work if self.ran else 0)
+            self.probe.bytes -= self.size + (self.work if self.ran else 0) - self.kept
             self.ran = False
             self.log.append(("unload", self.key))
 
@@ -220,6 +221,23 @@ def test_a_load_reserves_room_for_its_measured_peak():
     assert probe.highest - 100 * MiB <= 40 * MiB
     assert manager.report()["sessions"]["3"]["load_peak_bytes"] == 30 * MiB
     # without the reservation the third session would have loaded beside the first two: 50 MiB
+
+
+def test_memory_an_eviction_leaves_behind_is_counted_against_the_budget():
+    # Expert 0's session leaves 8 MiB in the process when evicted (fragmented heap): no charge
+    # covers it, so the manager counts it from RSS and keeps the real total within the budget.
+    keys = range(5)
+    manager, probe, _, engines = make_manager(30 * MiB, {k: 10 * MiB for k in keys})
+    floor = probe.bytes
+    with manager.use(0):
+        engines[0].kept = 8 * MiB
+    for key in [1, 2, 3, 4, 1, 2, 3, 4, 2]:
+        with manager.use(key):
+            assert probe.bytes - floor <= 30 * MiB
+    report = manager.report()
+    assert report["unattributed_bytes"] == 8 * MiB and report["floor_rss_bytes"] == floor
+    assert len(manager.resident_keys) == 2  # one slot of three went to the leftover heap
+    assert report["overshoots"] == 0
 
 
 def test_overlapping_uses_do_not_measure_working_memory():
