@@ -217,12 +217,17 @@ class SessionRecord:
     load_seconds: float = 0.0
 
     @property
-    def measured_bytes(self) -> int | None:
-        """RSS plus device memory the last load added, plus the working memory measured while
-        running (negative deltas count as 0)."""
+    def load_bytes(self) -> int | None:
+        """RSS plus device memory the last load added (negative deltas count as 0)."""
         if self.rss_bytes is None and self.device_bytes is None:
             return None
-        return max(0, self.rss_bytes or 0) + max(0, self.device_bytes or 0) + (self.run_bytes or 0)
+        return max(0, self.rss_bytes or 0) + max(0, self.device_bytes or 0)
+
+    @property
+    def measured_bytes(self) -> int | None:
+        """What the last load added plus the working memory measured while running."""
+        load = self.load_bytes
+        return None if load is None else load + (self.run_bytes or 0)
 
     def as_dict(self) -> dict[str, Any]:
         return {"file_bytes": self.file_bytes, "rss_bytes": self.rss_bytes, "device_bytes": self.device_bytes,
@@ -284,15 +289,21 @@ class ResidencyManager:
         return record
 
     def _estimate(self, key: Any) -> tuple[int, str]:
+        # What a load keeps scales with the weights; working memory (activations, which int8
+        # weights do not shrink) does not: a session not yet run gets the largest measured.
         record = self._record(key)
-        if record.measured_bytes is not None:
-            return max(1, record.file_bytes, record.measured_bytes), "measured when it was last loaded"
-        ratios = [r.measured_bytes / r.file_bytes for r in self._records.values()
-                  if r.measured_bytes is not None and r.file_bytes > 0]
+        work = record.run_bytes
+        if work is None:
+            work = max([r.run_bytes for r in self._records.values() if r.run_bytes is not None], default=0)
+        if record.load_bytes is not None:
+            return max(1, record.file_bytes, record.load_bytes + work), "measured when it was last loaded"
+        ratios = [r.load_bytes / r.file_bytes for r in self._records.values()
+                  if r.load_bytes is not None and r.file_bytes > 0]
         ratio = max([1.0, *ratios])
         how = "its files' size, a lower bound on its session" if ratio == 1.0 else \
-            f"its files' size x {ratio:.2f}, the largest session/file ratio measured so far"
-        return max(1, int(record.file_bytes * ratio)), how
+            f"its files' size x {ratio:.2f} (the largest load/file ratio measured so far) plus the largest " \
+            "working memory measured"
+        return max(1, int(record.file_bytes * ratio) + work), how
 
     def _estimate_load_peak(self, key: Any) -> int:
         """Bytes a load of `key` is expected to need at its peak (0 when no load was measured)."""

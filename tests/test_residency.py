@@ -196,6 +196,18 @@ def test_working_memory_is_charged_and_the_real_total_stays_in_the_budget():
     assert manager.report()["overshoots"] == 0
 
 
+def test_an_unseen_session_is_estimated_with_the_largest_working_memory_not_a_scaled_one():
+    # Working memory (activations) does not shrink with the weights (int8 files are 3-4x
+    # smaller): scaling it by file size would undercount a small expert that runs as wide.
+    manager, _, _, _ = make_manager(None, {0: 30 * MiB, 1: 10 * MiB}, work={0: 20 * MiB, 1: 20 * MiB})
+    with manager.use(0) as engine:
+        engine.run()
+    assert manager.estimate(1) == 10 * MiB + 20 * MiB  # files x load ratio 1.0, plus 20 MiB
+    with manager.use(1):
+        pass  # loaded, not run yet: the largest working memory measured stands in for its own
+    assert manager.estimate(1) == 30 * MiB
+
+
 def test_working_memory_is_not_counted_twice_on_a_reload():
     manager, probe, _, _ = make_manager(20 * MiB, {0: 10 * MiB, 1: 10 * MiB}, work={0: 6 * MiB, 1: 6 * MiB})
     for key in (0, 1, 0, 1, 0):  # room for one at a time: every use reloads
