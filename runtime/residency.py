@@ -23,9 +23,9 @@ session in use and nothing was loaded or evicted. The largest growth seen over o
 kept, so a reload is charged its working memory before it runs, and sessions never run yet are
 estimated at the largest measured-cost-to-file ratio, working memory included.
 
-Loading costs more than holding: onnxruntime parses the graph and copies the weights before the
-verified bytes are released, so RSS peaks at about three times the files while a session is
-created (measured: 363 MiB for a 119 MiB expert that then holds 153 MiB). Each load's peak above
+Loading costs more than holding: while a session is created, onnxruntime holds parsing copies
+(measured for a 119 MiB expert: a 175 MiB peak with external weights read from a pinned file,
+387 MiB with inline weights handed over from memory, against 142 MiB kept). Each load's peak above
 the RSS before it is measured from the kernel's peak-RSS mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before the load; Linux only, else not measured), and a load
 reserves room for its peak (measured, or estimated at the largest measured peak-to-file ratio),
