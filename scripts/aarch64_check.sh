@@ -159,6 +159,13 @@ main() {
     binfmt="$(binfmt_ready)"
 
     rootfs="$cache/rootfs"
+    # One run at a time per cache: a run puts its sources, export and outputs in $rootfs/work.
+    mkdir -p "$cache"
+    exec 9>"$cache/.lock"
+    if ! flock -n 9; then
+        say "waiting for another aarch64_check run (lock: $cache/.lock)"
+        flock 9
+    fi
     if [ ! -f "$rootfs/.aptp-key" ] || [ "$(cat "$rootfs/.aptp-key")" != "$KEY" ]; then
         [ "$mode" = cached ] && missing "no cached arm64 rootfs at $rootfs with this script's package lists (a one-off build of about half an hour on 2 cores: bash scripts/aarch64_check.sh --rootfs-only)"
         build_rootfs "$cache" "$rootfs" "$binfmt"
