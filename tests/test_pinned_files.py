@@ -120,3 +120,11 @@ class _Reentered:
 
     def __exit__(self, *exc):
         return self.cm.__exit__(*exc)
+
+
+def test_a_symlink_inside_the_export_is_pinned_by_its_target(weights):
+    link = weights.with_name("alias.data")
+    link.symlink_to(weights.name)
+    with pinned_weights([(link, _sha(weights))]) as folder:
+        assert folder is not None
+        assert os.stat(folder / "alias.data").st_ino == os.stat(weights).st_ino
