@@ -79,7 +79,7 @@ def pinned_weights(files: Sequence[tuple[Path, str | None]]) -> Iterator[Path | 
             folder = Path(tempfile.mkdtemp(prefix="aptp-weights-"))
             for fd, (path, _) in zip(fds, files):
                 link = folder / path.name
-                os.link(path, link, follow_symlinks=True)  # a symlink inside the export: its target
+                os.link(os.path.realpath(path), link)  # a symlink inside the export: link its target
                 opened, linked = os.fstat(fd), os.stat(link, follow_symlinks=False)
                 if (opened.st_dev, opened.st_ino) != (linked.st_dev, linked.st_ino):
                     raise ArtifactError(f"{_WHAT} {path} was replaced while it was being opened; refusing it; "
