@@ -66,6 +66,12 @@ def unet_path(export_dir) -> Path:
     return load_artifacts(export_dir, verify=False).unet("dense").onnx
 
 
+@pytest.fixture
+def unet_weights(export_dir, unet_path) -> list:
+    """The dense UNet's external weight files, as the pipeline hands them to its engines."""
+    return load_artifacts(export_dir, verify=False).external_weights(unet_path)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(engine_module, "_warned", set())
@@ -77,12 +83,12 @@ def use(monkeypatch, listed, activates):
     return fake
 
 
-def test_cuda_listed_but_inactive_is_an_error_never_a_cpu_run_labelled_cuda(monkeypatch, export_dir, unet_path):
+def test_cuda_listed_but_inactive_is_an_error_never_a_cpu_run_labelled_cuda(monkeypatch, export_dir, unet_path, unet_weights):
     fake = use(monkeypatch, [TRT, CUDA, CPU], [CPU])
     for backend in ("auto", "onnxruntime"):
         with pytest.raises(RuntimeInputError, match=r"did not activate CUDAExecutionProvider.*'CPUExecutionProvider'"):
             AptpPipeline.from_export(export_dir, verify=False, device="cuda", backend=backend, threads=1)
-        engine = OnnxRuntimeEngine(unet_path, device="cuda", backend=backend, threads=1)
+        engine = OnnxRuntimeEngine(unet_path, device="cuda", backend=backend, threads=1, external_data=unet_weights)
         with pytest.raises(RuntimeInputError, match="device 'cuda'"):
             engine.load()
         assert not engine.loaded and engine.provider is None
@@ -100,9 +106,11 @@ def test_cli_device_cuda_on_cpu_execution_is_one_error_line_and_no_image(monkeyp
     assert not list(tmp_path.iterdir())
 
 
-def test_auto_falls_back_from_an_inactive_tensorrt_provider_with_one_warning(monkeypatch, unet_path, caplog):
+def test_auto_falls_back_from_an_inactive_tensorrt_provider_with_one_warning(monkeypatch, unet_path, unet_weights,
+                                                                            caplog):
     use(monkeypatch, [TRT, CUDA, CPU], [CUDA])
-    engines = [OnnxRuntimeEngine(unet_path, device="cuda", backend="auto", threads=1) for _ in range(2)]
+    engines = [OnnxRuntimeEngine(unet_path, device="cuda", backend="auto", threads=1, external_data=unet_weights)
+               for _ in range(2)]
     with caplog.at_level(logging.WARNING, logger="aptp.runtime.engine"):
         for engine in engines:
             engine.load()
@@ -112,13 +120,13 @@ def test_auto_falls_back_from_an_inactive_tensorrt_provider_with_one_warning(mon
     assert all(e.provider == CUDA and e.providers == [CUDA, CPU] for e in engines)
 
 
-def test_explicit_tensorrt_provider_that_does_not_activate_or_is_absent_fails(monkeypatch, unet_path):
+def test_explicit_tensorrt_provider_that_does_not_activate_or_is_absent_fails(monkeypatch, unet_path, unet_weights):
     use(monkeypatch, [TRT, CUDA, CPU], [CUDA])
     with pytest.raises(RuntimeInputError, match="backend 'tensorrt'.*did not activate"):
-        OnnxRuntimeEngine(unet_path, device="cuda", backend="tensorrt", threads=1).load()
+        OnnxRuntimeEngine(unet_path, device="cuda", backend="tensorrt", threads=1, external_data=unet_weights).load()
     use(monkeypatch, [CUDA, CPU], [CUDA])
     with pytest.raises(RuntimeInputError, match="backend 'tensorrt' needs onnxruntime's TensorrtExecutionProvider"):
-        OnnxRuntimeEngine(unet_path, device="cuda", backend="tensorrt", threads=1).load()
+        OnnxRuntimeEngine(unet_path, device="cuda", backend="tensorrt", threads=1, external_data=unet_weights).load()
 
 
 def test_results_record_the_provider_that_ran(monkeypatch, export_dir):
