@@ -19,8 +19,10 @@ Running a session costs memory too: onnxruntime's allocator arena grows on a ses
 runs to hold its activations, and keeps that memory for as long as the session lives (the
 arena's high-water mark). So a session's charge also includes its working memory: the RSS (and
 device memory) it gained while it ran, measured across each use during which it was the only
-session in use and nothing was loaded or evicted. The largest growth seen over one residence is
-kept, so a reload is charged its working memory before it runs, and sessions never run yet are
+session in use and nothing was loaded or evicted, over the first `MEASURED_USES` such uses of
+each residence (the arena grows on its first runs; later growth, such as a larger batch, is left
+to the reconciliation below rather than creeping into one session). The largest growth seen over
+one residence is kept, so a reload is charged its working memory before it runs, and sessions never run yet are
 estimated at the largest measured-cost-to-file ratio, working memory included.
 
 Loading costs more than holding: while a session is created, onnxruntime holds parsing copies
@@ -69,6 +71,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Clean uses of each residence whose RSS growth counts as that session's working memory.
+MEASURED_USES = 4
 
 _UNITS = {
     "": 1, "b": 1,
@@ -273,6 +278,7 @@ class ResidencyManager:
         self._activity = 0
         self._use_start: dict[Any, tuple[int, int | None, int | None]] = {}  # key -> (activity, rss, device)
         self._growth: dict[Any, int] = {}  # working memory gained by each resident session this residence
+        self._measured_uses: dict[Any, int] = {}  # clean uses measured this residence
         self._floor: int | None = None  # process RSS just before the first load (no UNet resident)
         self.unattributed_bytes = 0  # the last excess of RSS over floor + charges
 
@@ -410,6 +416,7 @@ class ResidencyManager:
             self._resident[key] = engine
             self.loads += 1
             self._growth[key] = 0
+            self._measured_uses[key] = 0
             self.events.append((time.monotonic(), "load", key, self._charged[key]))
             self._fit_recharged(key, f"measured {format_bytes(self._charged[key])}, more than estimated")
             self._note_peak()
@@ -476,7 +483,8 @@ class ResidencyManager:
         """Bump the activity count; when `key` is now the only pinned session, note the
         memory in use so that `_end_use` can measure what running on it added."""
         self._activity += 1
-        if len(self._pins) == 1 and self._pins[key] == 1 and not self._loading:
+        if (len(self._pins) == 1 and self._pins[key] == 1 and not self._loading
+                and self._measured_uses.get(key, MEASURED_USES) < MEASURED_USES):
             self._use_start[key] = (self._activity, self.probe.rss(), self.probe.device_used())
         else:
             self._use_start.clear()  # overlapping uses: none of them measures cleanly
@@ -485,6 +493,7 @@ class ResidencyManager:
         start = self._use_start.pop(key, None)
         if start is None or start[0] != self._activity or key not in self._resident or self._pins[key]:
             return
+        self._measured_uses[key] += 1
         rss, device = self.probe.rss(), self.probe.device_used()
         gained = sum(max(0, now - then) for now, then in ((rss, start[1]), (device, start[2]))
                      if now is not None and then is not None)
@@ -555,6 +564,7 @@ class ResidencyManager:
             retire(f"{self._describe(key)} was evicted under the memory budget")
         self._activity += 1
         self._growth.pop(key, None)
+        self._measured_uses.pop(key, None)
         charged = self._charged.pop(key, 0)
         self._records[key].evictions += 1
         self.evictions += 1

@@ -252,6 +252,18 @@ def test_memory_an_eviction_leaves_behind_is_counted_against_the_budget():
     assert report["overshoots"] == 0
 
 
+def test_only_the_first_uses_of_a_residence_measure_working_memory():
+    # Later growth (a leak elsewhere, a bigger batch) is not pinned on the session in use: it is
+    # left to the RSS reconciliation.
+    from aptp.runtime.residency import MEASURED_USES
+
+    manager, probe, _, _ = make_manager(None, {0: 10 * MiB})
+    for use in range(MEASURED_USES + 3):
+        with manager.use(0):
+            probe.bytes += 1 * MiB  # something in the process grows by 1 MiB on every call
+    assert manager.record(0).run_bytes == MEASURED_USES * MiB
+
+
 def test_overlapping_uses_do_not_measure_working_memory():
     # Another session in use at the same time: an RSS delta could be either's, so none is taken.
     manager, _, _, _ = make_manager(None, {0: 10 * MiB, 1: 10 * MiB}, work={0: 6 * MiB, 1: 6 * MiB})
@@ -405,10 +417,10 @@ def test_server_under_a_budget_four_threads_ten_requests_each(export):
     unloads_while_pinned: list[str] = []
     original_evict = pipe.residency._evict
 
-    def checked_evict(key, trim=True):
+    def checked_evict(key):
         if pipe.residency._pins[key]:
             unloads_while_pinned.append(str(key))
-        original_evict(key, trim)
+        original_evict(key)
 
     pipe.residency._evict = checked_evict
     jobs = [(t, i, prompts[(t * 10 + i) % len(prompts)], 1000 * t + i) for t in range(4) for i in range(10)]
