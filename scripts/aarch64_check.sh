@@ -20,6 +20,7 @@
 #   APTP_AARCH64_EXPORT  an existing export to use; otherwise one is built on the host with
 #                        tests/runtime_fixtures.py (needs torch: aptp[train])
 #   APTP_AARCH64_TESTS   the test files to run under emulation (default: the runtime's)
+#   APTP_AARCH64_PYTEST_ARGS  extra pytest arguments there (e.g. -k 'not four_threads')
 #   APTP_AARCH64_OUT     where the PNGs and the test log are kept (default: a temp dir, removed)
 #   APTP_AARCH64_MAX_PIXEL_DIFF  largest accepted arm64-vs-x86_64 pixel difference (default 2)
 #   PYTHON               the host interpreter with aptp installed (default: python3)
@@ -241,7 +242,7 @@ cd / && python -c 'import platform, aptp._C, aptp.runtime.kernels as k; print(pl
     say "runtime tests under emulation: $tests"
     set +e
     in_rootfs "$rootfs" "$binfmt" \
-        "cd /work/out && APTP_TEST_RUNTIME_EXPORT=/work/export APTP_TEST_TIMEOUT_SCALE=20 python -m pytest -q -p no:cacheprovider -rs $tests" |
+        "cd /work/out && APTP_TEST_RUNTIME_EXPORT=/work/export APTP_TEST_TIMEOUT_SCALE=20 python -m pytest -q -p no:cacheprovider -rs $tests ${APTP_AARCH64_PYTEST_ARGS:-}" |
         tee "$out/pytest.log"
     status=${PIPESTATUS[0]}
     set -e

@@ -65,6 +65,16 @@ def hang_guard(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
+# What onnxruntime itself prints on import where it cannot read the CPU list from /sys (the
+# arm64 emulation of scripts/aarch64_check.sh); not aptp's output.
+_ORT_CPUINFO_NOISE = ("Error in cpuinfo:", "onnxruntime cpuid_info warning:")
+
+
+def aptp_stderr_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` that aptp wrote (onnxruntime's cpuinfo warnings left out)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith(_ORT_CPUINFO_NOISE)]
+
+
 def tiny_export(root: Path) -> Path:
     """The export (``STEPS``-step DDIM, dense UNet included) under `root`, built on first call."""
     if "export" in _BUILT:

@@ -17,6 +17,7 @@ import pytest
 
 from aptp.errors import RuntimeInputError
 from aptp.runtime.residency import ResidencyManager, format_bytes, parse_memory_budget
+from runtime_fixtures import aptp_stderr_lines, hang_guard
 
 MiB = 1024**2
 
@@ -392,7 +393,7 @@ def test_too_small_a_budget_fails_at_construction_naming_the_expert(export, tmp_
     proc = subprocess.run([sys.executable, "-m", "aptp.runtime.cli", "--artifacts", str(export), "--prompt", "x",
                            "--output", str(tmp_path / "o.png"), "--memory-budget", "1KiB"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and len(aptp_stderr_lines(proc.stderr)) == 1, proc.stderr
     assert "cannot fit even alone" in proc.stderr
     assert not (tmp_path / "o.png").exists()
 
@@ -428,7 +429,7 @@ def test_server_under_a_budget_four_threads_ten_requests_each(export):
     with GenerationServer(pipe, max_batch=4, max_wait=0.02, max_wait_s=2.0, max_queue=64) as server:
         def client(t):
             futures = [(i, server.submit(p, seed=s, output_type="latent")) for tt, i, p, s in jobs if tt == t]
-            return [(t, i, f.result(timeout=600)) for i, f in futures]
+            return [(t, i, f.result(timeout=hang_guard(600))) for i, f in futures]
 
         with ThreadPoolExecutor(4) as pool:
             results = [r for chunk in pool.map(client, range(4)) for r in chunk]
