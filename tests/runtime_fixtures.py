@@ -67,7 +67,8 @@ def hang_guard(seconds: float) -> float:
 
 # What onnxruntime itself prints on import where it cannot read the CPU list from /sys (the
 # arm64 emulation of scripts/aarch64_check.sh); not aptp's output.
-_ORT_CPUINFO_NOISE = ("Error in cpuinfo:", "onnxruntime cpuid_info warning:")
+_ORT_CPUINFO_NOISE = ("Error in cpuinfo:", "onnxruntime cpuid_info warning:",
+                      "onnxruntime warning: cpuinfo_initialize failed")
 
 
 def aptp_stderr_lines(stderr: str) -> list[str]:
