@@ -170,6 +170,8 @@ def test_runtime_imports_without_onnxruntime_and_names_the_extras(monkeypatch, e
 
 
 def test_latency_suite_never_times_an_inactive_gpu_provider_as_gpu(monkeypatch, export_dir, tmp_path):
+    pytest.importorskip("torch", reason="the latency suite loads its models with torch (aptp[train]); a runtime-only "
+                        "install, such as the arm64 emulation's, has none")
     from aptp.benchmarks.latency import LatencyOptions, run_latency
 
     use(monkeypatch, [CUDA, CPU], [CPU])  # onnxruntime-gpu without working CUDA libraries
