@@ -171,6 +171,40 @@ def write_manifest(root: str | os.PathLike, manifest: dict[str, Any],
     missing = [p for p in manifest_paths(manifest) if p not in manifest["files"]]
     if missing:
         raise ArtifactError(f"manifest entries point to files that were not written: {missing[:5]}")
+    return _store(root, manifest, signing_key)
+
+
+def replace_manifest(root: str | os.PathLike, manifest: dict[str, Any],
+                     signing_key: str | os.PathLike | Any | None = None) -> dict[str, Any]:
+    """Replace ``manifest.json`` of an existing export with `manifest`, whose ``files`` table the
+    caller has already updated (files added beside the export's, such as int8 UNets, or moved).
+    Written atomically and signed again when a key is given; `manifest` is updated in place to
+    what was written, and returned.
+
+    Raises:
+        ArtifactError: an entry points to a file the ``files`` table does not hash.
+    """
+    missing = [p for p in manifest_paths(manifest) if p not in manifest["files"]]
+    if missing:
+        raise ArtifactError(f"manifest entries point to files that are not hashed: {missing[:5]}")
+    written = _store(Path(root), manifest, signing_key)
+    if written is not manifest:
+        manifest.clear()
+        manifest.update(written)
+    return manifest
+
+
+def unet_entries(manifest: dict[str, Any]) -> list[tuple[int | str, dict[str, Any]]]:
+    """``(key, entry)`` of every UNet in the manifest: the experts by code, then ``"dense"``."""
+    entries: list[tuple[int | str, dict[str, Any]]] = [(int(e["code"]), e) for e in manifest["experts"]]
+    if manifest.get("dense"):
+        entries.append(("dense", manifest["dense"]))
+    return entries
+
+
+def _store(root: Path, manifest: dict[str, Any], signing_key: Any) -> dict[str, Any]:
+    """Sign `manifest` when a key is given and write it as ``manifest.json`` through a temporary
+    file and a rename; returns what was written."""
     if signing_key is not None:
         from .signing import sign_manifest
 

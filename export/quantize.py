@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from aptp.errors import ArtifactError, ConfigError
+from aptp.errors import ConfigError
 
-from .manifest import MANIFEST_FILE, file_sha256, read_manifest
+from .manifest import file_sha256, read_manifest, replace_manifest, unet_entries
 
 __all__ = [
     "CALIBRATION_PROMPTS",
@@ -232,12 +232,6 @@ def measure_error(fp32_pipe: Any, int8_pipe: Any, key: int | str, prompts: Seque
 # ---- the whole export --------------------------------------------------------------------------------
 
 
-def _entries(manifest: dict[str, Any]) -> list[tuple[int | str, dict[str, Any]]]:
-    entries: list[tuple[int | str, dict[str, Any]]] = [(int(e["code"]), e) for e in manifest["experts"]]
-    if manifest.get("dense"):
-        entries.append(("dense", manifest["dense"]))
-    return entries
-
 
 def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_prompts: int = 4,
                     threads: int | None = None, keys: Sequence[int | str] | None = None,
@@ -275,7 +269,7 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
         raise ConfigError(f"int8 quantization starts from fp32 weights; {root} is {manifest.get('precision')}: "
                           "export with --precision fp32 --quantize int8")
     fp32_pipe = AptpPipeline.from_export(root, verify=False, threads=threads)
-    entries = [(k, e) for k, e in _entries(manifest) if keys is None or k in keys]
+    entries = [(k, e) for k, e in unet_entries(manifest) if keys is None or k in keys]
     records: dict[str, Any] = {}
     for key, entry in tqdm(entries, desc="int8 UNets", leave=False):
         fp32_path = root / entry["unet"]
@@ -315,7 +309,7 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
                  "activations": "uint8, asymmetric, MinMax over the calibration feeds",
                  "op_types": list(QUANTIZED_OP_TYPES), "error_prompts": list(ERROR_PROMPTS)},
     }
-    _write(root, manifest, signing_key)
+    replace_manifest(root, manifest, signing_key)
     # Measure the error with the runtime on the listed files; then record it.
     from aptp.runtime.artifacts import load_artifacts
 
@@ -325,29 +319,4 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
         logger.info("%s: int8 vs fp32 %s", key, entry["int8"]["error"])
     fp32_pipe.close()
     int8_pipe.close()
-    return _write(root, manifest, signing_key)
-
-
-def _write(root: Path, manifest: dict[str, Any], signing_key: Any = None) -> dict[str, Any]:
-    """Replace ``manifest.json`` atomically (temporary file in the same directory, then rename),
-    signed again when a key is given."""
-    if any(p not in manifest["files"] for p in _int8_paths(manifest)):
-        raise ArtifactError("int8 entries point to files that are not hashed")
-    if signing_key is not None:
-        from .signing import sign_manifest
-
-        signed = sign_manifest(manifest, signing_key)
-        manifest.clear()
-        manifest.update(signed)
-    tmp = root / f".{MANIFEST_FILE}.int8.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, root / MANIFEST_FILE)
-    return manifest
-
-
-def _int8_paths(manifest: dict[str, Any]) -> list[str]:
-    paths = []
-    for _, entry in _entries(manifest):
-        int8 = entry.get("int8") or {}
-        paths += [p for p in (int8.get("unet"), int8.get("external_data")) if p]
-    return paths
+    return replace_manifest(root, manifest, signing_key)

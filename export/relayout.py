@@ -28,9 +28,8 @@ from tqdm.auto import tqdm
 from aptp.cli import run_command
 from aptp.errors import ConfigError
 
-from .manifest import file_sha256, read_manifest
+from .manifest import file_sha256, read_manifest, replace_manifest, unet_entries
 from .onnx_export import consolidate_graph
-from .quantize import _entries, _write
 
 __all__ = ["externalize_unet_weights"]
 
@@ -42,7 +41,7 @@ logger = logging.getLogger(__name__)
 def _graphs(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Every UNet graph entry (fp32, and int8 where present) with a label for messages."""
     graphs = []
-    for key, entry in _entries(manifest):
+    for key, entry in unet_entries(manifest):
         graphs.append((f"{key} fp32", entry))
         if entry.get("int8"):
             graphs.append((f"{key} int8", entry["int8"]))
@@ -88,7 +87,7 @@ def externalize_unet_weights(root: str | os.PathLike, signing_key: Any = None) -
         old_paths.append(old)
         logger.info("%s: weights moved to %s", label, data)
     manifest["files"] = files
-    _write(root, manifest, signing_key)
+    replace_manifest(root, manifest, signing_key)
     for old in old_paths:  # listed by the manifest just replaced: ours to remove
         old.unlink(missing_ok=True)
     return [label for label, _ in todo]
