@@ -44,10 +44,11 @@ MAX_MANIFEST_BYTES = 64 * 1024**2
 MAX_MANIFEST_DEPTH = 16
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (ONNX files can be gigabytes)."""
+def file_sha256(path: str | os.PathLike | int) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (ONNX files can be gigabytes). `path` may be an
+    open file descriptor, which is read from its current offset and left open."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb", closefd=not isinstance(path, int)) as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -23,7 +23,6 @@ kernel that protects hard links to files this account does not own), `pinned_wei
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -33,28 +32,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from aptp.errors import ArtifactError
-from aptp.export.manifest import sha256_mismatch, unreadable
+from aptp.export.manifest import file_sha256, sha256_mismatch, unreadable
 
 __all__ = ["pinned_weights"]
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 _WHAT = "ONNX external data"
 
 
 def _identity(fd: int) -> tuple[int, ...]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def _sha256(fd: int) -> str:
-    digest = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, _CHUNK, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
 
 
 @contextmanager
@@ -90,7 +79,7 @@ def pinned_weights(files: Sequence[tuple[Path, str | None]]) -> Iterator[Path | 
             return
         before = [_identity(fd) for fd in fds]
         for fd, (path, digest) in zip(fds, files):
-            if digest is not None and _sha256(fd) != digest:
+            if digest is not None and file_sha256(fd) != digest:
                 raise sha256_mismatch(path, _WHAT)
         yield folder
         for fd, (path, _), then in zip(fds, files, before):
