@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .memory import pinned_rss, throughput_vs_reference
+from .memory import peak_over_budget, pinned_rss, throughput_vs_reference
 from .report import _machine_lines, write_report_files
 
 __all__ = ["write_memory_reports", "memory_markdown", "memory_plot"]
@@ -50,7 +50,7 @@ def memory_markdown(results: Mapping[str, Any]) -> str:
     checks = results["checks"]
     runs = list(results["runs"])
     for run in runs:
-        frac = None if run["budget_bytes"] is None else (run["peak_rss_bytes"] - pinned_rss(run)) / run["budget_bytes"]
+        frac = peak_over_budget(run)
         st = run["stats"]
         lines.append(
             f"| {run['precision']} | {run.get('round', 0)} | {_budget(run)} | {_gib(run['peak_rss_bytes'])} | "

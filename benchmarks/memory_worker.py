@@ -37,7 +37,7 @@ class RssSampler:
         self.probe, self.interval = probe, interval
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
-        self.start_time = self._start = time.monotonic()
+        self.start_time = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def start(self) -> RssSampler:
@@ -48,7 +48,7 @@ class RssSampler:
         while not self._stop.is_set():
             rss = self.probe.rss()
             if rss is not None:
-                self.samples.append((time.monotonic() - self._start, rss))
+                self.samples.append((time.monotonic() - self.start_time, rss))
             self._stop.wait(self.interval)
 
     def stop(self) -> list[tuple[float, int]]:

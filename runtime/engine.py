@@ -55,10 +55,10 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
-# onnxruntime's tensor type strings -> numpy dtypes (inputs the runtime feeds).
 # onnxruntime's session option naming where a graph loaded from bytes finds its external weights.
 _WEIGHTS_FOLDER = "session.model_external_initializers_file_folder_path"
 
+# onnxruntime's tensor type strings -> numpy dtypes (inputs the runtime feeds).
 _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
