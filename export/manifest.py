@@ -169,9 +169,7 @@ def write_manifest(root: str | os.PathLike, manifest: dict[str, Any],
     manifest["format"] = MANIFEST_FORMAT
     manifest["format_version"] = MANIFEST_FORMAT_VERSION
     manifest["files"] = hash_files(root)
-    missing = [p for p in manifest_paths(manifest) if p not in manifest["files"]]
-    if missing:
-        raise ArtifactError(f"manifest entries point to files that were not written: {missing[:5]}")
+    _check_entries_hashed(manifest, "were not written")
     return _store(root, manifest, signing_key)
 
 
@@ -185,9 +183,7 @@ def replace_manifest(root: str | os.PathLike, manifest: dict[str, Any],
     Raises:
         ArtifactError: an entry points to a file the ``files`` table does not hash.
     """
-    missing = [p for p in manifest_paths(manifest) if p not in manifest["files"]]
-    if missing:
-        raise ArtifactError(f"manifest entries point to files that are not hashed: {missing[:5]}")
+    _check_entries_hashed(manifest, "are not hashed")
     written = _store(Path(root), manifest, signing_key)
     if written is not manifest:
         manifest.clear()
@@ -201,6 +197,13 @@ def unet_entries(manifest: dict[str, Any]) -> list[tuple[int | str, dict[str, An
     if manifest.get("dense"):
         entries.append(("dense", manifest["dense"]))
     return entries
+
+
+def _check_entries_hashed(manifest: dict[str, Any], reason: str) -> None:
+    """Refuse a manifest with an entry whose file its ``files`` table does not hash."""
+    missing = [p for p in manifest_paths(manifest) if p not in manifest["files"]]
+    if missing:
+        raise ArtifactError(f"manifest entries point to files that {reason}: {missing[:5]}")
 
 
 def _store(root: Path, manifest: dict[str, Any], signing_key: Any) -> dict[str, Any]:

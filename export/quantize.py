@@ -232,7 +232,6 @@ def measure_error(fp32_pipe: Any, int8_pipe: Any, key: int | str, prompts: Seque
 # ---- the whole export --------------------------------------------------------------------------------
 
 
-
 def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_prompts: int = 4,
                     threads: int | None = None, keys: Sequence[int | str] | None = None,
                     signing_key: Any = None) -> dict[str, Any]:
