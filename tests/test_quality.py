@@ -145,6 +145,17 @@ def test_row_specs_share_everything_but_codes_and_assignment():
         assert configs["aptp_no_ot"].sinkhorn.enabled is False and configs["aptp"].sinkhorn.enabled is True
 
 
+def test_quality_aware_row_differs_from_aptp_only_in_its_weight():
+    from aptp.benchmarks.quality.table import build_parser, row_specs
+    from aptp.train.config import load_config
+
+    args = build_parser().parse_args(["--rows", "aptp", "aptp_quality", "--quality-weight", "0.5"])
+    configs = {spec.name: load_config("tiny", spec.overrides) for spec in row_specs(args)}
+    assert configs["aptp"].sinkhorn.quality_weight == 0.0 and configs["aptp_quality"].sinkhorn.quality_weight == 0.5
+    configs["aptp_quality"].sinkhorn.quality_weight = 0.0
+    assert configs["aptp_quality"] == configs["aptp"]
+
+
 def test_quality_table_end_to_end(tmp_path):
     from aptp.benchmarks.quality.table import build_parser, run_quality
 

@@ -112,6 +112,10 @@ class SinkhornConfig:
     enabled: bool = True
     epsilon: float = 0.05
     iterations: int = 3
+    # > 0: the assignment also weighs what each code costs each prompt (log distillation error,
+    # one extra no-gradient UNet pass per code and step; aptp.train.quality_assignment). 0 is
+    # the reference method: similarity alone.
+    quality_weight: float = 0.0
 
 
 @dataclass
@@ -438,6 +442,10 @@ def _check_values(config: TrainConfig) -> None:
         need(weight >= 0, f"loss_weights.{name} must be >= 0, got {weight}")
     need(config.sinkhorn.epsilon > 0, f"sinkhorn.epsilon must be positive, got {config.sinkhorn.epsilon}")
     need(config.sinkhorn.iterations >= 1, f"sinkhorn.iterations must be at least 1, got {config.sinkhorn.iterations}")
+    need(config.sinkhorn.quality_weight >= 0, f"sinkhorn.quality_weight must be >= 0, got {config.sinkhorn.quality_weight}")
+    need(config.sinkhorn.enabled or config.sinkhorn.quality_weight == 0,
+         "sinkhorn.quality_weight needs sinkhorn.enabled=true: without the balanced plan the largest code "
+         "would win every prompt")
     for section in ("prune", "finetune"):
         values = getattr(config, section)
         for name in ("max_steps", "batch_size", "checkpoint_every"):

@@ -10,6 +10,7 @@ assignment losses. The first `router_warmup_steps` train the router alone.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from .gates import GateLayout, apply_gates, capture_block_outputs
 from .losses import assignment_loss, contrastive_loss, denoising_loss, distillation_loss, resource_loss
 from .macs import DeployShape, MacsModel
 from .models import DiffusionComponents, load_components, resolve_pretrained
+from .quality_assignment import code_distillation_errors, quality_adjusted_scores
 from .router import RouterHead, SentenceEncoder, calibrate_code_bias, group_weighted_cosine
 from .slicing import slice_unet
 from .training import (
@@ -64,16 +66,24 @@ class RouterAndCodes(nn.Module):
 
 
 def router_step(model: nn.Module, sentence: torch.Tensor, unit_weights: torch.Tensor, config: TrainConfig,
-                accelerator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                accelerator=None, code_errors: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The router's part of one pruning step: vectors, codes, scores, the training assignment
     (balanced over the global batch, or argmax without optimal transport) and the router losses.
+
+    ``code_errors`` ``(B, K)``, when given, are each code's distillation error per prompt: the
+    balanced assignment then also weighs them (``sinkhorn.quality_weight``, see
+    `quality_adjusted_scores`); the router's own scores and losses are unchanged.
 
     Returns ``(router_vectors, code_logits, scores, assignment, {"contrastive", "assignment"})``;
     the losses are unweighted (``config.loss_weights`` weighs them with the others).
     """
     router_vectors, code_logits, scores = model(sentence, unit_weights)
     if config.sinkhorn.enabled:
-        assignment = global_balanced_assignment(scores.detach(), accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
+        target_scores = scores.detach()
+        if code_errors is not None:
+            target_scores = quality_adjusted_scores(target_scores, code_errors, config.sinkhorn.quality_weight)
+        assignment = global_balanced_assignment(target_scores, accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
     else:
         assignment = route_argmax(scores.detach())
     losses = {
@@ -119,6 +129,27 @@ def diffusion_inputs(components: DiffusionComponents, batch: dict, device, text_
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
     context = components.encode_prompts(batch["text"], device, max_length=text_length)
     return noisy, timesteps, noise, latents, context
+
+
+@dataclass
+class DensePass:
+    """One step's UNet inputs and the dense teacher's outputs on them."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    latents: torch.Tensor
+    context: torch.Tensor
+    teacher: torch.Tensor
+    teacher_blocks: list[torch.Tensor]
+
+
+def dense_pass(components: DiffusionComponents, batch: dict, device, text_length: int, generator: torch.Generator) -> DensePass:
+    """Draw the step's diffusion inputs and run the dense UNet on them (no gradient)."""
+    noisy, timesteps, noise, latents, context = diffusion_inputs(components, batch, device, text_length, generator)
+    with torch.no_grad(), capture_block_outputs(components.unet) as teacher_blocks:
+        teacher = components.unet(noisy, timesteps, encoder_hidden_states=context).sample
+    return DensePass(noisy, timesteps, noise, latents, context, teacher, teacher_blocks)
 
 
 def _refuse_to_overwrite(output_dir: Path, resume: bool) -> None:
@@ -197,16 +228,28 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
         generator = step_generator(config.seed, step, accelerator.process_index, device)
         inner = accelerator.unwrap_model(model)
         sentence = encoder.encode(batch["text"]).to(device)
-        router_vectors, code_logits, scores, assignment, losses = router_step(model, sentence, unit_weights, config, accelerator)
         record: dict = {"step": step, "phase": "warmup" if step < warmup else "prune"}
+        dense, code_errors = None, None
+        if step >= warmup and config.sinkhorn.quality_weight > 0:
+            # The assignment needs every code's error on this step's inputs, so they are drawn
+            # first here; without the quality term they are drawn after the gates' noise, as
+            # before, so such runs reproduce earlier ones.
+            dense = dense_pass(components, batch, device, shape.text_length, generator)
+            code_errors = code_distillation_errors(unet, layout, inner.codes.hard_masks(unit_site, site_nonempty),
+                                                   dense.noisy, dense.timesteps, dense.context, dense.teacher)
+        router_vectors, code_logits, scores, assignment, losses = router_step(model, sentence, unit_weights, config,
+                                                                              accelerator, code_errors)
+        if code_errors is not None:
+            record["code_log_error"] = [round(float(e), 4) for e in code_errors.clamp(min=1e-12).log().mean(dim=0)]
         if step >= warmup:
             # Straight-through: the gates take the assigned code's values, and the router
             # receives the task gradient as if its own vector had been used.
             logits = code_logits[assignment] + (router_vectors - router_vectors.detach())
             gates = relaxed_gates(logits, inner.codes.base, inner.codes.temperature, generator)
-            noisy, timesteps, noise, latents, context = diffusion_inputs(components, batch, device, shape.text_length, generator)
-            with torch.no_grad(), capture_block_outputs(unet) as teacher_blocks:
-                teacher = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            if dense is None:
+                dense = dense_pass(components, batch, device, shape.text_length, generator)
+            noisy, timesteps, noise, latents, context = dense.noisy, dense.timesteps, dense.noise, dense.latents, dense.context
+            teacher, teacher_blocks = dense.teacher, dense.teacher_blocks
             with apply_gates(unet, layout, gates), capture_block_outputs(unet) as student_blocks:
                 student = unet(noisy, timesteps, encoder_hidden_states=context).sample
             losses["denoise"] = denoising_loss(student, noise, latents, timesteps, components.noise_scheduler, cfg.snr_gamma)

@@ -11,6 +11,9 @@ Rows (each pruned and fine-tuned by aptp's own trainer, with the same step count
 - ``static_long``: the static baseline fine-tuned K times longer, so that it receives as many
   fine-tuning updates as APTP's K experts together (APTP fine-tunes each expert for
   ``--finetune-steps`` on its share of the prompts).
+- ``aptp_quality`` (only when named): APTP whose balanced assignment also weighs each code's
+  distillation error on each prompt (``sinkhorn.quality_weight``, ``--quality-weight``), so
+  that prompts a small code hurts most go to the larger codes.
 
 Every row generates one image per held-out procedural prompt (``ProceduralCaptions`` seed
 ``--prompt-seed``, never trained on), with the same initial noise per prompt in every row, and
@@ -52,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 ROWS = ("dense", "aptp", "static", "aptp_no_ot", "static_long")
 # Rows that exist but are not trained unless --rows names them.
-EXTRA_ROWS = ("aptp_k8",)
+EXTRA_ROWS = ("aptp_k8", "aptp_quality")
 ALL_ROWS = ROWS + EXTRA_ROWS
 PARTI_DEFAULT = Path("/work/shared/data/PartiPrompts.tsv")
 ROW_TITLES = {
@@ -62,6 +65,7 @@ ROW_TITLES = {
     "static_long": "static pruned (K=1), {k}x fine-tuning",
     "aptp_no_ot": "APTP without OT (K={k})",
     "aptp_k8": "APTP (K=8)",
+    "aptp_quality": "APTP, quality-aware OT (K={k})",
 }
 
 
@@ -186,6 +190,8 @@ def row_specs(args: argparse.Namespace) -> list[RowSpec]:
         "static_long": RowSpec("static_long", 1, common + ["codes.num_codes=1", f"finetune.max_steps={args.finetune_steps * args.num_codes}"]),
         "aptp_no_ot": RowSpec("aptp_no_ot", args.num_codes, common + [f"codes.num_codes={args.num_codes}", "sinkhorn.enabled=false"]),
         "aptp_k8": RowSpec("aptp_k8", 8, common + ["codes.num_codes=8"]),
+        "aptp_quality": RowSpec("aptp_quality", args.num_codes, common + [
+            f"codes.num_codes={args.num_codes}", f"sinkhorn.quality_weight={args.quality_weight}"]),
     }
     return [specs[name] for name in args.rows if name in specs]
 
@@ -416,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-samples", type=int, default=512, help="procedural training prompts (seed --train-seed)")
     parser.add_argument("--train-seed", type=int, default=0)
+    parser.add_argument("--quality-weight", type=float, default=1.0,
+                        help="sinkhorn.quality_weight of the aptp_quality row (see aptp.train.quality_assignment)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra trainer override for every pruned row")
     parser.add_argument("--num-samples", type=int, default=256, help="held-out prompts (one image each)")
     parser.add_argument("--prompt-seed", type=int, default=1, help="ProceduralCaptions seed of the held-out prompts")
@@ -535,6 +543,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PAIRS = (("aptp", "static"), ("aptp", "static_long"), ("aptp_k8", "static"), ("aptp_k8", "static_long"),
+         ("aptp_quality", "static"), ("aptp_quality", "static_long"), ("aptp_quality", "aptp"),
          ("aptp", "aptp_no_ot"), ("static", "dense"))
 
 
@@ -553,7 +562,7 @@ def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[st
 
 
 EVALUATION_SETTINGS = ("pretrained", "num_samples", "prompt_seed", "noise_seed", "steps", "guidance", "classifier",
-                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "set")
+                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "quality_weight", "set")
 
 
 def _scored_rows_to_keep(out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
