@@ -156,6 +156,24 @@ def test_quality_aware_row_differs_from_aptp_only_in_its_weight():
     assert configs["aptp_quality"] == configs["aptp"]
 
 
+def test_family_gaps_by_hand():
+    from aptp.benchmarks.quality.sensitivity import family_gaps, relative_log_errors
+
+    errors = torch.tensor([[1.0, 4.0], [2.0, 2.0], [3.0, 3.0]])
+    relative = relative_log_errors(errors)
+    assert relative[0].tolist() == pytest.approx([float(np.log(0.4)), float(np.log(1.6))])
+    assert relative[1].tolist() == [0.0, 0.0]
+    # Two timesteps; code 1 is the smaller (MACs 0.4): its gap is code 1 minus code 0.
+    stacked = torch.stack([relative, relative * 3], dim=2).numpy()
+    gaps = family_gaps(stacked, [0.8, 0.4], ["hard", "easy", "easy"])
+    assert gaps["smallest_code"] == 1 and gaps["largest_code"] == 0
+    assert gaps["families"]["hard"]["gap"]["mean"] == pytest.approx(2 * float(np.log(4.0)))
+    assert gaps["families"]["hard"]["gap_per_timestep"] == pytest.approx([float(np.log(4.0)), 3 * float(np.log(4.0))], abs=1e-4)
+    assert gaps["families"]["easy"]["gap"]["mean"] == 0.0
+    with pytest.raises(ValueError, match="2 codes"):
+        family_gaps(stacked, [0.8, 0.4], ["hard", "easy"])
+
+
 def test_quality_table_end_to_end(tmp_path):
     from aptp.benchmarks.quality.table import build_parser, run_quality
 
@@ -204,6 +222,15 @@ def test_quality_table_end_to_end(tmp_path):
     diff = saved["paired"]["aptp - static"]["all"]["mean"]
     assert diff == pytest.approx(np.mean(saved["rows"]["aptp"]["per_prompt_alignment"]) - np.mean(saved["rows"]["static"]["per_prompt_alignment"]))
     assert "Paired alignment differences" in table and "Alignment per prompt family" in table
+    # What the quality-aware assignment would see in this row's codes (issue 13's diagnostic).
+    from aptp.benchmarks.quality.sensitivity import code_sensitivity
+
+    report = code_sensitivity(tmp_path / "q" / "rows" / "aptp", num_prompts=6, timesteps=(300, 800), batch_size=4)
+    assert report["code_macs_ratio"] == pytest.approx(saved["rows"]["aptp"]["routing"]["code_macs_ratio"], abs=1e-4)
+    assert sum(f["gap"]["n"] for f in report["families"].values()) == 6 == report["all_gap"]["n"]
+    for family in report["families"].values():
+        assert len(family["relative_log_error_per_code"]) == 2 and len(family["gap_per_timestep"]) == 2
+        assert np.isfinite(family["gap"]["mean"]) and 0 < family["routed_macs"] <= 1
     # A second run with --reuse trains nothing, gives the same routing, and keeps the rows it
     # was not asked to score (same evaluation settings) in the table.
     args.reuse, args.rows = True, ["aptp"]

@@ -1,0 +1,120 @@
+"""What the training signal sees: how much more each code of a pruning checkpoint hurts each
+prompt family, in the per-step distillation error that pruning trains on.
+
+The quality-aware assignment (`aptp.train.quality_assignment`) can send a family to larger
+codes only if this error says that the family suffers more from small codes. This measures it on
+held-out procedural prompts: for every prompt and timestep, each code's distillation error
+relative to the prompt's mean over codes (in log), and per family the gap between the smallest and
+the largest code, with a bootstrap 95% interval over prompts and per timestep. Beside it, the mean
+MACs of the codes the checkpoint's router sends each family to.
+
+``python -m aptp.benchmarks.quality.sensitivity CHECKPOINT_DIR [--num-prompts N] [--timesteps ...]``
+prints the report as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .paired import family_summary
+
+__all__ = ["relative_log_errors", "family_gaps", "code_sensitivity"]
+
+DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def relative_log_errors(errors: torch.Tensor) -> torch.Tensor:
+    """``log(e_ik / mean_k e_ik)`` for ``(B, K)`` errors: each code's error relative to the prompt's level."""
+    return torch.log(errors.double() / errors.double().mean(dim=1, keepdim=True))
+
+
+def family_gaps(relative: np.ndarray, ratios: Sequence[float], families: Sequence[str]) -> dict[str, Any]:
+    """Per family, from ``(n, K, T)`` relative log errors: mean per code, and the smallest-minus-largest
+    code gap (mean with bootstrap interval, and per timestep index)."""
+    relative = np.asarray(relative, dtype=float)
+    ratios = np.asarray(ratios, dtype=float)
+    if relative.ndim != 3 or relative.shape[1] != len(ratios) or relative.shape[0] != len(families):
+        raise ValueError(f"relative errors of shape {relative.shape} for {len(families)} prompts and {len(ratios)} codes")
+    small, large = int(np.argmin(ratios)), int(np.argmax(ratios))
+    gap = relative[:, small, :] - relative[:, large, :]  # (n, T)
+    summary = family_summary(gap.mean(axis=1), families)
+    out: dict[str, Any] = {"smallest_code": small, "largest_code": large, "families": {}}
+    for family in sorted(set(families)):
+        mask = np.asarray(families) == family
+        out["families"][family] = {
+            "relative_log_error_per_code": relative[mask].mean(axis=(0, 2)).round(4).tolist(),
+            "gap": summary[family],
+            "gap_per_timestep": gap[mask].mean(axis=0).round(4).tolist(),
+        }
+    out["all_gap"] = summary["all"]
+    return out
+
+
+@torch.no_grad()
+def code_sensitivity(checkpoint_dir: str | Path, num_prompts: int = 512, prompt_seed: int = 1,
+                     timesteps: Sequence[int] = DEFAULT_TIMESTEPS, batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
+    """The report for one pruning checkpoint (its recorded teacher, codes and router)."""
+    from aptp.train import checkpoint as ckpt
+    from aptp.train.data import ProceduralCaptions
+    from aptp.train.models import load_components
+    from aptp.train.prune import encode_latents, route_texts
+    from aptp.train.quality_assignment import code_distillation_errors
+    from aptp.train.route import load_router
+
+    directory = Path(checkpoint_dir)
+    info, encoder, head, logits, layout = load_router(directory)
+    _, hard = ckpt.load_codes(directory)
+    components = load_components(ckpt.resolve_recorded_pretrained(info.pretrained, directory))
+    unet = components.unet.eval().requires_grad_(False)
+    data = ProceduralCaptions(num_prompts, info.latent_height * components.vae_scale_factor, seed=prompt_seed)
+    families = [data.attributes(i)["family"] for i in range(num_prompts)]
+    routed = route_texts([data.caption(i) for i in range(num_prompts)], encoder, head, logits, layout.unit_weights).numpy()
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for start in range(0, num_prompts, batch_size):
+        items = [data[i] for i in range(start, min(num_prompts, start + batch_size))]
+        latents = encode_latents(components, torch.stack([it["pixel_values"] for it in items]), generator)
+        context = components.encode_prompts([it["text"] for it in items], "cpu", max_length=info.text_length)
+        per_step = []
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator)
+            steps = torch.full((len(items),), int(t), dtype=torch.long)
+            noisy = components.noise_scheduler.add_noise(latents, noise, steps)
+            teacher = unet(noisy, steps, encoder_hidden_states=context).sample
+            errors = code_distillation_errors(unet, layout, hard, noisy, steps, context, teacher)
+            per_step.append(relative_log_errors(errors.clamp(min=1e-30)))
+        parts.append(torch.stack(per_step, dim=2))
+    relative = torch.cat(parts).numpy()
+    ratios = np.asarray(info.code_macs_ratio)
+    report = {"checkpoint": str(directory), "num_prompts": num_prompts, "prompt_seed": prompt_seed,
+              "timesteps": [int(t) for t in timesteps], "code_macs_ratio": ratios.round(4).tolist(),
+              **family_gaps(relative, ratios, families)}
+    for family in report["families"]:
+        mask = np.asarray(families) == family
+        report["families"][family]["routed_macs"] = float(ratios[routed[mask]].mean())
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aptp.benchmarks.quality.sensitivity", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--num-prompts", type=int, default=512)
+    parser.add_argument("--prompt-seed", type=int, default=1)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(code_sensitivity(args.checkpoint, args.num_prompts, args.prompt_seed, args.timesteps), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
