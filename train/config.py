@@ -112,7 +112,7 @@ class SinkhornConfig:
     enabled: bool = True
     epsilon: float = 0.05
     iterations: int = 3
-    # > 0: the assignment also weighs what each code costs each prompt (log distillation error,
+    # > 0: the assignment also weighs what each code costs each prompt (log relative distillation error,
     # one extra no-gradient UNet pass per code and step; aptp.train.quality_assignment). 0 is
     # the reference method: similarity alone.
     quality_weight: float = 0.0
