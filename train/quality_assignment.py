@@ -32,7 +32,7 @@ from aptp.errors import ConfigError
 
 from .gates import GateLayout, apply_gates
 
-__all__ = ["RATIO_FLOOR", "code_distillation_errors", "quality_adjusted_scores"]
+__all__ = ["RATIO_FLOOR", "code_distillation_errors", "relative_errors", "quality_adjusted_scores"]
 
 RATIO_FLOOR = 0.1
 
@@ -66,6 +66,14 @@ def code_distillation_errors(
     return torch.stack(errors, dim=1)
 
 
+def relative_errors(code_errors: Tensor) -> Tensor:
+    """``(B, K)`` float64 ``e_ik / mean_k e_ik``: each code's error relative to the prompt's own
+    level (1 for every code of a prompt whose errors are all 0)."""
+    errors = code_errors.detach().to(torch.float64)
+    level = errors.mean(dim=1, keepdim=True)
+    return torch.where(level > 0, errors / level.clamp(min=torch.finfo(errors.dtype).tiny), torch.ones_like(errors))
+
+
 def quality_adjusted_scores(scores: Tensor, code_errors: Tensor, weight: float) -> Tensor:
     """``scores - weight * log(max(e_ik / mean_k e_ik, RATIO_FLOOR))``: the assignment's
     similarity with the quality term (``e = code_errors``). A prompt whose errors are all 0 gets
@@ -85,8 +93,5 @@ def quality_adjusted_scores(scores: Tensor, code_errors: Tensor, weight: float) 
         return scores
     if not bool(torch.isfinite(code_errors).all()) or bool((code_errors < 0).any()):
         raise ConfigError("code distillation errors must be finite and non-negative")
-    errors = code_errors.detach().to(torch.float64)
-    level = errors.mean(dim=1, keepdim=True)
-    ratio = torch.where(level > 0, errors / level.clamp(min=torch.finfo(errors.dtype).tiny), torch.ones_like(errors))
-    penalty = torch.log(ratio.clamp(min=RATIO_FLOOR)).to(scores.dtype)
+    penalty = torch.log(relative_errors(code_errors).clamp(min=RATIO_FLOOR)).to(scores.dtype)
     return scores.detach() - weight * penalty

@@ -31,8 +31,10 @@ DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 def relative_log_errors(errors: torch.Tensor) -> torch.Tensor:
-    """``log(e_ik / mean_k e_ik)`` for ``(B, K)`` errors: each code's error relative to the prompt's level."""
-    return torch.log(errors.double() / errors.double().mean(dim=1, keepdim=True))
+    """``log(e_ik / mean_k e_ik)`` for ``(B, K)`` positive errors: the quality term before its floor."""
+    from aptp.train.quality_assignment import relative_errors
+
+    return torch.log(relative_errors(errors))
 
 
 def family_gaps(relative: np.ndarray, ratios: Sequence[float], families: Sequence[str]) -> dict[str, Any]:
