@@ -126,7 +126,8 @@ def test_same_prompt_same_noise_across_rows():
 
 
 def test_row_specs_share_everything_but_codes_and_assignment():
-    from aptp.benchmarks.quality.table import build_parser, row_specs, sinkhorn_switch_available
+    from aptp.benchmarks.quality.rows import row_specs, sinkhorn_switch_available
+    from aptp.benchmarks.quality.table import build_parser
     from aptp.train.config import load_config
 
     args = build_parser().parse_args(["--num-codes", "4", "--prune-steps", "30", "--finetune-steps", "7"])
@@ -146,7 +147,8 @@ def test_row_specs_share_everything_but_codes_and_assignment():
 
 
 def test_quality_aware_row_differs_from_aptp_only_in_its_weight():
-    from aptp.benchmarks.quality.table import build_parser, row_specs
+    from aptp.benchmarks.quality.rows import row_specs
+    from aptp.benchmarks.quality.table import build_parser
     from aptp.train.config import load_config
 
     args = build_parser().parse_args(["--rows", "aptp", "aptp_quality", "--quality-weight", "0.5"])
@@ -241,3 +243,15 @@ def test_quality_table_end_to_end(tmp_path):
     # Other evaluation settings: nothing is kept.
     args.num_samples = 3
     assert list(run_quality(args)["rows"]) == ["aptp"]
+    # The equal-total-fine-tuning row prunes as static does: it copies static's pruning (not its
+    # fine-tuned expert) and fine-tunes num_codes times longer.
+    args.train_only, args.rows = True, ["static_long"]
+    record = run_quality(args)["rows"]["static_long"]
+    static_dir, long_dir = tmp_path / "q" / "rows" / "static", tmp_path / "q" / "rows" / "static_long"
+    assert record["pruning_from"] == "static" and record["finetuned"] == [0]
+    assert (long_dir / "codes.safetensors").read_bytes() == (static_dir / "codes.safetensors").read_bytes()
+    from aptp.train.config import load_config
+
+    assert load_config(str(long_dir / "config.yaml")).finetune.max_steps == 2 * 1
+    assert len((long_dir / "finetune" / "expert_0" / "log.jsonl").read_text().splitlines()) == 2
+    assert (long_dir / "experts" / "expert_0").is_dir()

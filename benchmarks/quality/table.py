@@ -10,7 +10,8 @@ Rows (each pruned and fine-tuned by aptp's own trainer, with the same step count
   (``sinkhorn.enabled=false``); skipped, with the reason, if the trainer has no such switch.
 - ``static_long``: the static baseline fine-tuned K times longer, so that it receives as many
   fine-tuning updates as APTP's K experts together (APTP fine-tunes each expert for
-  ``--finetune-steps`` on its share of the prompts).
+  ``--finetune-steps`` on its share of the prompts). It prunes exactly as ``static`` does, so it
+  copies ``static``'s pruning when that row is trained (`aptp.benchmarks.quality.rows`).
 - ``aptp_quality`` (only when named): APTP whose balanced assignment also weighs each code's
   distillation error on each prompt (``sinkhorn.quality_weight``, ``--quality-weight``), so
   that prompts a small code hurts most go to the larger codes.
@@ -35,7 +36,6 @@ Outputs: ``quality.json``, ``quality.md`` and a sample grid per row, in ``--outp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -50,6 +50,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aptp.errors import AptpError, ConfigError
+
+from .rows import sinkhorn_switch_available, train_rows
 
 logger = logging.getLogger(__name__)
 
@@ -154,86 +156,6 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8, captions
     if captions is not None:
         path.with_suffix(".txt").write_text("".join(f"{i}: {c}\n" for i, c in enumerate(captions)))
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Training the rows
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RowSpec:
-    """How one pruned row is trained: its trainer overrides."""
-
-    name: str
-    num_codes: int
-    overrides: list[str]
-
-
-def row_specs(args: argparse.Namespace) -> list[RowSpec]:
-    common = [
-        f"model.pretrained={args.pretrained}",
-        f"budget.target={args.target}",
-        f"prune.max_steps={args.prune_steps}",
-        f"prune.router_warmup_steps={max(1, args.prune_steps // 10)}",
-        f"prune.batch_size={args.batch_size}",
-        "prune.checkpoint_every=1000000",  # no intermediate states: rows are short
-        f"finetune.max_steps={args.finetune_steps}",
-        f"finetune.batch_size={args.batch_size}",
-        "finetune.checkpoint_every=1000000",
-        f"data.num_samples={args.train_samples}",
-        f"seed={args.train_seed}",
-    ] + list(args.set or [])
-    specs = {
-        "aptp": RowSpec("aptp", args.num_codes, common + [f"codes.num_codes={args.num_codes}"]),
-        "static": RowSpec("static", 1, common + ["codes.num_codes=1"]),
-        "static_long": RowSpec("static_long", 1, common + ["codes.num_codes=1", f"finetune.max_steps={args.finetune_steps * args.num_codes}"]),
-        "aptp_no_ot": RowSpec("aptp_no_ot", args.num_codes, common + [f"codes.num_codes={args.num_codes}", "sinkhorn.enabled=false"]),
-        "aptp_k8": RowSpec("aptp_k8", 8, common + ["codes.num_codes=8"]),
-        "aptp_quality": RowSpec("aptp_quality", args.num_codes, common + [
-            f"codes.num_codes={args.num_codes}", f"sinkhorn.quality_weight={args.quality_weight}"]),
-    }
-    return [specs[name] for name in args.rows if name in specs]
-
-
-def sinkhorn_switch_available() -> bool:
-    """Whether the trainer's config has `sinkhorn.enabled` (the no-OT ablation needs it)."""
-    from aptp.train.config import SinkhornConfig
-
-    return "enabled" in {f.name for f in dataclasses.fields(SinkhornConfig)}
-
-
-def train_row(spec: RowSpec, directory: Path, reuse: bool) -> dict[str, Any]:
-    """Prune then fine-tune every expert of one row into `directory`; returns what happened."""
-    from aptp.train import checkpoint as ckpt
-    from aptp.train.config import load_config
-    from aptp.train.finetune import run_finetune
-    from aptp.train.prune import run_prune
-
-    done = directory / "finetune_done.json"
-    if reuse and done.is_file():
-        logger.info("reusing the trained row %s in %s", spec.name, directory)
-        return json.loads(done.read_text())
-    started = time.perf_counter()
-    config = load_config("tiny", spec.overrides)
-    if directory.exists():
-        import shutil
-
-        shutil.rmtree(directory)
-    run_prune(config, directory)
-    prune_s = time.perf_counter() - started
-    finetuned, skipped = [], []
-    for k in range(ckpt.CheckpointInfo.load(directory).num_codes):
-        try:
-            run_finetune(directory, k)
-            finetuned.append(k)
-        except AptpError as error:  # an expert no training prompt is routed to keeps its sliced weights
-            logger.warning("row %s: expert %d not fine-tuned: %s", spec.name, k, error)
-            skipped.append({"expert": k, "reason": str(error)})
-    record = {"row": spec.name, "overrides": spec.overrides, "prune_seconds": round(prune_s, 1),
-              "total_seconds": round(time.perf_counter() - started, 1), "finetuned": finetuned, "not_finetuned": skipped}
-    done.write_text(json.dumps(record, indent=1))
-    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,9 +382,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    trained = train_rows(args, out / "rows", ALL_ROWS)
     if args.train_only:
-        trained = {spec.name: train_row(spec, out / "rows" / spec.name, args.reuse) for spec in row_specs(args)
-                   if spec.name != "aptp_no_ot" or sinkhorn_switch_available()}
         return {"rows": trained, "wall_seconds": round(time.perf_counter() - started, 1)}
     classifier = load_classifier(args.classifier or DEFAULT_WEIGHTS)
     extractor = procedural_extractor(classifier)
@@ -517,9 +438,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         if name == "aptp_no_ot" and not sinkhorn_switch_available():
             results["rows"][name] = {"title": title, "skipped": "the trainer has no sinkhorn.enabled switch yet"}
             continue
-        spec = next(s for s in row_specs(args) if s.name == name)
         directory = out / "rows" / name
-        training = train_row(spec, directory, args.reuse)
+        training = trained[name]
         info, encoder, head, logits, layout = load_router(directory)
         codes = route_texts(prompts, encoder, head, logits, layout.unit_weights).tolist()
         experts = {k: load_expert(ckpt.expert_dir(directory, k)) for k in sorted(set(codes))}
