@@ -255,3 +255,79 @@ def test_quality_table_end_to_end(tmp_path):
     assert load_config(str(long_dir / "config.yaml")).finetune.max_steps == 2 * 1
     assert len((long_dir / "finetune" / "expert_0" / "log.jsonl").read_text().splitlines()) == 2
     assert (long_dir / "experts" / "expert_0").is_dir()
+
+
+def _fake_run(seed: int, aptp: list[float], static: list[float], family_macs: dict[str, float], **settings) -> dict:
+    """A quality.json as `run_quality` writes it, reduced to what the seed summary reads."""
+    def row(title, scores, codes, macs, fam):
+        return {"title": title, "per_prompt_alignment": scores, "fid_like": 50.0 + seed, "cmmd": 1.0,
+                "routing": {"macs_ratio": macs, "code_macs_ratio": codes,
+                            "family_macs": {f: {"mean": m} for f, m in fam.items()}}}
+    return {"settings": {"train_seed": seed, "num_samples": len(aptp), "prompt_seed": 1, **settings},
+            "rows": {"aptp": row("APTP (K=2)", aptp, [0.4, 0.8], 0.6, family_macs),
+                     "static": row("static", static, [0.6], 0.6, {f: 0.6 for f in family_macs})}}
+
+
+def test_over_seeds_summary_by_hand(tmp_path):
+    from aptp.benchmarks.quality.seeds import load_runs, seed_summary, seeds_markdown
+    from aptp.errors import ConfigError
+
+    families = ["hard", "easy", "hard", "easy"]
+    macs = {"easy": 0.5, "hard": 0.7, "all": 0.6}
+    runs = [_fake_run(1, [1.0, 0.5, 1.0, 0.5], [0.5, 0.5, 0.5, 0.5], macs),
+            _fake_run(0, [1.0, 0.5, 0.75, 0.25], [0.5, 0.5, 0.5, 0.5], dict(macs, hard=0.55))]
+    paths = []
+    for run in runs:
+        paths.append(tmp_path / f"seed{run['settings']['train_seed']}.json")
+        paths[-1].write_text(json.dumps(run))
+    loaded = load_runs(paths, ["num_samples", "prompt_seed"])
+    assert [r["settings"]["train_seed"] for r in loaded] == [0, 1]  # sorted by seed
+    summary = seed_summary(loaded, families, [("aptp", "static"), ("aptp", "dense")], ["dense", "aptp", "static"])
+    assert list(summary["rows"]) == ["aptp", "static"] and list(summary["pairs"]) == ["aptp - static"]
+    assert summary["families"] == {"easy": 2, "hard": 2}
+    hard = summary["pairs"]["aptp - static"]["hard"]
+    assert [s["mean"] for s in hard["per_seed"]] == pytest.approx([0.375, 0.5])
+    assert hard["pooled"]["mean"] == pytest.approx(0.4375) and hard["seed_sd"] == pytest.approx(np.std([0.375, 0.5], ddof=1))
+    assert hard["seeds_above_zero"] == 2 and hard["seeds_below_zero"] == 0  # every resample of +0.25/+0.5 is positive
+    easy = summary["pairs"]["aptp - static"]["easy"]
+    assert [s["mean"] for s in easy["per_seed"]] == pytest.approx([-0.125, 0.0]) and easy["seeds_above_zero"] == 0
+    aptp = summary["rows"]["aptp"]
+    assert aptp["fid_like"]["per_seed"] == [50.0, 51.0] and aptp["alignment"]["all"]["mean"] == pytest.approx((0.625 + 0.75) / 2)
+    assert aptp["routed_macs_minus_mean"]["hard"]["per_seed"] == pytest.approx([-0.05, 0.1])
+    assert "routed_macs_minus_mean" not in summary["rows"]["static"]
+    loaded[0]["rows"]["aptp"]["family_alignment"] = {"easy": {"n": 3}, "hard": {"n": 1}, "all": {"n": 4}}
+    with pytest.raises(ConfigError, match="regenerated"):
+        seed_summary(loaded, families, [("aptp", "static")], ["aptp", "static"])
+    table = seeds_markdown(summary)
+    assert "| APTP (K=2) | hard | 0.550 (-0.050) | 0.700 (+0.100) | 1 of 2 |" in table
+    # Refused: one run, the same seed twice, other settings, a file that is not a quality result.
+    with pytest.raises(ConfigError, match="at least 2"):
+        load_runs(paths[:1], ["num_samples"])
+    with pytest.raises(ConfigError, match="repeat"):
+        load_runs([paths[0], paths[0]], ["num_samples"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_fake_run(2, [1.0] * 4, [1.0] * 4, macs, steps=10)))
+    with pytest.raises(ConfigError, match="differ in steps"):
+        load_runs([paths[0], other], ["num_samples", "steps"])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not an aptp-bench quality result"):
+        load_runs([paths[0], tmp_path / "bad.json"], ["num_samples"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_runs([paths[0], tmp_path / "missing"], ["num_samples"])
+
+
+def test_over_seeds_cli_writes_the_summary_and_refuses_bad_input(tmp_path, capsys):
+    from aptp.benchmarks.quality.table import main_quality
+
+    macs = {"easy": 0.5, "medium": 0.6, "hard": 0.7, "all": 0.6}
+    for seed in (0, 1):
+        run = _fake_run(seed, [1.0, 0.5], [0.5, 0.5], macs, **{k: None for k in ("pretrained", "noise_seed")})
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "quality.json").write_text(json.dumps(run))
+    # The held-out prompts are regenerated from the settings (2 prompts, seed 1) for their families.
+    assert main_quality(["--over-seeds", str(tmp_path / "s0"), str(tmp_path / "s1"), "--output-dir", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert summary["train_seeds"] == [0, 1] and sum(summary["families"].values()) == 2
+    assert "Paired alignment differences" in (tmp_path / "out" / "seeds.md").read_text()
+    assert main_quality(["--over-seeds", str(tmp_path / "s0"), "--output-dir", str(tmp_path / "out2")]) == 2
+    assert "at least 2" in capsys.readouterr().err and not (tmp_path / "out2").exists()

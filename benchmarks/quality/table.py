@@ -360,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .premise import add_premise_arguments
 
     add_premise_arguments(parser)
+    parser.add_argument("--over-seeds", nargs="+", metavar="RUN",
+                        help="summarise the quality runs (directories or quality.json) of several training seeds instead: "
+                             "per-seed values, mean and spread, paired differences per seed and pooled, routed MACs per "
+                             "family per seed (writes seeds.json / seeds.md in --output-dir)")
     return parser
 
 
@@ -509,6 +513,12 @@ def main_quality(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        if args.over_seeds:
+            from .seeds import run_over_seeds, seeds_markdown
+
+            print(seeds_markdown(run_over_seeds(args.over_seeds, args.output_dir)))
+            print(f"wrote {Path(args.output_dir) / 'seeds.json'} and seeds.md")
+            return 0
         if args.premise:
             from .premise import check_ratios, premise_markdown, run_premise
 
