@@ -32,7 +32,7 @@ def test_per_prompt_alignment():
 
 
 def test_uniform_masks_meet_their_macs_ratio():
-    from aptp.benchmarks.quality.premise import uniform_mask
+    from aptp.train.uniform_masks import uniform_mask
     from aptp.train.gates import GateLayout
     from aptp.train.macs import DeployShape, MacsModel
     from aptp.train.models import load_components, resolve_pretrained

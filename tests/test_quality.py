@@ -158,6 +158,21 @@ def test_quality_aware_row_differs_from_aptp_only_in_its_weight():
     assert configs["aptp_quality"] == configs["aptp"]
 
 
+def test_sensitivity_row_differs_from_aptp_only_in_its_weight():
+    from aptp.benchmarks.quality.rows import row_specs
+    from aptp.benchmarks.quality.table import build_parser, saved_setting
+    from aptp.train.config import load_config
+
+    args = build_parser().parse_args(["--rows", "aptp", "aptp_sensitivity", "--sensitivity-weight", "0.5"])
+    configs = {spec.name: load_config("tiny", spec.overrides) for spec in row_specs(args)}
+    assert configs["aptp"].sinkhorn.sensitivity_weight == 0.0 and configs["aptp_sensitivity"].sinkhorn.sensitivity_weight == 0.5
+    configs["aptp_sensitivity"].sinkhorn.sensitivity_weight = 0.0
+    assert configs["aptp_sensitivity"] == configs["aptp"]
+    # A run recorded before the option existed used its default, so its rows stay comparable.
+    assert saved_setting({"train_seed": 2}, "sensitivity_weight") == 1.0
+    assert saved_setting({"sensitivity_weight": 0.5}, "sensitivity_weight") == 0.5
+
+
 def test_family_gaps_by_hand():
     from aptp.benchmarks.quality.sensitivity import family_gaps, relative_log_errors
 

@@ -10,6 +10,7 @@ Layout of a checkpoint directory:
                             replaced by fine-tuned ones after `finetune`
     routing.json            after `route`: per-prompt codes, counts, shares, expected MACs
     log.jsonl               one JSON object per logged training step
+    prompt_sensitivity.json with sinkhorn.sensitivity_weight > 0: the prior, caption -> z-score
     state/                  resumable training state (accelerate), not needed downstream
 """
 

@@ -116,6 +116,10 @@ class SinkhornConfig:
     # one extra no-gradient UNet pass per code and step; aptp.train.quality_assignment). 0 is
     # the reference method: similarity alone.
     quality_weight: float = 0.0
+    # > 0: the assignment also pairs prompts that a uniform mask at the budget hurts more than
+    # others (measured once before pruning) with the codes of more MACs (weight * z_prompt *
+    # z_code_macs; aptp.train.prompt_sensitivity). 0 is the reference method.
+    sensitivity_weight: float = 0.0
 
 
 @dataclass
@@ -446,6 +450,10 @@ def _check_values(config: TrainConfig) -> None:
     need(config.sinkhorn.enabled or config.sinkhorn.quality_weight == 0,
          "sinkhorn.quality_weight needs sinkhorn.enabled=true: without the balanced plan the largest code "
          "would win every prompt")
+    need(config.sinkhorn.sensitivity_weight >= 0,
+         f"sinkhorn.sensitivity_weight must be >= 0, got {config.sinkhorn.sensitivity_weight}")
+    need(config.sinkhorn.enabled or config.sinkhorn.sensitivity_weight == 0,
+         "sinkhorn.sensitivity_weight needs sinkhorn.enabled=true: it acts on the balanced plan")
     for section in ("prune", "finetune"):
         values = getattr(config, section)
         for name in ("max_steps", "batch_size", "checkpoint_every"):

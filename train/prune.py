@@ -29,13 +29,15 @@ from .gates import GateLayout, apply_gates, capture_block_outputs
 from .losses import assignment_loss, contrastive_loss, denoising_loss, distillation_loss, resource_loss
 from .macs import DeployShape, MacsModel
 from .models import DiffusionComponents, load_components, resolve_pretrained
+from .prompt_sensitivity import measure_prompt_errors, sensitivity_adjusted_scores, standardised_sensitivity
 from .quality_assignment import code_distillation_errors, quality_adjusted_scores
 from .router import RouterHead, SentenceEncoder, calibrate_code_bias, group_weighted_cosine
-from .slicing import slice_unet
+from .slicing import slice_unet, write_json_atomic
 from .training import (
     JsonlLog, StepBatchSampler, build_dataset, check_resume_config, dataset_texts, latest_state,
     make_accelerator, make_loader, save_state, step_generator,
 )
+from .uniform_masks import gate_importance, uniform_mask
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +69,16 @@ class RouterAndCodes(nn.Module):
 
 def router_step(model: nn.Module, sentence: torch.Tensor, unit_weights: torch.Tensor, config: TrainConfig,
                 accelerator=None, code_errors: torch.Tensor | None = None,
+                sensitivity: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The router's part of one pruning step: vectors, codes, scores, the training assignment
     (balanced over the global batch, or argmax without optimal transport) and the router losses.
 
     ``code_errors`` ``(B, K)``, when given, are each code's distillation error per prompt: the
     balanced assignment then also weighs them (``sinkhorn.quality_weight``, see
-    `quality_adjusted_scores`); the router's own scores and losses are unchanged.
+    `quality_adjusted_scores`). ``sensitivity``, when given, is ``(z (B,), code MACs ratios (K,))``
+    for the sensitivity prior (``sinkhorn.sensitivity_weight``, see `sensitivity_adjusted_scores`).
+    The router's own scores and losses are unchanged by either.
 
     Returns ``(router_vectors, code_logits, scores, assignment, {"contrastive", "assignment"})``;
     the losses are unweighted (``config.loss_weights`` weighs them with the others).
@@ -83,6 +88,8 @@ def router_step(model: nn.Module, sentence: torch.Tensor, unit_weights: torch.Te
         target_scores = scores.detach()
         if code_errors is not None:
             target_scores = quality_adjusted_scores(target_scores, code_errors, config.sinkhorn.quality_weight)
+        if sensitivity is not None:
+            target_scores = sensitivity_adjusted_scores(target_scores, *sensitivity, config.sinkhorn.sensitivity_weight)
         assignment = global_balanced_assignment(target_scores, accelerator, config.sinkhorn.epsilon, config.sinkhorn.iterations)
     else:
         assignment = route_argmax(scores.detach())
@@ -212,6 +219,11 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
         config.save(output_dir / "config.yaml")
         layout.save_config(str(output_dir))
     accelerator.wait_for_everyone()
+    prompt_z = None
+    if config.sinkhorn.sensitivity_weight > 0:  # deterministic, so a resumed run measures the same again
+        prompt_z = prompt_sensitivity_prior(components, layout, macs, dataset, config)
+        if accelerator.is_main_process:
+            write_json_atomic(output_dir / SENSITIVITY_FILE, {"sensitivity": prompt_z})
 
     log = JsonlLog(output_dir / "log.jsonl", start_step - 1 if resume else None, accelerator.is_main_process)
     cfg = config.prune
@@ -237,8 +249,13 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
             dense = dense_pass(components, batch, device, shape.text_length, generator)
             code_errors = code_distillation_errors(unet, layout, inner.codes.hard_masks(unit_site, site_nonempty),
                                                    dense.noisy, dense.timesteps, dense.context, dense.teacher)
+        sensitivity = None
+        if step >= warmup and prompt_z is not None:
+            with torch.no_grad():
+                code_ratios = macs.ratio(inner.codes.hard_masks(unit_site, site_nonempty).float())
+            sensitivity = (torch.tensor([prompt_z[text] for text in batch["text"]], device=device), code_ratios)
         router_vectors, code_logits, scores, assignment, losses = router_step(model, sentence, unit_weights, config,
-                                                                              accelerator, code_errors)
+                                                                              accelerator, code_errors, sensitivity)
         if code_errors is not None:
             record["code_log_error"] = [round(float(e), 4) for e in code_errors.clamp(min=1e-12).log().mean(dim=0)]
         if step >= warmup:
@@ -281,6 +298,22 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
         inner = accelerator.unwrap_model(model)
         write_pruned_checkpoint(output_dir, config, components, layout, macs, shape, encoder, dataset, inner, cfg.max_steps)
     accelerator.wait_for_everyone()
+
+
+SENSITIVITY_FILE = "prompt_sensitivity.json"
+
+
+def prompt_sensitivity_prior(components: DiffusionComponents, layout: GateLayout, macs: MacsModel, dataset,
+                             config: TrainConfig) -> dict[str, float]:
+    """Caption -> standardised sensitivity of every training prompt to a uniform mask at the
+    budget (`aptp.train.prompt_sensitivity`), measured on the frozen teacher before pruning."""
+    per_batch = max(1, min(16, len(dataset) // 4))
+    importance = gate_importance(components, layout, batches=min(4, len(dataset) // per_batch), batch_size=per_batch,
+                                 seed=config.seed, dataset=dataset)
+    mask, achieved = uniform_mask(layout, macs, importance, config.budget.target)
+    errors = measure_prompt_errors(components, layout, mask, dataset, seed=config.seed, batch_size=config.prune.batch_size)
+    logger.info("prompt sensitivity: uniform mask at MACs ratio %.3f, %d prompts", achieved, errors.shape[0])
+    return standardised_sensitivity(errors, dataset_texts(dataset))
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,63 +25,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from aptp.train.uniform_masks import gate_importance, uniform_mask
+
 from .paired import family_summary, paired_family_difference, per_prompt_alignment
 
 logger = logging.getLogger(__name__)
-
-
-def gate_importance(components: Any, layout: Any, batches: int = 4, batch_size: int = 16, seed: int = 0) -> torch.Tensor:
-    """(N,) first-order importance of every gate: mean |d denoising loss / d gate| at gates = 1."""
-    from aptp.train.data import ProceduralCaptions
-    from aptp.train.gates import apply_gates
-    from aptp.train.losses import denoising_loss
-
-    data = ProceduralCaptions(batches * batch_size, 64, seed=seed)
-    unet, scheduler = components.unet, components.noise_scheduler
-    generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros(layout.num_gates)
-    for b in range(batches):
-        items = [data[i] for i in range(b * batch_size, (b + 1) * batch_size)]
-        pixels = torch.stack([it["pixel_values"] for it in items])
-        with torch.no_grad():
-            latents = components.vae.encode(pixels).latent_dist.sample(generator=generator) * components.vae.config.scaling_factor
-            context = components.encode_prompts([it["text"] for it in items], "cpu")
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        gates = torch.ones(batch_size, layout.num_gates, requires_grad=True)
-        with apply_gates(unet, layout, gates):
-            pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
-        loss = denoising_loss(pred, noise, latents, timesteps, scheduler)
-        (grad,) = torch.autograd.grad(loss, gates)
-        total += grad.abs().sum(0)
-    return total / (batches * batch_size)
-
-
-def uniform_mask(layout: Any, macs: Any, importance: torch.Tensor, target: float, iterations: int = 40) -> tuple[torch.Tensor, float]:
-    """A (N,) 0/1 mask keeping the same fraction of every site (its most important units, at least
-    one) whose MACs ratio is as close to `target` as the sites' granularity allows."""
-    sites = [(layout.site_slice(site), site) for site in layout.sites]
-
-    def mask_for(fraction: float) -> torch.Tensor:
-        mask = torch.zeros(layout.num_gates)
-        for span, _ in sites:
-            scores = importance[span]
-            keep = max(1, math.ceil(fraction * scores.numel() - 1e-9))
-            idx = torch.argsort(scores, descending=True, stable=True)[:keep] + span.start
-            mask[idx] = 1.0
-        return mask
-
-    low, high = 0.0, 1.0
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        if float(macs.ratio(mask_for(mid))) > target:
-            high = mid
-        else:
-            low = mid
-    candidates = [mask_for(low), mask_for(high)]
-    best = min(candidates, key=lambda m: abs(float(macs.ratio(m)) - target))
-    return best, float(macs.ratio(best))
 
 
 def run_premise(args: Any) -> dict[str, Any]:

@@ -64,6 +64,8 @@ def row_specs(args: argparse.Namespace, names: Any = None) -> list[RowSpec]:
         "aptp_k8": RowSpec("aptp_k8", 8, common + ["codes.num_codes=8"]),
         "aptp_quality": RowSpec("aptp_quality", args.num_codes, common + [
             f"codes.num_codes={args.num_codes}", f"sinkhorn.quality_weight={args.quality_weight}"]),
+        "aptp_sensitivity": RowSpec("aptp_sensitivity", args.num_codes, common + [
+            f"codes.num_codes={args.num_codes}", f"sinkhorn.sensitivity_weight={args.sensitivity_weight}"]),
     }
     return [specs[name] for name in (args.rows if names is None else names) if name in specs]
 

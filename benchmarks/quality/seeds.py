@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -27,9 +27,11 @@ from .paired import family_summary, paired_family_difference
 __all__ = ["load_runs", "prompt_families", "seed_summary", "seeds_markdown", "run_over_seeds"]
 
 
-def load_runs(paths: Sequence[str | Path], shared_settings: Sequence[str]) -> list[dict[str, Any]]:
+def load_runs(paths: Sequence[str | Path], shared_settings: Sequence[str],
+              setting: Callable[[dict[str, Any], str], Any] = lambda settings, key: settings.get(key)) -> list[dict[str, Any]]:
     """The quality.json of each path (the file or the run directory holding it), checked to
-    share `shared_settings` and to come from distinct training seeds; sorted by training seed."""
+    share `shared_settings` (read by `setting`) and to come from distinct training seeds; sorted by
+    training seed."""
     if len(paths) < 2:
         raise ConfigError(f"--over-seeds needs the runs of at least 2 training seeds, got {len(paths)}")
     runs = []
@@ -45,7 +47,7 @@ def load_runs(paths: Sequence[str | Path], shared_settings: Sequence[str]) -> li
         runs.append(run)
     first = runs[0]
     for run in runs[1:]:
-        differing = [k for k in shared_settings if run["settings"].get(k) != first["settings"].get(k)]
+        differing = [k for k in shared_settings if setting(run["settings"], k) != setting(first["settings"], k)]
         if differing:
             raise ConfigError(f"--over-seeds: {run['source']} and {first['source']} differ in {', '.join(differing)}; "
                               "only the training seed may differ")
@@ -173,9 +175,9 @@ def run_over_seeds(paths: Sequence[str | Path], output_dir: Path) -> dict[str, A
     from aptp.train.slicing import write_json_atomic
     from aptp.train.training import atomic_write_text
 
-    from .table import ALL_ROWS, EVALUATION_SETTINGS, PAIRS
+    from .table import ALL_ROWS, EVALUATION_SETTINGS, PAIRS, saved_setting
 
-    runs = load_runs(paths, [k for k in EVALUATION_SETTINGS if k != "train_seed"])
+    runs = load_runs(paths, [k for k in EVALUATION_SETTINGS if k != "train_seed"], saved_setting)
     families = prompt_families(runs[0]["settings"])
     summary = seed_summary(runs, families, PAIRS, ALL_ROWS)
     output_dir = Path(output_dir)

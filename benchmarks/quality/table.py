@@ -15,6 +15,9 @@ Rows (each pruned and fine-tuned by aptp's own trainer, with the same step count
 - ``aptp_quality`` (only when named): APTP whose balanced assignment also weighs each code's
   distillation error on each prompt (``sinkhorn.quality_weight``, ``--quality-weight``), so
   that prompts a small code hurts most go to the larger codes.
+- ``aptp_sensitivity`` (only when named): APTP whose balanced assignment also pairs the prompts
+  that a uniform mask at the budget hurts most (measured once before pruning) with the codes of
+  more MACs (``sinkhorn.sensitivity_weight``, ``--sensitivity-weight``).
 
 Every row generates one image per held-out procedural prompt (``ProceduralCaptions`` seed
 ``--prompt-seed``, never trained on), with the same initial noise per prompt in every row, and
@@ -57,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 ROWS = ("dense", "aptp", "static", "aptp_no_ot", "static_long")
 # Rows that exist but are not trained unless --rows names them.
-EXTRA_ROWS = ("aptp_k8", "aptp_quality")
+EXTRA_ROWS = ("aptp_k8", "aptp_quality", "aptp_sensitivity")
 ALL_ROWS = ROWS + EXTRA_ROWS
 PARTI_DEFAULT = Path("/work/shared/data/PartiPrompts.tsv")
 ROW_TITLES = {
@@ -68,6 +71,7 @@ ROW_TITLES = {
     "aptp_no_ot": "APTP without OT (K={k})",
     "aptp_k8": "APTP (K=8)",
     "aptp_quality": "APTP, quality-aware OT (K={k})",
+    "aptp_sensitivity": "APTP, sensitivity prior (K={k})",
 }
 
 
@@ -346,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-seed", type=int, default=0)
     parser.add_argument("--quality-weight", type=float, default=1.0,
                         help="sinkhorn.quality_weight of the aptp_quality row (see aptp.train.quality_assignment)")
+    parser.add_argument("--sensitivity-weight", type=float, default=1.0,
+                        help="sinkhorn.sensitivity_weight of the aptp_sensitivity row (see aptp.train.prompt_sensitivity)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra trainer override for every pruned row")
     parser.add_argument("--num-samples", type=int, default=256, help="held-out prompts (one image each)")
     parser.add_argument("--prompt-seed", type=int, default=1, help="ProceduralCaptions seed of the held-out prompts")
@@ -468,6 +474,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
 
 PAIRS = (("aptp", "static"), ("aptp", "static_long"), ("aptp_k8", "static"), ("aptp_k8", "static_long"),
          ("aptp_quality", "static"), ("aptp_quality", "static_long"), ("aptp_quality", "aptp"),
+         ("aptp_sensitivity", "static"), ("aptp_sensitivity", "static_long"), ("aptp_sensitivity", "aptp"),
          ("aptp", "aptp_no_ot"), ("static", "dense"))
 
 
@@ -486,7 +493,12 @@ def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[st
 
 
 EVALUATION_SETTINGS = ("pretrained", "num_samples", "prompt_seed", "noise_seed", "steps", "guidance", "classifier",
-                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "quality_weight", "set")
+                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "quality_weight", "sensitivity_weight", "set")
+
+
+def saved_setting(settings: dict[str, Any], key: str) -> Any:
+    """A run's recorded setting; a run older than the option recorded none and used its default."""
+    return settings[key] if key in settings else build_parser().get_default(key)
 
 
 def _scored_rows_to_keep(out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -497,7 +509,7 @@ def _scored_rows_to_keep(out: Path, args: argparse.Namespace) -> tuple[dict[str,
         return {}, None
     saved = json.loads(saved_path.read_text())
     now = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    if any(saved.get("settings", {}).get(k) != now.get(k) for k in EVALUATION_SETTINGS):
+    if any(saved_setting(saved.get("settings", {}), k) != now.get(k) for k in EVALUATION_SETTINGS):
         logger.info("%s was scored under other settings: not reusing its rows", saved_path)
         return {}, None
     kept = {name: row for name, row in saved.get("rows", {}).items() if name not in args.rows}
