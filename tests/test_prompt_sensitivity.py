@@ -108,10 +108,20 @@ def test_pruning_with_the_prior_writes_it_and_reproduces(tmp_path):
     run_prune(load_config("tiny", overrides), tmp_path / "b")
     assert (tmp_path / "b" / "prompt_sensitivity.json").read_text() == (tmp_path / "a" / "prompt_sensitivity.json").read_text()
     logs = [(tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("a", "b")]
+    # What the prior says per family, and whether the router follows it (the diagnostic's --prior).
+    from aptp.benchmarks.quality.sensitivity import main as sensitivity_main, prior_report
+
+    report = prior_report(tmp_path / "a")
+    assert report["prompts"] == 16 and report["z_by_family"]["all"]["n"] == 16
+    assert set(report["z_by_family"]) - {"all"} <= {"easy", "medium", "hard"}
+    rho = report["spearman_z_routed_macs"]["all"]
+    assert math.isnan(rho) or -1.0 <= rho <= 1.0
+    assert sensitivity_main([str(tmp_path / "b"), "--prior"]) == 0
     shares = [[json.loads(line)["code_share"] for line in log] for log in logs]
     assert shares[0] == shares[1]
     # Without the prior the same run assigns differently once the codes differ in MACs.
     run_prune(load_config("tiny", overrides[:-1]), tmp_path / "plain")
     plain = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
     assert not (tmp_path / "plain" / "prompt_sensitivity.json").exists()
+    assert sensitivity_main([str(tmp_path / "plain"), "--prior"]) == 2
     assert [r["code_share"] for r in plain] != shares[0]

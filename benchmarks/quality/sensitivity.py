@@ -10,6 +10,11 @@ MACs of the codes the checkpoint's router sends each family to.
 
 ``python -m aptp.benchmarks.quality.sensitivity CHECKPOINT_DIR [--num-prompts N] [--timesteps ...]``
 prints the report as JSON.
+
+With ``--prior``, for a checkpoint pruned with ``sinkhorn.sensitivity_weight``, it reports the
+prior that pruning measured (`aptp.train.prompt_sensitivity`) instead: its mean z-score per
+family of the training prompts, and whether the trained router sends the prompts the prior calls
+sensitive to the codes of more MACs (Spearman correlation of z and routed MACs, per family too).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from .paired import family_summary
 
-__all__ = ["relative_log_errors", "family_gaps", "code_sensitivity"]
+__all__ = ["relative_log_errors", "family_gaps", "code_sensitivity", "prior_report"]
 
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -104,6 +109,42 @@ def code_sensitivity(checkpoint_dir: str | Path, num_prompts: int = 512, prompt_
     return report
 
 
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
+    if min(float(r.std()) for r in ranks) == 0:
+        return float("nan")
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def prior_report(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The sensitivity prior of a checkpoint pruned with it, per family of its training prompts,
+    against the MACs its router sends each training prompt to."""
+    from aptp.errors import ArtifactError
+    from aptp.train.config import load_config
+    from aptp.train.prune import SENSITIVITY_FILE, route_texts
+    from aptp.train.route import load_router
+    from aptp.train.training import build_dataset, dataset_texts
+
+    directory = Path(checkpoint_dir)
+    if not (directory / SENSITIVITY_FILE).is_file():
+        raise ArtifactError(f"{directory / SENSITIVITY_FILE} does not exist: was it pruned with sinkhorn.sensitivity_weight > 0?")
+    prior = json.loads((directory / SENSITIVITY_FILE).read_text())["sensitivity"]
+    dataset = build_dataset(load_config(str(directory / "config.yaml")))
+    texts = dataset_texts(dataset)
+    families = ([dataset.attributes(i)["family"] for i in range(len(dataset))] if hasattr(dataset, "attributes")
+                else ["unknown"] * len(dataset))  # only the procedural set records families
+    info, encoder, head, logits, layout = load_router(directory)
+    routed = np.asarray(info.code_macs_ratio)[route_texts(texts, encoder, head, logits, layout.unit_weights).numpy()]
+    z = np.array([prior[t] for t in texts])
+    report: dict[str, Any] = {"checkpoint": str(directory), "prompts": len(texts), "code_macs_ratio": info.code_macs_ratio,
+                              "z_by_family": family_summary(z, families), "routed_macs_by_family": family_summary(routed, families),
+                              "spearman_z_routed_macs": {"all": _spearman(z, routed)}}
+    for family in sorted(set(families)):
+        mask = np.asarray(families) == family
+        report["spearman_z_routed_macs"][family] = _spearman(z[mask], routed[mask])
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aptp.benchmarks.quality.sensitivity", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", type=Path)
@@ -111,9 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-seed", type=int, default=1)
     parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    parser.add_argument("--prior", action="store_true", help="report the checkpoint's sensitivity prior instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prior:
+        from aptp.errors import AptpError
+
+        try:
+            print(json.dumps(prior_report(args.checkpoint), indent=1))
+        except AptpError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     print(json.dumps(code_sensitivity(args.checkpoint, args.num_prompts, args.prompt_seed, args.timesteps), indent=1))
     return 0
 
