@@ -146,29 +146,23 @@ def test_row_specs_share_everything_but_codes_and_assignment():
         assert configs["aptp_no_ot"].sinkhorn.enabled is False and configs["aptp"].sinkhorn.enabled is True
 
 
-def test_quality_aware_row_differs_from_aptp_only_in_its_weight():
+@pytest.mark.parametrize("row, option, weight", [("aptp_quality", "--quality-weight", "quality_weight"),
+                                                  ("aptp_sensitivity", "--sensitivity-weight", "sensitivity_weight")])
+def test_assignment_rows_differ_from_aptp_only_in_their_weight(row, option, weight):
     from aptp.benchmarks.quality.rows import row_specs
     from aptp.benchmarks.quality.table import build_parser
     from aptp.train.config import load_config
 
-    args = build_parser().parse_args(["--rows", "aptp", "aptp_quality", "--quality-weight", "0.5"])
+    args = build_parser().parse_args(["--rows", "aptp", row, option, "0.5"])
     configs = {spec.name: load_config("tiny", spec.overrides) for spec in row_specs(args)}
-    assert configs["aptp"].sinkhorn.quality_weight == 0.0 and configs["aptp_quality"].sinkhorn.quality_weight == 0.5
-    configs["aptp_quality"].sinkhorn.quality_weight = 0.0
-    assert configs["aptp_quality"] == configs["aptp"]
+    assert getattr(configs["aptp"].sinkhorn, weight) == 0.0 and getattr(configs[row].sinkhorn, weight) == 0.5
+    setattr(configs[row].sinkhorn, weight, 0.0)
+    assert configs[row] == configs["aptp"]
 
 
-def test_sensitivity_row_differs_from_aptp_only_in_its_weight():
-    from aptp.benchmarks.quality.rows import row_specs
-    from aptp.benchmarks.quality.table import build_parser, saved_setting
-    from aptp.train.config import load_config
+def test_a_run_recorded_before_an_option_compares_under_its_default():
+    from aptp.benchmarks.quality.table import saved_setting
 
-    args = build_parser().parse_args(["--rows", "aptp", "aptp_sensitivity", "--sensitivity-weight", "0.5"])
-    configs = {spec.name: load_config("tiny", spec.overrides) for spec in row_specs(args)}
-    assert configs["aptp"].sinkhorn.sensitivity_weight == 0.0 and configs["aptp_sensitivity"].sinkhorn.sensitivity_weight == 0.5
-    configs["aptp_sensitivity"].sinkhorn.sensitivity_weight = 0.0
-    assert configs["aptp_sensitivity"] == configs["aptp"]
-    # A run recorded before the option existed used its default, so its rows stay comparable.
     assert saved_setting({"train_seed": 2}, "sensitivity_weight") == 1.0
     assert saved_setting({"sensitivity_weight": 0.5}, "sensitivity_weight") == 0.5
 

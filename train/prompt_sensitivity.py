@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from aptp.errors import ConfigError
 
-from .gates import GateLayout, apply_gates
+from .gates import GateLayout
+from .quality_assignment import code_distillation_errors
 
 __all__ = ["SENSITIVITY_TIMESTEPS", "measure_prompt_errors", "standardised_sensitivity", "sensitivity_adjusted_scores"]
 
@@ -64,9 +65,7 @@ def measure_prompt_errors(components: Any, layout: GateLayout, mask: Tensor, dat
             step = torch.full((len(items),), t, dtype=torch.long, device=device)
             noisy = scheduler.add_noise(latents, noise, step)
             teacher = unet(noisy, step, encoder_hidden_states=context).sample
-            with apply_gates(unet, layout, mask):
-                student = unet(noisy, step, encoder_hidden_states=context).sample
-            errors.append((student.float() - teacher.float()).pow(2).flatten(1).mean(dim=1))
+            errors.append(code_distillation_errors(unet, layout, mask[None], noisy, step, context, teacher)[:, 0])
         out.append(torch.stack(errors, dim=1).cpu())
     return torch.cat(out)
 
