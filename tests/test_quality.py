@@ -160,6 +160,31 @@ def test_assignment_rows_differ_from_aptp_only_in_their_weight(row, option, weig
     assert configs[row] == configs["aptp"]
 
 
+def test_static_budget_rows_differ_from_static_only_in_their_budget():
+    from aptp.benchmarks.quality.rows import row_specs
+    from aptp.benchmarks.quality.table import build_parser
+    from aptp.train.config import load_config
+
+    args = build_parser().parse_args(["--rows", "static", "static_lower", "static_upper", "--target", "0.5",
+                                      "--static-spread", "0.2"])
+    configs = {spec.name: load_config("tiny", spec.overrides) for spec in row_specs(args)}
+    assert [configs[name].budget.target for name in ("static_lower", "static", "static_upper")] == [0.3, 0.5, 0.7]
+    for name in ("static_lower", "static_upper"):
+        assert configs[name].codes.num_codes == 1
+        configs[name].budget.target = 0.5
+        assert configs[name] == configs["static"]
+
+
+@pytest.mark.parametrize("spread", ["0", "0.6", "-0.1"])
+def test_a_static_spread_leaving_the_unit_interval_is_refused(tmp_path, spread):
+    from aptp.benchmarks.quality.table import build_parser, run_quality
+
+    args = build_parser().parse_args(["--rows", "static_upper", "--static-spread", spread, "--output-dir", str(tmp_path / "q")])
+    with pytest.raises(ConfigError, match="--static-spread"):
+        run_quality(args)
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_run_recorded_before_an_option_compares_under_its_default():
     from aptp.benchmarks.quality.table import saved_setting
 

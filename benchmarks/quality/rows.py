@@ -66,6 +66,10 @@ def row_specs(args: argparse.Namespace, names: Any = None) -> list[RowSpec]:
             f"codes.num_codes={args.num_codes}", f"sinkhorn.quality_weight={args.quality_weight}"]),
         "aptp_sensitivity": RowSpec("aptp_sensitivity", args.num_codes, common + [
             f"codes.num_codes={args.num_codes}", f"sinkhorn.sensitivity_weight={args.sensitivity_weight}"]),
+        # Static models below and above the budget: with `static` they give each family's
+        # alignment-vs-MACs curve after fine-tuning (see aptp.benchmarks.quality.allocation).
+        "static_lower": RowSpec("static_lower", 1, common + ["codes.num_codes=1", f"budget.target={args.target - args.static_spread:g}"]),
+        "static_upper": RowSpec("static_upper", 1, common + ["codes.num_codes=1", f"budget.target={args.target + args.static_spread:g}"]),
     }
     return [specs[name] for name in (args.rows if names is None else names) if name in specs]
 

@@ -28,32 +28,33 @@ __all__ = ["load_runs", "prompt_families", "seed_summary", "seeds_markdown", "ru
 
 
 def load_runs(paths: Sequence[str | Path], shared_settings: Sequence[str],
-              setting: Callable[[dict[str, Any], str], Any] = lambda settings, key: settings.get(key)) -> list[dict[str, Any]]:
+              setting: Callable[[dict[str, Any], str], Any] = lambda settings, key: settings.get(key),
+              caller: str = "--over-seeds") -> list[dict[str, Any]]:
     """The quality.json of each path (the file or the run directory holding it), checked to
     share `shared_settings` (read by `setting`) and to come from distinct training seeds; sorted by
-    training seed."""
+    training seed. Errors name `caller`."""
     if len(paths) < 2:
-        raise ConfigError(f"--over-seeds needs the runs of at least 2 training seeds, got {len(paths)}")
+        raise ConfigError(f"{caller} needs the runs of at least 2 training seeds, got {len(paths)}")
     runs = []
     for path in paths:
         path = Path(path)
         file = path / "quality.json" if path.is_dir() else path
         if not file.is_file():
-            raise ConfigError(f"--over-seeds: {file} does not exist (pass a quality run's directory or its quality.json)")
+            raise ConfigError(f"{caller}: {file} does not exist (pass a quality run's directory or its quality.json)")
         run = json.loads(file.read_text())
         if "settings" not in run or "rows" not in run:
-            raise ConfigError(f"--over-seeds: {file} is not an aptp-bench quality result (no settings or rows)")
+            raise ConfigError(f"{caller}: {file} is not an aptp-bench quality result (no settings or rows)")
         run["source"] = str(file)
         runs.append(run)
     first = runs[0]
     for run in runs[1:]:
         differing = [k for k in shared_settings if setting(run["settings"], k) != setting(first["settings"], k)]
         if differing:
-            raise ConfigError(f"--over-seeds: {run['source']} and {first['source']} differ in {', '.join(differing)}; "
+            raise ConfigError(f"{caller}: {run['source']} and {first['source']} differ in {', '.join(differing)}; "
                               "only the training seed may differ")
     seeds = [run["settings"]["train_seed"] for run in runs]
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--over-seeds: training seeds repeat ({seeds}); pass one run per seed")
+        raise ConfigError(f"{caller}: training seeds repeat ({seeds}); pass one run per seed")
     return sorted(runs, key=lambda run: run["settings"]["train_seed"])
 
 

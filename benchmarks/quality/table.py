@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 ROWS = ("dense", "aptp", "static", "aptp_no_ot", "static_long")
 # Rows that exist but are not trained unless --rows names them.
-EXTRA_ROWS = ("aptp_k8", "aptp_quality", "aptp_sensitivity")
+EXTRA_ROWS = ("aptp_k8", "aptp_quality", "aptp_sensitivity", "static_lower", "static_upper")
 ALL_ROWS = ROWS + EXTRA_ROWS
 PARTI_DEFAULT = Path("/work/shared/data/PartiPrompts.tsv")
 ROW_TITLES = {
@@ -72,6 +72,8 @@ ROW_TITLES = {
     "aptp_k8": "APTP (K=8)",
     "aptp_quality": "APTP, quality-aware OT (K={k})",
     "aptp_sensitivity": "APTP, sensitivity prior (K={k})",
+    "static_lower": "static pruned (K=1) at {lower:g} MACs",
+    "static_upper": "static pruned (K=1) at {upper:g} MACs",
 }
 
 
@@ -352,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sinkhorn.quality_weight of the aptp_quality row (see aptp.train.quality_assignment)")
     parser.add_argument("--sensitivity-weight", type=float, default=1.0,
                         help="sinkhorn.sensitivity_weight of the aptp_sensitivity row (see aptp.train.prompt_sensitivity)")
+    parser.add_argument("--static-spread", type=float, default=0.15,
+                        help="the static_lower / static_upper rows prune to --target minus / plus this")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra trainer override for every pruned row")
     parser.add_argument("--num-samples", type=int, default=256, help="held-out prompts (one image each)")
     parser.add_argument("--prompt-seed", type=int, default=1, help="ProceduralCaptions seed of the held-out prompts")
@@ -389,6 +393,9 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.num_samples < 2:
         raise ConfigError(f"--num-samples must be at least 2 (CMMD needs two images), got {args.num_samples}")
+    if {"static_lower", "static_upper"} & set(args.rows) and not 0 < args.static_spread < min(args.target, 1 - args.target):
+        raise ConfigError(f"--static-spread must leave both static budgets inside (0, 1): got {args.static_spread} "
+                          f"around --target {args.target}")
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,7 +448,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         return row
 
     for name in args.rows:
-        title = ROW_TITLES[name].format(k=args.num_codes)
+        title = ROW_TITLES[name].format(k=args.num_codes, lower=args.target - args.static_spread, upper=args.target + args.static_spread)
         if name == "dense":
             results["rows"][name] = evaluate(name, title, components.unet, [0] * len(prompts), [1.0])
             continue
@@ -475,7 +482,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
 PAIRS = (("aptp", "static"), ("aptp", "static_long"), ("aptp_k8", "static"), ("aptp_k8", "static_long"),
          ("aptp_quality", "static"), ("aptp_quality", "static_long"), ("aptp_quality", "aptp"),
          ("aptp_sensitivity", "static"), ("aptp_sensitivity", "static_long"), ("aptp_sensitivity", "aptp"),
-         ("aptp", "aptp_no_ot"), ("static", "dense"))
+         ("aptp", "aptp_no_ot"), ("static", "dense"), ("static_upper", "static"), ("static", "static_lower"))
 
 
 def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[str, Any]:
@@ -493,7 +500,7 @@ def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[st
 
 
 EVALUATION_SETTINGS = ("pretrained", "num_samples", "prompt_seed", "noise_seed", "steps", "guidance", "classifier",
-                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "quality_weight", "sensitivity_weight", "set")
+                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "quality_weight", "sensitivity_weight", "static_spread", "set")
 
 
 def saved_setting(settings: dict[str, Any], key: str) -> Any:
