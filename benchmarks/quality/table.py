@@ -18,6 +18,9 @@ Rows (each pruned and fine-tuned by aptp's own trainer, with the same step count
 - ``aptp_sensitivity`` (only when named): APTP whose balanced assignment also pairs the prompts
   that a uniform mask at the budget hurts most (measured once before pruning) with the codes of
   more MACs (``sinkhorn.sensitivity_weight``, ``--sensitivity-weight``).
+- ``static_lower`` / ``static_upper`` (only when named): ``static`` at ``--target`` minus / plus
+  ``--static-spread``. With ``static`` and ``dense`` they measure each family's alignment-vs-MACs
+  curve, from which `aptp.benchmarks.quality.allocation` bounds what routing by family could gain.
 
 Every row generates one image per held-out procedural prompt (``ProceduralCaptions`` seed
 ``--prompt-seed``, never trained on), with the same initial noise per prompt in every row, and
