@@ -97,8 +97,8 @@ def test_runs_give_single_models_only():
     np.testing.assert_allclose(got[0].scores, run["rows"]["static"]["per_prompt_alignment"])
     with pytest.raises(ConfigError, match="routes between several experts"):
         candidates_from_runs([run], ["aptp"])
-    with pytest.raises(ConfigError, match="row static_upper is not scored"):
-        candidates_from_runs([run], ["static_upper"])
+    with pytest.raises(ConfigError, match="row aptp_quality is not scored"):
+        candidates_from_runs([run], ["aptp_quality"])
 
 
 def test_cli_on_the_committed_premise(tmp_path, capsys):
