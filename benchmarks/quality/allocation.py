@@ -147,9 +147,9 @@ def allocation_bound(candidates: Sequence[Candidate], families: Sequence[str], r
     scores = np.stack([np.asarray(c.scores, dtype=float) for c in candidates])
     if scores.shape[1] != len(families):
         raise ConfigError(f"{scores.shape[1]} per-prompt scores for {len(families)} prompt families")
-    from aptp.train.data.procedural import FAMILIES
+    from .seeds import family_order
 
-    order = [f for f in FAMILIES if f in set(families)] + sorted(set(families) - set(FAMILIES))
+    order = family_order(families)
     family_index = np.array([order.index(f) for f in families])
     shares = np.bincount(family_index, minlength=len(order)) / len(families)
     macs = np.array([c.macs for c in candidates], dtype=float)

@@ -24,7 +24,7 @@ from aptp.errors import ConfigError
 
 from .paired import family_summary, paired_family_difference
 
-__all__ = ["load_runs", "prompt_families", "seed_summary", "seeds_markdown", "run_over_seeds"]
+__all__ = ["load_runs", "prompt_families", "family_order", "seed_summary", "seeds_markdown", "run_over_seeds"]
 
 
 def load_runs(paths: Sequence[str | Path], shared_settings: Sequence[str],
@@ -66,7 +66,7 @@ def prompt_families(settings: dict[str, Any]) -> list[str]:
     return [dataset.attributes(i)["family"] for i in range(len(dataset))]
 
 
-def _family_order(families: Sequence[str]) -> list[str]:
+def family_order(families: Sequence[str]) -> list[str]:
     """The families present, easiest first (`aptp.train.data.procedural.FAMILIES`), others after."""
     from aptp.train.data.procedural import FAMILIES
 
@@ -89,7 +89,7 @@ def seed_summary(runs: list[dict[str, Any]], families: Sequence[str], pairs: Seq
             if len(run["rows"][name]["per_prompt_alignment"]) != len(families):
                 raise ConfigError(f"--over-seeds: row {name} of {run['source']} scored "
                                   f"{len(run['rows'][name]['per_prompt_alignment'])} prompts, expected {len(families)}")
-    names = _family_order(families) + ["all"]
+    names = family_order(families) + ["all"]
     counts = {f: int(sum(1 for x in families if x == f)) for f in names[:-1]}
     for run in runs:  # families are regenerated from the settings: they must be the ones scored
         for name in scored:
