@@ -253,29 +253,21 @@ def allocation_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load(paths: Sequence[Path], names: Sequence[str]) -> tuple[list[Candidate], list[str], dict[str, Any]]:
-    """Candidates and families from one premise JSON, or from the quality runs of one or more seeds."""
-    from .seeds import load_runs, prompt_families
+def _load(paths: Sequence[Path]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """One premise JSON (and no runs), or the quality runs of one or more training seeds."""
+    from .seeds import load_runs
     from .table import EVALUATION_SETTINGS, saved_setting
 
-    files = [p / "quality.json" if p.is_dir() else p for p in paths]
-    for file in files:
-        if not file.is_file():
-            raise ConfigError(f"{file} does not exist (pass a quality run's directory, its quality.json, or a premise.json)")
-    first = json.loads(files[0].read_text())
-    if "per_prompt" in first:
-        if len(files) > 1:
+    first = paths[0] / "quality.json" if paths[0].is_dir() else paths[0]
+    if not first.is_file():
+        raise ConfigError(f"{first} does not exist (pass a quality run's directory, its quality.json, or a premise.json)")
+    premise = json.loads(first.read_text())
+    if "per_prompt" in premise:
+        if len(paths) > 1:
             raise ConfigError("pass one premise.json alone (its masks are the candidates)")
-        candidates, families = candidates_from_premise(first)
-        return candidates, families, {"sources": [str(files[0])], "kind": "premise"}
-    if len(files) == 1:
-        if "settings" not in first or "rows" not in first:
-            raise ConfigError(f"{files[0]} is not an aptp-bench quality result (no settings or rows)")
-        runs = [dict(first, source=str(files[0]))]
-    else:
-        runs = load_runs(files, [k for k in EVALUATION_SETTINGS if k != "train_seed"], saved_setting, "allocation")
-    return candidates_from_runs(runs, names), prompt_families(runs[0]["settings"]), \
-        {"sources": [run["source"] for run in runs], "train_seeds": [run["settings"]["train_seed"] for run in runs], "kind": "quality"}
+        premise["source"] = str(first)
+        return premise, []
+    return None, load_runs(paths, [k for k in EVALUATION_SETTINGS if k != "train_seed"], saved_setting, "allocation", minimum=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,14 +283,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.resamples < 1:
             raise ConfigError(f"--resamples must be at least 1, got {args.resamples}")
-        candidates, families, source = _load(args.runs, args.candidates)
-        reference = args.reference or ("uniform_0.6" if source["kind"] == "premise" else "static")
+        premise, runs = _load(args.runs)
+        if premise is not None:
+            candidates, families = candidates_from_premise(premise)
+            source: dict[str, Any] = {"sources": [premise["source"]], "kind": "premise"}
+        else:
+            from .seeds import prompt_families
+
+            candidates, families = candidates_from_runs(runs, args.candidates), prompt_families(runs[0]["settings"])
+            source = {"sources": [run["source"] for run in runs], "train_seeds": [run["settings"]["train_seed"] for run in runs],
+                      "kind": "quality"}
+        reference = args.reference or ("uniform_0.6" if premise is not None else "static")
         result = {**source, **allocation_bound(candidates, families, reference, args.resamples, args.seed)}
-        if len(source.get("train_seeds", [])) > 1:  # whether each seed's models alone tell the same
-            result["per_seed"] = {}
-            for seed, path in zip(source["train_seeds"], source["sources"]):
-                alone, _, _ = _load([Path(path)], args.candidates)
-                result["per_seed"][str(seed)] = allocation_bound(alone, families, reference, args.resamples, args.seed)
+        if len(runs) > 1:  # whether each seed's models alone tell the same
+            result["per_seed"] = {str(run["settings"]["train_seed"]): allocation_bound(
+                candidates_from_runs([run], args.candidates), families, reference, args.resamples, args.seed) for run in runs}
     except AptpError as error:
         parser.exit(2, f"error: {error}\n")
     from aptp.train.slicing import write_json_atomic

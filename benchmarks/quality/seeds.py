@@ -29,12 +29,12 @@ __all__ = ["load_runs", "prompt_families", "family_order", "seed_summary", "seed
 
 def load_runs(paths: Sequence[str | Path], shared_settings: Sequence[str],
               setting: Callable[[dict[str, Any], str], Any] = lambda settings, key: settings.get(key),
-              caller: str = "--over-seeds") -> list[dict[str, Any]]:
-    """The quality.json of each path (the file or the run directory holding it), checked to
-    share `shared_settings` (read by `setting`) and to come from distinct training seeds; sorted by
-    training seed. Errors name `caller`."""
-    if len(paths) < 2:
-        raise ConfigError(f"{caller} needs the runs of at least 2 training seeds, got {len(paths)}")
+              caller: str = "--over-seeds", minimum: int = 2) -> list[dict[str, Any]]:
+    """The quality.json of each path (the file or the run directory holding it), at least
+    `minimum` of them, checked to share `shared_settings` (read by `setting`) and to come from
+    distinct training seeds; sorted by training seed. Errors name `caller`."""
+    if len(paths) < minimum:
+        raise ConfigError(f"{caller} needs the runs of at least {minimum} training seeds, got {len(paths)}")
     runs = []
     for path in paths:
         path = Path(path)
