@@ -58,6 +58,16 @@ def test_pretrain_config_rejects_unknown_keys():
         load_pretrain_config("no_such_preset")
 
 
+def test_pretrain_overrides_read_numbers_like_the_training_config():
+    from aptp.train.pretrain import load_pretrain_config
+
+    # Plain YAML 1.1 reads 5e-4 as a string; the pretrain config used to refuse it as "not a number".
+    config = load_pretrain_config("tiny_teacher", ["unet.learning_rate=5e-4", "vae.learning_rate=2e-3"])
+    assert config.unet.learning_rate == pytest.approx(5e-4) and config.vae.learning_rate == pytest.approx(2e-3)
+    with pytest.raises(ConfigError, match=r"override 'unet.max_steps=\[1': malformed YAML"):
+        load_pretrain_config("tiny_teacher", ["unet.max_steps=[1"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Classifier / feature extractor
 # ----------------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def load_config(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) 
     parsed as YAML, as given to ``aptp-train --set``. Raises `ConfigError` on any problem.
     """
     text, source = _read_source(str(name_or_path))
-    raw = _parse_yaml(text, source)
+    raw = parse_yaml(text, source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -239,7 +239,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[tuple[str, ...], Any
         if not sep or not all(keys):
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. prune.max_steps=100)")
         _check_key_path(keys, item)
-        parsed.append((keys, _parse_yaml(value_text, f"override '{item}'")))
+        parsed.append((keys, parse_yaml(value_text, f"override '{item}'")))
     return parsed
 
 
@@ -298,7 +298,8 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _parse_yaml(text: str, source: str) -> Any:
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as Python values (``1e-4`` read as a float); a `ConfigError` naming ``source`` if malformed."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:

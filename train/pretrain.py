@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from aptp.errors import ArtifactError, ConfigError
 from aptp.outputs import PIPELINE, check_output_dir, claim_in_place, commit_dir, ordinary_tree
 
-from .config import _check_type  # the training config's type check, same messages
+from .config import _check_type, parse_yaml  # the training config's type check and YAML reading, same messages
 from .data import ProceduralCaptions
 from .losses import denoising_loss
 from .models import build_tiny_pipeline, load_components
@@ -132,10 +132,7 @@ def load_pretrain_config(name_or_path: str = DEFAULT_PRESET, overrides: Sequence
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"pretrain config '{name_or_path}' not found (looked for {path}); pass a YAML file or 'tiny_teacher'")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: malformed YAML ({' '.join(str(error).split())})") from error
+    raw = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
@@ -148,10 +145,7 @@ def load_pretrain_config(name_or_path: str = DEFAULT_PRESET, overrides: Sequence
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': {part} is a value, not a section")
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override '{item}': malformed YAML value") from error
+        node[leaf] = parse_yaml(value, f"override '{item}'")
     return pretrain_config_from_dict(raw, source=str(path))
 
 
