@@ -49,6 +49,35 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["teacher"]
 
 
+def test_pretrain_scheduler_changes_train_and_save_the_changed_schedule(tmp_path):
+    from aptp.train.models import load_components
+    from aptp.train.pretrain import load_pretrain_config, run_pretrain
+
+    settings = ["num_samples=8", "num_threads=null", "resolution=32", "vae.max_steps=1", "vae.batch_size=2",
+                "unet.max_steps=2", "unet.batch_size=2", "unet.warmup_steps=1"]
+    zero_snr = ["scheduler.prediction_type=v_prediction", "scheduler.rescale_betas_zero_snr=true",
+                "scheduler.timestep_spacing=trailing"]
+    out = run_pretrain(load_pretrain_config("tiny_teacher", settings + zero_snr), tmp_path / "zero-snr")
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (saved["prediction_type"], saved["rescale_betas_zero_snr"], saved["timestep_spacing"]) == (
+        "v_prediction", True, "trailing")
+    training = load_components(str(out)).noise_scheduler
+    assert float(training.alphas_cumprod[-1]) == 0.0 and float(training.alphas_cumprod[0]) > 0.99
+    # Changing the schedule without training the UNet under it, or zero SNR with epsilon, is refused first.
+    with pytest.raises(ConfigError, match="need the unet stage"):
+        run_pretrain(load_pretrain_config("tiny_teacher", settings + zero_snr), tmp_path / "vae-only", stages=["vae"])
+    with pytest.raises(ConfigError, match="needs prediction_type v_prediction"):
+        run_pretrain(load_pretrain_config("tiny_teacher", settings + ["scheduler.rescale_betas_zero_snr=true"]),
+                     tmp_path / "eps")
+    with pytest.raises(ConfigError, match="scheduler.prediction_type must be one of"):
+        load_pretrain_config("tiny_teacher", ["scheduler.prediction_type=eps"])
+    assert not (tmp_path / "vae-only").exists() and not (tmp_path / "eps").exists()
+    # An unset key keeps the starting pipeline's value: this one already predicts v.
+    again = run_pretrain(load_pretrain_config("tiny_teacher", settings + ["scheduler.rescale_betas_zero_snr=true"]),
+                         tmp_path / "again", init_from=out, stages=["unet"])
+    assert json.loads((again / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
 def test_pretrain_config_rejects_unknown_keys():
     from aptp.train.pretrain import load_pretrain_config
 

@@ -10,6 +10,7 @@ starts from is trained here, in two stages, with the trainer's own step machiner
 2. **UNet and text encoder**: trained together, densely, on the frozen VAE's latents with
    `aptp.train.losses.denoising_loss` (min-SNR weighting, the scheduler's prediction type).
    A fraction of captions is replaced by the empty prompt so that classifier-free guidance works.
+   The config's ``scheduler`` section may change the noise schedule first (`SchedulerChanges`).
 
 Every ``checkpoint_every`` steps and at the end of each stage a resumable training state is
 written under ``<output>/.pretrain-state/`` (`aptp.train.pretrain_state`); ``resume=True``
@@ -24,6 +25,7 @@ it the default ``tiny`` model. Config: `PretrainConfig`, read from YAML with `lo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -102,6 +104,31 @@ class UnetStageConfig:
     ema_decay: float = 0.999
 
 
+# What `SchedulerChanges` may set, as diffusers names them (DDPMScheduler / DDIMScheduler config keys).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass
+class SchedulerChanges:
+    """Changes to the starting pipeline's noise schedule, made before the UNet stage and saved with the
+    pipeline (None: keep the starting pipeline's value).
+
+    SD's ``scaled_linear`` schedule leaves signal at the last timestep (sqrt(alpha_bar) 0.068 at
+    t=999, 0.090 at DDIM's first step t=951), so a model can read the layout from x_T instead of
+    the prompt and then place objects wherever the sampling noise says; ``rescale_betas_zero_snr``
+    with ``v_prediction`` and ``trailing`` spacing removes it (Lin et al. 2024, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed").
+    """
+
+    prediction_type: str | None = None
+    rescale_betas_zero_snr: bool | None = None
+    timestep_spacing: str | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
 @dataclass
 class PretrainConfig:
     """Everything `run_pretrain` needs. Build with `load_pretrain_config` or directly."""
@@ -120,6 +147,7 @@ class PretrainConfig:
     checkpoint_every: int = 500
     vae: VaeStageConfig = field(default_factory=VaeStageConfig)
     unet: UnetStageConfig = field(default_factory=UnetStageConfig)
+    scheduler: SchedulerChanges = field(default_factory=SchedulerChanges)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,7 +187,8 @@ def pretrain_config_from_dict(raw: dict[str, Any], source: str = "config") -> Pr
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in values.items():
-            nested = {"vae": VaeStageConfig, "unet": UnetStageConfig}.get(name) if cls is PretrainConfig else None
+            nested = ({"vae": VaeStageConfig, "unet": UnetStageConfig, "scheduler": SchedulerChanges}.get(name)
+                      if cls is PretrainConfig else None)
             if nested:
                 if value is not None and not isinstance(value, dict):
                     raise ConfigError(f"{source}: {name} must be a mapping of keys, got {type(value).__name__}")
@@ -180,7 +209,15 @@ def pretrain_config_from_dict(raw: dict[str, Any], source: str = "config") -> Pr
     for stage in (config.vae, config.unet):
         if stage.max_steps < 0 or stage.batch_size < 1:
             raise ConfigError(f"{source}: max_steps must be >= 0 and batch_size >= 1")
+    _check_scheduler_changes(config.scheduler, source)
     return config
+
+
+def _check_scheduler_changes(changes: SchedulerChanges, source: str) -> None:
+    for key, allowed in (("prediction_type", PREDICTION_TYPES), ("timestep_spacing", TIMESTEP_SPACINGS)):
+        value = getattr(changes, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{source}: scheduler.{key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def run_pretrain(
@@ -212,6 +249,7 @@ def run_pretrain(
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown pretrain stage(s) {unknown}; choose from 'vae' and 'unet'")
+    _check_scheduler_changes_apply(config.scheduler, stages, init_from)
     output_dir = Path(output_dir).expanduser().absolute()
     if resume and overwrite:
         raise ConfigError(f"--resume and --overwrite exclude each other: --resume continues the run in {output_dir}, "
@@ -244,6 +282,7 @@ def run_pretrain(
             init_from = build_tiny_pipeline(staging / "init", seed=config.seed, resolution=config.resolution,
                                             text_length=config.text_length)
         components = load_components(str(init_from))
+        _apply_scheduler_changes(components, config.scheduler)
         dataset = ProceduralCaptions(config.num_samples, config.resolution, seed=config.data_seed,
                                      text_fraction=config.text_fraction)
         # A fresh run keeps the history of stages trained before (run separately).
@@ -265,7 +304,7 @@ def run_pretrain(
             logger.warning("interrupted; %s", f"the state at {last.describe()} is kept in {last.path.parent}: "
                            "continue with --resume" if last else "no training state was saved yet")
             raise
-        save_pipeline(components, staging / "pipeline", scheduler_source=init_from)
+        save_pipeline(components, staging / "pipeline", scheduler_source=init_from, changes=config.scheduler.changes())
         shutil.copyfile(log.path, staging / "pipeline" / "pretrain_log.jsonl")
         (staging / "pipeline" / "pretrain_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         ordinary_tree(staging / "pipeline")
@@ -275,6 +314,34 @@ def run_pretrain(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote the trained pipeline to %s", output_dir)
     return output_dir
+
+
+def _check_scheduler_changes_apply(changes: SchedulerChanges, stages: Sequence[str], init_from: str | Path | None) -> None:
+    """Refuse, before anything is written, schedule changes that would leave a broken pipeline."""
+    if not changes.changes():
+        return
+    if "unet" not in stages:
+        raise ConfigError("scheduler changes need the unet stage: a UNet trained under one noise schedule or "
+                          "prediction type gives wrong images under another; add 'unet' to the stages")
+    prediction = changes.prediction_type
+    if prediction is None:
+        # A fresh tiny pipeline predicts epsilon (`build_tiny_pipeline`); a starting pipeline says what it predicts.
+        config_path = None if init_from is None else Path(init_from) / "scheduler" / "scheduler_config.json"
+        starting = json.loads(config_path.read_text()) if config_path is not None and config_path.is_file() else {}
+        prediction = starting.get("prediction_type", "epsilon")
+    if changes.rescale_betas_zero_snr and prediction == "epsilon":
+        # At zero SNR x_T holds no signal: the epsilon target there is the input itself and says nothing of the image.
+        raise ConfigError("scheduler.rescale_betas_zero_snr needs prediction_type v_prediction (or sample), and the "
+                          "pipeline predicts epsilon: set scheduler.prediction_type too")
+
+
+def _apply_scheduler_changes(components: Any, changes: SchedulerChanges) -> None:
+    """Train under the changed schedule: the training scheduler is rebuilt from the changed config."""
+    if not changes.changes():
+        return
+    scheduler = components.noise_scheduler
+    components.noise_scheduler = type(scheduler).from_config(scheduler.config, **changes.changes())
+    logger.info("training under the changed noise schedule: %s", changes.changes())
 
 
 class _Checkpoints:
@@ -486,12 +553,13 @@ class _Ema:
         self.updates = updates
 
 
-def save_pipeline(components: Any, directory: str | Path, scheduler_source: str | Path) -> Path:
+def save_pipeline(components: Any, directory: str | Path, scheduler_source: str | Path,
+                  changes: dict[str, Any] | None = None) -> Path:
     """Write the components as a `StableDiffusionPipeline` directory, with the sampling scheduler of
-    the pipeline at ``scheduler_source`` (training never changes it)."""
+    the pipeline at ``scheduler_source`` and the config's scheduler ``changes`` (see `SchedulerChanges`)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    scheduler = DDIMScheduler.from_pretrained(str(scheduler_source), subfolder="scheduler")
+    scheduler = DDIMScheduler.from_pretrained(str(scheduler_source), subfolder="scheduler", **(changes or {}))
     pipeline = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
         unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
