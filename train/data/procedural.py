@@ -32,6 +32,7 @@ __all__ = [
     "COUNT_WORDS",
     "FAMILIES",
     "POSITIONS",
+    "POSITION_PHRASES",
     "SHAPES",
     "WORDS",
     "ProceduralCaptions",
@@ -75,7 +76,7 @@ FAMILY_DESCRIPTIONS = {
     "hard": "a rendered word",
 }
 
-_POSITION_PHRASES = {
+POSITION_PHRASES = {
     "left": "on the left",
     "right": "on the right",
     "top": "at the top",
@@ -151,7 +152,7 @@ def _shape_caption(shape: str, colour: str, position: str, count: int, template:
         noun = shape
     else:
         number, noun = COUNT_WORDS[count - 1], shape + "s"
-    phrase = f"{number} {colour} {noun} {_POSITION_PHRASES[position]}"
+    phrase = f"{number} {colour} {noun} {POSITION_PHRASES[position]}"
     if template < 0.3:
         return f"there {'is' if count == 1 else 'are'} {phrase}"
     return phrase
@@ -164,7 +165,7 @@ def _text_caption(word: str, colour: str, position: str, style: str, template: f
     else:
         caption = f"the word {word} in {colour}" if template < 0.6 else f"{word} written in {colour} letters"
     # The center is where a word goes by default, so only the other positions are mentioned.
-    return caption if position == "center" else f"{caption} {_POSITION_PHRASES[position]}"
+    return caption if position == "center" else f"{caption} {POSITION_PHRASES[position]}"
 
 
 def _shape_placements(sample: _Sample) -> list[tuple[float, float, float, float]]:
