@@ -78,6 +78,26 @@ def test_pretrain_scheduler_changes_train_and_save_the_changed_schedule(tmp_path
     assert json.loads((again / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
 
+def test_committed_zero_snr_teacher_is_what_its_preset_says():
+    import yaml
+
+    from aptp.train.models import TINY_WEIGHTS, load_components
+    from aptp.train.pretrain import load_pretrain_config
+
+    path = TINY_WEIGHTS.parent / "tiny-sd-zero-snr"
+    preset = load_pretrain_config("tiny_teacher_zero_snr")
+    assert yaml.safe_load((path / "pretrain_config.yaml").read_text()) == preset.to_dict()
+    saved = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    assert {key: saved[key] for key in preset.scheduler.changes()} == preset.scheduler.changes()
+    components = load_components(str(path))
+    assert components.noise_scheduler.config.prediction_type == "v_prediction"
+    assert float(components.noise_scheduler.alphas_cumprod[-1]) == 0.0
+    # Fine-tuned from the committed teacher: same VAE and tokenizer, a different UNet.
+    teacher = load_components(str(TINY_WEIGHTS))
+    assert torch.equal(components.vae.decoder.conv_out.weight, teacher.vae.decoder.conv_out.weight)
+    assert not torch.equal(components.unet.conv_out.weight, teacher.unet.conv_out.weight)
+
+
 def test_pretrain_config_rejects_unknown_keys():
     from aptp.train.pretrain import load_pretrain_config
 
