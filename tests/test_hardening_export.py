@@ -564,7 +564,7 @@ def test_empty_or_non_finite_codes_are_refused(checkpoint_copy):
 
 @pytest.mark.parametrize("extra, message", [
     (["--set", "vae.max_steps=abc"], "vae.max_steps must be an integer"),
-    (["--set", "vae=[1"], "malformed YAML value"),
+    (["--set", "vae=[1"], "override 'vae=[1': malformed YAML at line 1"),
     (["--set", "vae=3"], "vae must be a mapping"),
     (["--set", "seed.x=1"], "seed is a value, not a section"),
     (["--config", "{bad_yaml}"], "malformed YAML"),
