@@ -249,7 +249,7 @@ def run_pretrain(
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown pretrain stage(s) {unknown}; choose from 'vae' and 'unet'")
-    _check_scheduler_changes_apply(config.scheduler, stages, init_from)
+    _check_schedule_is_trainable(config.scheduler, stages, init_from)
     output_dir = Path(output_dir).expanduser().absolute()
     if resume and overwrite:
         raise ConfigError(f"--resume and --overwrite exclude each other: --resume continues the run in {output_dir}, "
@@ -316,7 +316,7 @@ def run_pretrain(
     return output_dir
 
 
-def _check_scheduler_changes_apply(changes: SchedulerChanges, stages: Sequence[str], init_from: str | Path | None) -> None:
+def _check_schedule_is_trainable(changes: SchedulerChanges, stages: Sequence[str], init_from: str | Path | None) -> None:
     """Refuse, before anything is written, schedule changes that would leave a broken pipeline."""
     if not changes.changes():
         return
