@@ -29,7 +29,7 @@ from aptp.errors import ArtifactError
 
 from .scheduler import TABLE_FORMAT, SchedulerTable
 
-__all__ = ["MAX_STEPS", "MIN_STEPS", "SAMPLER_CLASSES", "build_table", "check_config"]
+__all__ = ["MAX_STEPS", "MIN_STEPS", "SAMPLER_CLASSES", "build_table", "check_config", "prediction_terms"]
 
 #: The documented step range of per-request tables.
 MIN_STEPS = 1
@@ -153,7 +153,7 @@ def _sigma_last(config: Mapping[str, Any], alphas_cumprod: np.ndarray) -> float:
     return 0.0
 
 
-def _prediction_terms(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
+def prediction_terms(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
     """``x0 = a * x + b * m`` for a VP sample ``x = alpha x0 + sigma eps`` and model output ``m``."""
     if prediction == "epsilon":
         return 1.0 / alpha, -sigma / alpha
@@ -172,7 +172,7 @@ def _ddim(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
         prev = int(t) - train // n
         a_prev = float(ac[prev]) if prev >= 0 else final
         # x0 = p * x + q * m and eps = r * x + s * m, then x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps.
-        p, q = _prediction_terms(config["prediction_type"], math.sqrt(a), math.sqrt(1 - a))
+        p, q = prediction_terms(config["prediction_type"], math.sqrt(a), math.sqrt(1 - a))
         if config["prediction_type"] == "epsilon":
             r, s = 0.0, 1.0
         elif config["prediction_type"] == "v_prediction":
@@ -220,7 +220,7 @@ def _dpmpp_2m(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, An
     with np.errstate(divide="ignore"):
         lambdas = np.log(alphas) - np.log(vp_sigmas)
     prediction = config["prediction_type"]
-    x0 = [_prediction_terms(prediction, alphas[i], vp_sigmas[i]) for i in range(n)]
+    x0 = [prediction_terms(prediction, alphas[i], vp_sigmas[i]) for i in range(n)]
     lower_final = bool(config.get("euler_at_final")) or (bool(config.get("lower_order_final")) and n < 15) \
         or config.get("final_sigmas_type", "zero") == "zero"
     out = np.zeros((n, 4))

@@ -31,6 +31,8 @@ from aptp.errors import AptpError
 
 #: Positions whose sides the leak probe swaps in the prompt.
 SIDES = {"left": "right", "right": "left"}
+# Colours the chromatic centroid can see (white and black are as grey as the backgrounds).
+_UNSEEN_COLOURS = ("white", "black")
 # A chromatic pixel: max minus min channel above this (the backgrounds are grey, white and black are skipped).
 _CHROMA = 0.25
 
@@ -61,7 +63,7 @@ def placement(components: Any, *, seed: int = 0, steps: int = 20, guidance: floa
 
     from .table import generate_images
 
-    colours = [c for c in COLOURS if c not in ("white", "black")]
+    colours = [c for c in COLOURS if c not in _UNSEEN_COLOURS]
     result = {}
     for position, phrase in POSITION_PHRASES.items():
         prompts = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s} {phrase}" for c in colours for s in SHAPES]
@@ -75,12 +77,10 @@ def placement(components: Any, *, seed: int = 0, steps: int = 20, guidance: floa
 
 
 def _x0_prediction(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
-    alpha, sigma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
-    if prediction_type == "epsilon":
-        return (noisy - sigma * output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * noisy - sigma * output
-    return output
+    from aptp.runtime.samplers import prediction_terms
+
+    from_noisy, from_output = prediction_terms(prediction_type, alpha_bar**0.5, (1 - alpha_bar) ** 0.5)
+    return from_noisy * noisy + from_output * output
 
 
 def _held_out_sides(dataset: Any, per_side: int) -> dict[str, list[int]]:
@@ -90,37 +90,40 @@ def _held_out_sides(dataset: Any, per_side: int) -> dict[str, list[int]]:
         attributes = dataset.attributes(index)
         side = attributes["position"]
         if (side in picked and len(picked[side]) < per_side and not attributes["is_text"] and attributes["count"] == 1
-                and attributes["colour"] not in ("white", "black")):
+                and attributes["colour"] not in _UNSEEN_COLOURS):
             picked[side].append(index)
     return picked
 
 
 @torch.no_grad()
-def leak(components: Any, timesteps: Sequence[int] = (951, 901, 801), *, per_side: int = 24,
-         text_length: int = 32) -> list[dict[str, Any]]:
+def leak(components: Any, timesteps: Sequence[int] = (951, 901, 801), *, per_side: int = 24) -> list[dict[str, Any]]:
     """Per timestep and side: the x0 prediction's centroid x under the true, swapped and empty prompts."""
     from aptp.train.data import ProceduralCaptions
 
     scheduler, vae, unet = components.noise_scheduler, components.vae, components.unet
-    resolution = vae.config.sample_size if isinstance(vae.config.sample_size, int) else 64
+    resolution = unet.config.sample_size * components.vae_scale_factor
     dataset = ProceduralCaptions(4000, resolution, seed=1)  # seed 1: the held-out prompts of the quality table
     scale = vae.config.scaling_factor
+    # What does not depend on the timestep: each side's images, latents and prompt encodings.
+    sides = {}
+    for side, indices in _held_out_sides(dataset, per_side).items():
+        images = torch.stack([dataset[i]["pixel_values"] for i in indices])
+        captions = [dataset.caption(i) for i in indices]
+        prompts = {"true": captions, "swapped": [c.replace(side, SIDES[side]) for c in captions],
+                   "empty": [""] * len(captions)}
+        sides[side] = {"images": images, "latents": vae.encode(images).latent_dist.mean * scale,
+                       "contexts": {name: components.encode_prompts(texts, "cpu") for name, texts in prompts.items()}}
     rows = []
     for t in timesteps:
         alpha_bar = float(scheduler.alphas_cumprod[t])
-        for side, indices in _held_out_sides(dataset, per_side).items():
-            images = torch.stack([dataset[i]["pixel_values"] for i in indices])
-            captions = [dataset.caption(i) for i in indices]
-            prompts = {"true": captions, "swapped": [c.replace(side, SIDES[side]) for c in captions],
-                       "empty": [""] * len(captions)}
-            latents = vae.encode(images).latent_dist.mean * scale
+        for side, held_out in sides.items():
+            latents = held_out["latents"]
             noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(0)).expand_as(latents)
             noisy = alpha_bar**0.5 * latents + (1 - alpha_bar) ** 0.5 * noise
-            row = {"timestep": int(t), "sqrt_alpha_bar": round(alpha_bar**0.5, 4), "side": side, "n": len(indices),
-                   "real_x": _stats(chromatic_centroid(images * 0.5 + 0.5)[0])}
-            for name, texts in prompts.items():
-                context = components.text_encoder(components.tokenize(texts, text_length))[0]
-                output = unet(noisy, torch.full((len(texts),), int(t)), encoder_hidden_states=context).sample
+            row = {"timestep": int(t), "sqrt_alpha_bar": round(alpha_bar**0.5, 4), "side": side, "n": len(latents),
+                   "real_x": _stats(chromatic_centroid(held_out["images"] * 0.5 + 0.5)[0])}
+            for name, context in held_out["contexts"].items():
+                output = unet(noisy, torch.full((len(latents),), int(t)), encoder_hidden_states=context).sample
                 x0 = _x0_prediction(output, noisy, alpha_bar, scheduler.config.prediction_type)
                 decoded = (vae.decode(x0 / scale).sample * 0.5 + 0.5).clamp(0, 1)
                 row[f"{name}_x"] = _stats(chromatic_centroid(decoded)[0])
