@@ -234,6 +234,20 @@ def test_static_budget_rows_differ_from_static_only_in_their_budget():
         assert configs[name] == configs["static"]
 
 
+def test_aptp_is_paired_with_static_upper_as_the_equal_macs_baseline():
+    from aptp.benchmarks.quality.table import paired_comparisons
+
+    families = ["easy", "easy", "hard", "hard"]
+    rows = {"aptp": {"per_prompt_alignment": [1.0, 0.5, 0.75, 0.25]},
+            "static": {"per_prompt_alignment": [0.5, 0.5, 0.5, 0.5]},
+            "static_upper": {"per_prompt_alignment": [0.75, 0.75, 0.25, 0.25]}}
+    paired = paired_comparisons(rows, families)
+    assert set(paired) == {"aptp - static", "aptp - static_upper", "static_upper - static"}
+    assert paired["aptp - static_upper"]["easy"]["mean"] == pytest.approx(0.0)
+    assert paired["aptp - static_upper"]["hard"]["mean"] == pytest.approx(0.25)
+    assert paired["aptp - static_upper"]["all"]["mean"] == pytest.approx(0.125)
+
+
 @pytest.mark.parametrize("spread", ["0", "0.6", "-0.1"])
 def test_a_static_spread_leaving_the_unit_interval_is_refused(tmp_path, spread):
     from aptp.benchmarks.quality.table import build_parser, run_quality

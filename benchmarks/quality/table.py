@@ -21,6 +21,8 @@ Rows (each pruned and fine-tuned by aptp's own trainer, with the same step count
 - ``static_lower`` / ``static_upper`` (only when named): ``static`` at ``--target`` minus / plus
   ``--static-spread``. With ``static`` and ``dense`` they measure each family's alignment-vs-MACs
   curve, from which `aptp.benchmarks.quality.allocation` bounds what routing by family could gain.
+  With a small spread, ``static_upper`` is the static baseline at APTP's mean MACs (APTP lands
+  above its target), and the ``aptp - static_upper`` pair is the equal-MACs comparison.
 
 Every row generates one image per held-out procedural prompt (``ProceduralCaptions`` seed
 ``--prompt-seed``, never trained on), with the same initial noise per prompt in every row, and
@@ -485,7 +487,9 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
 PAIRS = (("aptp", "static"), ("aptp", "static_long"), ("aptp_k8", "static"), ("aptp_k8", "static_long"),
          ("aptp_quality", "static"), ("aptp_quality", "static_long"), ("aptp_quality", "aptp"),
          ("aptp_sensitivity", "static"), ("aptp_sensitivity", "static_long"), ("aptp_sensitivity", "aptp"),
-         ("aptp", "aptp_no_ot"), ("static", "dense"), ("static_upper", "static"), ("static", "static_lower"))
+         ("aptp", "aptp_no_ot"), ("static", "dense"), ("static_upper", "static"), ("static", "static_lower"),
+         # static_upper at APTP's mean MACs (--static-spread chosen so) is the equal-MACs static baseline
+         ("aptp", "static_upper"))
 
 
 def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[str, Any]:
