@@ -248,6 +248,20 @@ def test_aptp_is_paired_with_static_upper_as_the_equal_macs_baseline():
     assert paired["aptp - static_upper"]["all"]["mean"] == pytest.approx(0.125)
 
 
+def test_what_longer_fine_tuning_alone_buys_static_is_paired():
+    from aptp.benchmarks.quality.table import paired_comparisons
+
+    families = ["easy", "hard"]
+    rows = {"static": {"per_prompt_alignment": [0.5, 0.75]},
+            "static_long": {"per_prompt_alignment": [1.0, 0.5]},
+            "dense": {"per_prompt_alignment": [1.0, 1.0]}}
+    paired = paired_comparisons(rows, families)
+    assert set(paired) == {"static - dense", "static_long - static", "static_long - dense"}
+    assert paired["static_long - static"]["easy"]["mean"] == pytest.approx(0.5)
+    assert paired["static_long - static"]["hard"]["mean"] == pytest.approx(-0.25)
+    assert paired["static_long - dense"]["all"]["mean"] == pytest.approx(-0.25)
+
+
 @pytest.mark.parametrize("spread", ["0", "0.6", "-0.1"])
 def test_a_static_spread_leaving_the_unit_interval_is_refused(tmp_path, spread):
     from aptp.benchmarks.quality.table import build_parser, run_quality

@@ -489,7 +489,9 @@ PAIRS = (("aptp", "static"), ("aptp", "static_long"), ("aptp_k8", "static"), ("a
          ("aptp_sensitivity", "static"), ("aptp_sensitivity", "static_long"), ("aptp_sensitivity", "aptp"),
          ("aptp", "aptp_no_ot"), ("static", "dense"), ("static_upper", "static"), ("static", "static_lower"),
          # static_upper at APTP's mean MACs (--static-spread chosen so) is the equal-MACs static baseline
-         ("aptp", "static_upper"))
+         ("aptp", "static_upper"),
+         # what K times the fine-tuning alone buys a static model, per family
+         ("static_long", "static"), ("static_long", "dense"))
 
 
 def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[str, Any]:
