@@ -13,8 +13,12 @@ the guarantee without the in-memory copy:
 2. its status (inode, size, mtime, ctime) is taken, and it is hashed through the open file in
    1 MiB chunks;
 3. onnxruntime reads the weights from the private folder;
-4. the status is taken again: a write, rename or new link in between changes the ctime, and
-   the session is refused.
+4. the status is taken again. A new size or mtime means a write: the session is refused. A
+   moved ctime alone decides nothing, because other processes pinning the same export link
+   and unlink the same inode (which moves its ctime) while nothing changes its bytes: the file
+   is hashed again through the open descriptor, and the hash is the authority. Finally the
+   export's path must still name the inode that was loaded: a file swapped in there during the
+   load is refused, as the export is changing under the reader.
 
 Where a hard link cannot be made (the temp folder on another filesystem, no ``/proc``, a
 kernel that protects hard links to files this account does not own), `pinned_weights` yields
@@ -44,6 +48,30 @@ _WHAT = "ONNX external data"
 def _identity(fd: int) -> tuple[int, ...]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _changed_while_loading(path: Path) -> ArtifactError:
+    return ArtifactError(f"{_WHAT} {path} changed while onnxruntime was loading it (its status moved after it "
+                         "was hashed); refusing the session; load again once nothing writes to the export")
+
+
+def _check_unchanged(fd: int, path: Path, digest: str | None, then: tuple[int, ...]) -> None:
+    """Raise if the pinned file's bytes may differ from those hashed before the load, or if the
+    export's `path` no longer names it."""
+    now = _identity(fd)
+    if now[:4] != then[:4]:
+        raise _changed_while_loading(path)
+    if now[4] != then[4] and digest is not None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        if file_sha256(fd) != digest:
+            raise _changed_while_loading(path)
+    try:
+        current = os.stat(path)
+    except OSError as err:
+        raise unreadable(path, _WHAT, err) from err
+    if (current.st_dev, current.st_ino) != now[:2]:
+        raise ArtifactError(f"{_WHAT} {path} was replaced in the export while onnxruntime was loading it; "
+                            "refusing the session; load again once nothing writes to the export")
 
 
 @contextmanager
@@ -82,11 +110,8 @@ def pinned_weights(files: Sequence[tuple[Path, str | None]]) -> Iterator[Path | 
             if digest is not None and file_sha256(fd) != digest:
                 raise sha256_mismatch(path, _WHAT)
         yield folder
-        for fd, (path, _), then in zip(fds, files, before):
-            if _identity(fd) != then:
-                raise ArtifactError(f"{_WHAT} {path} changed while onnxruntime was loading it (its status moved "
-                                    "after it was hashed); refusing the session; load again once nothing writes "
-                                    "to the export")
+        for fd, (path, digest), then in zip(fds, files, before):
+            _check_unchanged(fd, path, digest, then)
     finally:
         for fd in fds:
             os.close(fd)

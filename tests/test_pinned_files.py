@@ -52,12 +52,20 @@ def test_a_write_while_loading_is_caught(weights):
                 f.write(b"\1\2\3\4")
 
 
-def test_a_rename_while_loading_is_caught(weights):
-    with pytest.raises(ArtifactError, match="changed while onnxruntime was loading it"):
+def test_a_rename_out_and_back_keeps_the_verified_bytes_and_is_accepted(weights):
+    # The inode's ctime moves, but its bytes (hashed again) and the path's inode are the same:
+    # onnxruntime read exactly what was verified.
+    with pinned_weights([(weights, _sha(weights))]) as folder:
+        moved = weights.with_name("elsewhere")
+        os.rename(weights, moved)
+        os.rename(moved, weights)
+    assert folder is not None
+
+
+def test_a_rename_away_during_a_load_is_refused(weights):
+    with pytest.raises(ArtifactError, match="cannot read ONNX external data"):
         with pinned_weights([(weights, _sha(weights))]):
-            moved = weights.with_name("elsewhere")
-            os.rename(weights, moved)  # swapped out and back: the inode's ctime moves
-            os.rename(moved, weights)
+            os.rename(weights, weights.with_name("elsewhere"))
 
 
 def test_a_path_swapped_between_open_and_link_is_refused(weights, monkeypatch):
@@ -128,3 +136,66 @@ def test_a_symlink_inside_the_export_is_pinned_by_its_target(weights):
     with pinned_weights([(link, _sha(weights))]) as folder:
         assert folder is not None
         assert os.stat(folder / "alias.data").st_ino == os.stat(weights).st_ino
+
+
+_LOADER = """
+import sys
+from pathlib import Path
+import numpy as np
+from aptp.runtime.engine import OnnxRuntimeEngine
+graph, data, graph_sha, data_sha, loads = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+failures = []
+for _ in range(loads):
+    try:
+        engine = OnnxRuntimeEngine(graph, threads=1, sha256=graph_sha, external_data=[(data, data_sha)])
+        engine.infer({"x": np.ones((1, 64), np.float32)})
+    except Exception as err:
+        failures.append(str(err))
+print(f"{loads - len(failures)} of {loads} loads")
+for failure in failures:
+    print("FAILED:", failure)
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_many_processes_load_one_export_at_once(tmp_path):
+    """Several processes (a server, a CLI, replicas, a benchmark) pinning the same weights link and
+    unlink its inode, which moves its ctime: that must not look like a change of the file."""
+    pytest.importorskip("onnx", reason="building a graph with external data needs the onnx package")
+    import subprocess
+    import sys
+
+    external_weights_graph(tmp_path, "m.onnx.data")
+    graph, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    processes, loads = 4, 10
+    command = [sys.executable, "-c", _LOADER, str(graph), str(data), _sha(graph), _sha(data), str(loads)]
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(processes)]
+    outputs = [p.communicate(timeout=300)[0] for p in running]
+    assert [p.returncode for p in running] == [0] * processes, "\n".join(outputs)
+    assert all(f"{loads} of {loads} loads" in out for out in outputs)
+
+
+def test_a_link_made_by_another_loader_is_not_a_change(weights):
+    with pinned_weights([(weights, _sha(weights))]) as folder:
+        assert folder is not None
+        other = weights.with_name("another-loaders-link")
+        os.link(weights, other)  # what a second process pinning the same file does: ctime moves
+        os.unlink(other)
+
+
+def test_a_file_swapped_in_at_the_path_during_a_load_is_refused(weights):
+    with pytest.raises(ArtifactError, match="was replaced in the export while onnxruntime was loading it"):
+        with pinned_weights([(weights, _sha(weights))]):
+            swapped = weights.with_name("swapped")
+            swapped.write_bytes(weights.read_bytes()[::-1])
+            os.replace(swapped, weights)
+
+
+def test_bytes_changed_with_the_old_mtime_restored_are_caught_by_the_hash(weights):
+    with pytest.raises(ArtifactError, match="changed while onnxruntime was loading it"):
+        with pinned_weights([(weights, _sha(weights))]):
+            status = os.stat(weights)
+            with open(weights, "r+b") as f:
+                f.write(b"\1\2\3\4")
+            os.utime(weights, ns=(status.st_atime_ns, status.st_mtime_ns))  # hide the write from mtime
