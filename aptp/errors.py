@@ -35,3 +35,18 @@ class StorageError(AptpError):
 
 class DependencyError(AptpError, ImportError):
     """An optional package the call needs is not installed; the message names the extra to install."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """`value`'s repr for an error message, cut to about `limit` characters.
+
+    A request may carry a 5,000-digit number or a megabyte string: its repr must neither flood
+    the one-line message nor fail (Python refuses to print an int of more than 4,300 digits).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from aptp.errors import ArtifactError, RuntimeInputError
+from aptp.errors import ArtifactError, RuntimeInputError, shown
 
 from . import kernels
 from .artifacts import DENSE, ExportArtifacts, ModelFile, load_artifacts
@@ -61,7 +61,7 @@ from .images import to_uint8
 from .residency import MemoryProbe, ResidencyManager, parse_memory_budget
 from .router import Router
 from .scheduler import SamplerLibrary, SchedulerTable
-from .tokenize import PromptTokenizer, check_prompts
+from .tokenize import PromptTokenizer, check_prompts, check_text
 
 __all__ = [
     "STAGES",
@@ -185,12 +185,12 @@ def resolve_backend(backend: str, device: str, artifacts: ExportArtifacts) -> st
 def _check_steps(value: Any, steps: Any, default: int) -> int:
     if steps is not None:  # `steps=` is the short spelling of diffusers' num_inference_steps=
         if value is not None and value != steps:
-            raise RuntimeInputError(f"steps={steps!r} and num_inference_steps={value!r} disagree; pass one of them")
+            raise RuntimeInputError(f"steps={shown(steps)} and num_inference_steps={shown(value)} disagree; pass one of them")
         value = steps
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {value!r}")
+        raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {shown(value)}")
     if value <= 0:
         raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {value}")
     return int(value)
@@ -204,10 +204,10 @@ def _check_negative_prompts(negative: Any, count: int) -> list[str | None] | Non
         negative = [negative] * count
     if isinstance(negative, bytes) or not isinstance(negative, Sequence) or len(negative) != count:
         raise RuntimeInputError(f"negative_prompt must be a string or a list of {count} strings (one per prompt), "
-                                f"got {negative!r}")
+                                f"got {shown(negative)}")
     for i, text in enumerate(negative):
-        if text is not None and not isinstance(text, str):
-            raise RuntimeInputError(f"negative_prompt[{i}] must be a string or None, got {type(text).__name__}")
+        if text is not None:
+            check_text(text, f"negative_prompt[{i}]", allow_blank=True)
     out = [text if text else None for text in negative]
     return out if any(out) else None
 
@@ -216,13 +216,13 @@ def _check_guidance(value: Any, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise RuntimeInputError(f"guidance_scale must be a finite number (e.g. 7.5), got {value!r}")
+        raise RuntimeInputError(f"guidance_scale must be a finite number (e.g. 7.5), got {shown(value)}")
     low, high = GUIDANCE_RANGE
     if not low <= value <= high:
         # Negative guidance steers away from the prompt; huge values overflow the latents
         # (1e308 gave an all-black image).
         raise RuntimeInputError(f"guidance_scale must be in [{low:g}, {high:g}] (diffusers' default is 7.5), "
-                                f"got {value!r}")
+                                f"got {shown(value)}")
     return float(value)
 
 
@@ -230,7 +230,7 @@ def _check_size(value: Any, name: str, default: int, artifacts: ExportArtifacts)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise RuntimeInputError(f"{name} must be a positive number of pixels, got {value!r}")
+        raise RuntimeInputError(f"{name} must be a positive number of pixels, got {shown(value)}")
     multiple = artifacts.size_multiple
     if value % multiple:
         raise RuntimeInputError(f"{name} {value} is not a multiple of {multiple} (VAE factor x UNet downsampling); "
@@ -250,10 +250,10 @@ def _check_seeds(seeds: Any, count: int) -> list[int]:
         seeds = [int(seeds) + i for i in range(count)]
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != count:
         raise RuntimeInputError(f"seeds must be an integer or a list of {count} integers (one per prompt), "
-                                f"got {seeds!r}")
+                                f"got {shown(seeds)}")
     for i, seed in enumerate(seeds):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
-            raise RuntimeInputError(f"seeds[{i}] must be an integer in [0, 2**63), got {seed!r}")
+            raise RuntimeInputError(f"seeds[{i}] must be an integer in [0, 2**63), got {shown(seed)}")
     return [int(s) for s in seeds]
 
 
@@ -503,10 +503,10 @@ class AptpPipeline:
         if expert is not None:
             keys = self.artifacts.model_keys
             if isinstance(expert, bool) or expert not in keys:
-                raise RuntimeInputError(f"expert must be one of {keys} (or None to route), got {expert!r}")
+                raise RuntimeInputError(f"expert must be one of {keys} (or None to route), got {shown(expert)}")
             expert = int(expert) if expert != DENSE else DENSE
         if output_type not in OUTPUT_TYPES:
-            raise RuntimeInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise RuntimeInputError(f"output_type must be one of {OUTPUT_TYPES}, got {shown(output_type)}")
         return GenerationOptions(scale, steps, _check_size(height, "height", a.image_height, a),
                                  _check_size(width, "width", a.image_width, a), expert, output_type, sampler)
 

@@ -167,6 +167,7 @@ def _deployments(serve: Any) -> tuple[type, type]:
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 
+    from .isolation import run_isolated
     from .pipeline import AptpPipeline, GenerationOptions
     from .serve_http import HttpError, encode_png, parse_request, response_format, result_json
 
@@ -200,18 +201,16 @@ def _deployments(serve: Any) -> tuple[type, type]:
                 groups.setdefault(dataclasses.replace(opts, expert=self.key), []).append(i)
             out: list[Any] = [None] * len(requests)
             for opts, rows in groups.items():
-                prompts = [requests[i][0] for i in rows]
-                seeds = [requests[i][1] for i in rows]
-                try:
-                    results = await asyncio.to_thread(self.pipe.generate, prompts, seeds, opts)
-                except Exception as err:  # noqa: BLE001 - this group's requests fail, not the batch
-                    for i in rows:
-                        out[i] = err
-                    continue
+                def run(batch: Sequence[int], opts: GenerationOptions = opts) -> list[Any]:
+                    return self.pipe.generate([requests[i][0] for i in batch], [requests[i][1] for i in batch], opts)
+
+                # A failing group is re-run one request at a time: a bad request fails only itself.
+                results = await asyncio.to_thread(run_isolated, run, rows, f"batch on {_model_name(self.key)}")
                 for i, result in zip(rows, results):
-                    out[i] = {"prompt": result.prompt, "seed": result.seed, "expert": result.expert,
-                              "truncated": bool(result.truncated), "batch_size": len(rows),
-                              "timings": dict(result.timings), "png": encode_png(result.image)}
+                    out[i] = result if isinstance(result, Exception) else {
+                        "prompt": result.prompt, "seed": result.seed, "expert": result.expert,
+                        "truncated": bool(result.truncated), "batch_size": len(rows),
+                        "timings": dict(result.timings), "png": encode_png(result.image)}
             return out  # serve.batch hands each item back as a value, exceptions included
 
     class RouterDeployment:
@@ -225,11 +224,12 @@ def _deployments(serve: Any) -> tuple[type, type]:
             self._route.set_batch_wait_timeout_s(options.max_wait_s)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-        async def _route(self, prompts: list[str]) -> list[tuple[int, float]]:
+        async def _route(self, prompts: list[str]) -> list[Any]:
             clock = time.perf_counter()
-            codes = await asyncio.to_thread(self.pipe.route, prompts)
+            codes = await asyncio.to_thread(run_isolated, lambda batch: self.pipe.route(batch).tolist(), prompts,
+                                            "routing")
             spent = (time.perf_counter() - clock) / len(prompts)
-            return [(int(c), spent) for c in codes.tolist()]
+            return [c if isinstance(c, Exception) else (int(c), spent) for c in codes]
 
         async def __call__(self, request: Request) -> Response:
             clock = time.perf_counter()
@@ -251,7 +251,10 @@ def _deployments(serve: Any) -> tuple[type, type]:
             route_s = 0.0
             try:
                 if key is None:
-                    key, route_s = await self._route(parsed.prompt)
+                    routed = await self._route(parsed.prompt)
+                    if isinstance(routed, Exception):
+                        raise routed
+                    key, route_s = routed
                 result = await self.models[key].generate.remote((parsed.prompt, seed, opts))
             except Exception as err:  # noqa: BLE001 - one request fails; the app keeps serving
                 status, message = _status_of(err)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import numbers
 import os
 import re
@@ -60,7 +61,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from aptp.errors import RuntimeInputError
+from aptp.errors import RuntimeInputError, shown
 
 __all__ = [
     "MemoryProbe",
@@ -83,6 +84,8 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 _UNLIMITED = ("unlimited", "none")
+#: Largest budget accepted (1 EiB): beyond any machine, and still an exact int64 byte count.
+MAX_MEMORY_BUDGET = 1 << 60
 
 
 def parse_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
@@ -95,7 +98,7 @@ def parse_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
     if value is None or isinstance(value, str) and value.strip().lower() in _UNLIMITED:
         return None
     bad = RuntimeInputError(f"{name} must be a positive size such as '3GiB', '512MiB', '2GB' or a byte count "
-                            f"(or 'unlimited'), got {value!r}")
+                            f"(or 'unlimited') of at most 1 EiB, got {shown(value)}")
     if isinstance(value, bool):
         raise bad
     if isinstance(value, numbers.Integral):
@@ -104,10 +107,13 @@ def parse_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
         match = _SIZE.match(value)
         if match is None or match.group(2).lower() not in _UNITS:
             raise bad
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        scaled = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        if not math.isfinite(scaled):  # 400 digits: a float of inf bytes
+            raise bad
+        size = int(scaled)
     else:
         raise bad
-    if size <= 0:
+    if not 0 < size <= MAX_MEMORY_BUDGET:
         raise bad
     return size
 

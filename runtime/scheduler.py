@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from aptp.errors import ArtifactError, RuntimeInputError
+from aptp.errors import ArtifactError, RuntimeInputError, shown
 
 TABLE_FORMAT = 1
 COEFFICIENT_KEYS = ("coef_sample", "coef_model", "coef_prev_sample", "coef_prev_model")
@@ -305,10 +305,10 @@ class SamplerLibrary:
                 integer, or outside the export's range (or, for an older export, not its table's).
         """
         if not isinstance(name, str):
-            raise RuntimeInputError(f"scheduler must be a sampler name such as 'euler', got {name!r}")
+            raise RuntimeInputError(f"scheduler must be a sampler name such as 'euler', got {shown(name)}")
         key = canonical_sampler(name)
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-            raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {steps!r}")
+            raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {shown(steps)}")
         steps = int(steps)
         if key == self.default.name and steps == self.default.num_steps:
             return key, steps
@@ -320,7 +320,7 @@ class SamplerLibrary:
         if key not in self.specs:
             if key in self.unavailable:
                 raise RuntimeInputError(f"sampler {key!r} is not available in this export: {self.unavailable[key]}")
-            raise RuntimeInputError(f"unknown sampler {name!r}; this export runs: {', '.join(self.names)}")
+            raise RuntimeInputError(f"unknown sampler {shown(name)}; this export runs: {', '.join(self.names)}")
         if not self.min_steps <= steps <= self.max_steps:
             raise RuntimeInputError(f"num_inference_steps must be between {self.min_steps} and {self.max_steps}, "
                                     f"got {steps}")

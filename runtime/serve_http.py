@@ -23,6 +23,8 @@ import numpy as np
 
 from aptp.errors import RuntimeInputError
 
+from .tokenize import check_text
+
 __all__ = ["FIELDS", "MAX_BODY_BYTES", "HttpError", "ServeRequest", "encode_png", "parse_request", "response_format",
            "result_json"]
 
@@ -59,7 +61,8 @@ def parse_request(body: bytes) -> ServeRequest:
 
     Raises:
         HttpError: 413 for a body over `MAX_BODY_BYTES`; 400 for a body that is not a UTF-8
-            JSON object, an unknown field, or a missing or non-text ``prompt``.
+            JSON object (or nests too deeply, or holds an unreadable number), an unknown field,
+            or a missing ``prompt`` or one that is not valid text.
     """
     if len(body) > MAX_BODY_BYTES:
         raise HttpError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
@@ -71,6 +74,12 @@ def parse_request(body: bytes) -> ServeRequest:
         raise HttpError(400, f"request body is not UTF-8 (byte {err.start}); send UTF-8 JSON") from None
     except json.JSONDecodeError as err:
         raise HttpError(400, f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+                        ) from None
+    except RecursionError:
+        raise HttpError(400, "request body nests JSON arrays or objects too deeply; send a flat JSON object"
+                        ) from None
+    except ValueError as err:  # an integer of more than 4,300 digits
+        raise HttpError(400, f"request body holds a number aptp cannot read ({err}); send numbers in range"
                         ) from None
     if not isinstance(data, dict):
         raise HttpError(400, f"request body must be a JSON object with a 'prompt', got a JSON {type(data).__name__}")
@@ -84,6 +93,10 @@ def parse_request(body: bytes) -> ServeRequest:
         raise HttpError(400, f"'prompt' must be a string, got a JSON {type(prompt).__name__}")
     if not prompt.strip():
         raise HttpError(400, "'prompt' is empty: every prompt needs some text to condition on")
+    try:
+        check_text(prompt, "'prompt'")  # at the door: a bad prompt must not reach a batch it would fail
+    except RuntimeInputError as err:
+        raise HttpError(400, str(err)) from None
     return ServeRequest(**data)
 
 

@@ -24,7 +24,8 @@ batch sizes, expert swaps and queue waits.
 
 At most ``max_queue`` requests wait at any time (queued or pending, not yet running);
 `submit` beyond that raises `QueueFullError` instead of letting latency grow without bound.
-A failing batch fails its own futures only; the worker goes on with the next.
+A failing batch is re-run one request at a time (`aptp.runtime.isolation`), so a request
+that breaks its batch fails only its own future; the worker goes on with the next.
 
 Shutdown always ends the worker. ``close()`` (and leaving a ``with`` block) runs every request
 already submitted, then returns once the worker has ended; ``close(wait=False)`` returns at
@@ -48,8 +49,9 @@ from typing import Any
 
 import numpy as np
 
-from aptp.errors import AptpError, RuntimeInputError
+from aptp.errors import AptpError, RuntimeInputError, shown
 
+from .isolation import run_isolated
 from .pipeline import AptpPipeline, GenerationOptions, GenerationResult
 from .tokenize import check_prompts
 
@@ -105,13 +107,13 @@ class GenerationServer:
                  max_queue: int = 64, max_wait_s: float = 5.0):
         max_batch = pipeline.max_batch if max_batch is None else max_batch
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+            raise RuntimeInputError(f"max_batch must be an integer >= 1, got {shown(max_batch)}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise RuntimeInputError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+            raise RuntimeInputError(f"max_queue must be an integer >= 1, got {shown(max_queue)}")
         if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not 0 <= max_wait <= MAX_WAIT:
-            raise RuntimeInputError(f"max_wait must be in [0, {MAX_WAIT:g}] seconds, got {max_wait!r}")
+            raise RuntimeInputError(f"max_wait must be in [0, {MAX_WAIT:g}] seconds, got {shown(max_wait)}")
         if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= MAX_WAIT:
-            raise RuntimeInputError(f"max_wait_s must be in [0, {MAX_WAIT:g}] seconds, got {max_wait_s!r}")
+            raise RuntimeInputError(f"max_wait_s must be in [0, {MAX_WAIT:g}] seconds, got {shown(max_wait_s)}")
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.max_wait = float(max_wait)
@@ -279,25 +281,22 @@ class GenerationServer:
         return [i for i in items if i is not _STOP], any(i is _STOP for i in items)
 
     def _route(self, arrivals: Sequence[_Request], pending: dict[tuple, deque[_Request]]) -> None:
-        """Route new requests in one router call and file them under (expert, options)."""
+        """Route new requests in one router call (one call each if it fails) and file them under
+        (expert, options)."""
         to_route = [r for r in arrivals if r.options.expert is None]
         if to_route:
             clock = time.perf_counter()
-            try:
-                codes = self.pipeline.route([r.prompt for r in to_route])
-            except Exception as err:  # noqa: BLE001 - the requests fail, the server goes on
-                logger.warning("routing %d request(s) failed: %s", len(to_route), err)
-                self._fail(to_route, err)
-                arrivals = [r for r in arrivals if r.options.expert is not None]
-                codes = np.zeros(0, dtype=np.int64)
-            per_request = (time.perf_counter() - clock) / max(1, len(to_route))
-            for request, code in zip(to_route, codes.tolist()):
-                request.expert, request.route_time = int(code), per_request
+            codes = run_isolated(lambda rs: self.pipeline.route([r.prompt for r in rs]).tolist(), to_route, "routing")
+            per_request = (time.perf_counter() - clock) / len(to_route)
+            for request, code in zip(to_route, codes):
+                if isinstance(code, Exception):
+                    self._fail([request], code)  # this request fails, the server goes on
+                else:
+                    request.expert, request.route_time = int(code), per_request
+            arrivals = [r for r in arrivals if r.options.expert is not None or r.expert is not None]
         for request in arrivals:
             if request.expert is None:
                 request.expert = request.options.expert
-            if request.expert is None:
-                continue  # its routing failed
             pending.setdefault((request.expert, request.options), deque()).append(request)
 
     def _ready(self, pending: dict[tuple, deque[_Request]], stopping: bool) -> tuple | None:
@@ -328,24 +327,19 @@ class GenerationServer:
         options = dataclasses.replace(first.options, expert=first.expert)
         self._stats.batch(first.expert, [time.monotonic() - r.arrived for r in batch])
         self._last_expert = first.expert
-        try:
-            negatives = [r.negative_prompt for r in batch]
+
+        def run(requests: Sequence[_Request]) -> list[GenerationResult]:
+            negatives = [r.negative_prompt for r in requests]
             # Only passed when used, so a pipeline wrapper without the argument still serves.
             extra = {"negative_prompts": negatives} if any(negatives) else {}
-            results = self.pipeline.generate([r.prompt for r in batch], [r.seed for r in batch], options, **extra)
-        except Exception as err:  # noqa: BLE001 - this batch fails, the server goes on
-            logger.warning("batch of %d on expert %s failed: %s", len(batch), first.expert, err)
-            for request in batch:
-                request.future.set_exception(err)
-            return
-        if len(results) != len(batch):  # never leave a future unresolved: its client would wait forever
-            err = RuntimeError(f"the pipeline returned {len(results)} results for a batch of {len(batch)}")
-            for request in batch:
-                request.future.set_exception(err)
-            return
-        for request, result in zip(batch, results):
-            result.timings["route"] = request.route_time
-            request.future.set_result(result)
+            return self.pipeline.generate([r.prompt for r in requests], [r.seed for r in requests], options, **extra)
+
+        for request, result in zip(batch, run_isolated(run, batch, f"batch on expert {first.expert}")):
+            if isinstance(result, Exception):
+                request.future.set_exception(result)
+            else:
+                result.timings["route"] = request.route_time
+                request.future.set_result(result)
 
     def _fail(self, requests: Sequence[_Request], err: BaseException) -> None:
         """Fail requests that were waiting (not running); never called holding the lock, since

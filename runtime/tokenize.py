@@ -27,7 +27,7 @@ import numpy as np
 from aptp.errors import ArtifactError, RuntimeInputError
 from aptp.export.manifest import read_verified
 
-__all__ = ["MAX_PROMPT_CHARS", "PromptTokenizer", "TokenBatch", "check_prompts"]
+__all__ = ["MAX_PROMPT_CHARS", "PromptTokenizer", "TokenBatch", "check_prompts", "check_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,37 @@ logger = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 100_000
 #: The longest token sequence a tokenizer may be configured for (T5 uses 512, CLIP 77).
 MAX_TOKENS = 8192
+
+
+def check_text(text: object, name: str, allow_blank: bool = False) -> str:
+    """`text` if it is a prompt aptp can encode; `name` says which input it is in the message.
+    `allow_blank` accepts empty and whitespace-only text (a negative prompt may be empty).
+
+    Raises:
+        RuntimeInputError: bytes, a non-string, no characters other than whitespace, more than
+            `MAX_PROMPT_CHARS` characters, or a string that is not valid Unicode (a lone
+            surrogate: what JSON's ``\\ud800`` escape or undecodable bytes on a command line give).
+    """
+    if isinstance(text, (bytes, bytearray)):
+        raise RuntimeInputError(f"{name} is bytes, not text: decode it first (prompt.decode('utf-8'))")
+    if not isinstance(text, str):
+        raise RuntimeInputError(f"{name} must be a string, got {type(text).__name__}")
+    if not allow_blank and not text.strip():
+        what = "has 0 characters" if not text else "is only whitespace"
+        raise RuntimeInputError(f"{name} {what}: every prompt needs some text to condition on")
+    if len(text) > MAX_PROMPT_CHARS:
+        # Longer prompts are truncated to the encoder's tokens anyway (as diffusers does);
+        # this only stops a request from spending its time tokenising megabytes.
+        raise RuntimeInputError(f"{name} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are "
+                                "accepted (the text encoder reads only its first tokens)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        # Checked here, not in the tokenizer: a request batched with others must fail alone.
+        raise RuntimeInputError(f"{name} is not valid Unicode text: it holds the lone surrogate "
+                                f"U+{ord(text[err.start]):04X} at character {err.start} (undecodable bytes, or a "
+                                "JSON \\u escape of half a pair); send UTF-8 text") from None
+    return text
 
 
 def check_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -52,18 +83,7 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
     if not prompts:
         raise RuntimeInputError("the prompt list is empty: pass at least one prompt")
     for i, prompt in enumerate(prompts):
-        if isinstance(prompt, (bytes, bytearray)):
-            raise RuntimeInputError(f"prompt {i} is bytes, not text: decode it first (prompt.decode('utf-8'))")
-        if not isinstance(prompt, str):
-            raise RuntimeInputError(f"prompt {i} must be a string, got {type(prompt).__name__}")
-        if not prompt.strip():
-            what = "has 0 characters" if not prompt else "is only whitespace"
-            raise RuntimeInputError(f"prompt {i} {what}: every prompt needs some text to condition on")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            # Longer prompts are truncated to the encoder's tokens anyway (as diffusers does);
-            # this only stops a request from spending its time tokenising megabytes.
-            raise RuntimeInputError(f"prompt {i} has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are "
-                                    "accepted (the text encoder reads only its first tokens)")
+        check_text(prompt, f"prompt {i}")
     return prompts
 
 

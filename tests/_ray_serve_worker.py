@@ -112,6 +112,8 @@ MALFORMED = {
     "height_odd": b'{"prompt": "a car", "height": 33}',
     "not_utf8": b'{"prompt": "\xff\xfe"}',
     "too_large": b'{"prompt": "' + b"a" * 70000 + b'"}',
+    "lone_surrogate": b'{"prompt": "a red \\ud800 car"}',
+    "seed_5000_digits": b'{"prompt": "a car", "seed": ' + b"9" * 5000 + b"}",
 }
 
 

@@ -262,6 +262,10 @@ def _cli(export_dir, tmp_path, *args, output=None):
     (["--seed", str(2**64)], r"--seed must be an integer in \[0, 2\*\*63 - 2\] for 2 prompt\(s\)"),
     (["--seed", str(2**63 - 1)], r"--seed must be an integer in \[0, 2\*\*63 - 2\]"),
     (["--seed", "-1"], r"--seed must be an integer"),
+    # Bytes that are not UTF-8 on the command line reach Python as lone surrogates.
+    (["--prompt", "a \udcff car"], r"prompt 2 is not valid Unicode text: it holds the lone surrogate U\+DCFF"),
+    (["--seed", "9" * 5000], r"--seed"),
+    (["--memory-budget", "9" * 400], r"--memory-budget"),
 ])
 def test_cli_out_of_range_values_are_one_error_line(export_dir, tmp_path, capsys, args, message):
     assert _cli(export_dir, tmp_path, *args) == 2

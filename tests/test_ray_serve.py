@@ -52,6 +52,10 @@ assert len(PROMPTS) == 16
     (b'{"prompt": " "}', 400, "is empty"),
     (b'{"prompt": "\xff"}', 400, "not UTF-8"),
     (b'{"prompt": "' + b"a" * 70000 + b'"}', 413, "limit"),
+    (b'{"prompt": "a red \\ud800 car"}', 400, "lone surrogate U\\+D800"),
+    (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", 400, "number aptp cannot read"),
+    (b"[" * 30000 + b"]" * 30000, 400, "nests JSON arrays or objects too deeply"),
+    (b'{"prompt": "a", "seed": {"x": ' + b"[" * 20000 + b"]" * 20000 + b"}}", 400, "too deeply"),
 ])
 def test_malformed_bodies_get_one_clear_4xx(body, status, message):
     with pytest.raises(HttpError, match=message) as info:
@@ -229,7 +233,7 @@ def test_sixteen_prompts_over_http_equal_in_process(served, reference):
 def test_malformed_requests_get_4xx_and_do_not_disturb_others(served, reference):
     results = served["malformed"]
     bad = {name: r for name, r in results.items() if name.startswith("bad_")}
-    assert len(bad) == 17
+    assert len(bad) == 19
     for name, entry in bad.items():
         assert entry["status"] is not None and 400 <= entry["status"] < 500, (name, entry)
         message = json.loads(entry["body"])["error"]
@@ -237,7 +241,7 @@ def test_malformed_requests_get_4xx_and_do_not_disturb_others(served, reference)
     assert bad["bad_too_large"]["status"] == 413 and bad["bad_get"]["status"] == 405
     assert "steps" in json.loads(bad["bad_steps_out_of_range"]["body"])["error"]
     good = {name: r for name, r in results.items() if name.startswith("good_")}
-    assert len(good) == 15
+    assert len(good) == 16  # the lone surrogate among them fails alone, not their batches
     for name, entry in good.items():
         i = int(name.split("_")[1])
         _assert_same(entry, reference[(PROMPTS[i], 300 + i)])

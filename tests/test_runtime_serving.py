@@ -109,6 +109,11 @@ def test_bad_requests_are_refused_at_submit_and_serving_goes_on(pipe):
             ("a cat", {"guidance_scale": "high"}, "finite number"),
             ("a cat", {"seed": -5}, "seeds"),
             ("a cat", {"expert": "sparse"}, "expert must be one of"),
+            ("a red \ud800 car", {}, "lone surrogate U\\+D800 at character 6"),
+            ("a cat", {"negative_prompt": "blurry \udcff"}, "negative_prompt\\[0\\] is not valid Unicode"),
+            ("a cat", {"seed": 10**5000}, "an integer of 16610 bits"),
+            ("a cat", {"guidance_scale": float("inf")}, "finite number"),
+            ("a cat", {"guidance_scale": float("nan")}, "finite number"),
         ]:
             with pytest.raises(RuntimeInputError, match=message):
                 server.submit(prompt, **options)
@@ -137,3 +142,26 @@ def test_server_arguments_are_checked(pipe):
     for kwargs in ({"max_batch": 0}, {"max_queue": 0}, {"max_wait": -1.0}):
         with pytest.raises(ValueError):
             GenerationServer(pipe, **kwargs)
+
+
+@pytest.mark.parametrize("round_", range(2))
+def test_one_bad_request_among_fifteen_good_fails_only_itself(pipe, round_):
+    """A request that breaks its batch (here: one the engine fails on) is re-run alone, and so is
+    every good request of that batch: all 15 good ones get their own correct result."""
+    recorder = RecordingPipeline(pipe, fail_on="poison")
+    recorder.gate.clear()  # hold the worker so all 16 requests form one batch
+    prompts = [(VEHICLE_PROMPTS + FOOD_PROMPTS)[i % 6] for i in range(15)]
+    with GenerationServer(recorder, max_batch=16, max_wait=5.0, max_queue=32) as server:
+        good = [server.submit(p, seed=100 * round_ + i, expert=0, output_type="latent") for i, p in enumerate(prompts)]
+        bad = server.submit("poison", seed=7, expert=0, output_type="latent")
+        # The lone surrogate never gets that far: refused at the door, nothing queued for it.
+        with pytest.raises(RuntimeInputError, match="lone surrogate"):
+            server.submit("a red \ud800 car", seed=1, expert=0)
+        recorder.gate.set()
+        with pytest.raises(ArtifactError, match="simulated engine failure"):
+            bad.result(timeout=hang_guard(300))
+        results = [f.result(timeout=hang_guard(300)) for f in good]
+    assert len(recorder.batches[0][0]) == 16  # they were batched together, and that batch failed
+    alone = pipe(prompts, seeds=[100 * round_ + i for i in range(15)], expert=0, output_type="latent")
+    for result, reference in zip(results, alone):
+        np.testing.assert_allclose(result.latents, reference.latents, rtol=0, atol=1e-5)
