@@ -33,6 +33,11 @@ from aptp.errors import OutputError, StorageError
 
 __all__ = [
     "BENCH",
+    "BENCH_MEMORY",
+    "BENCH_QUALITY",
+    "BENCH_SERVE",
+    "GPU_CHECK",
+    "SYNTHETIC_WORK",
     "CHECKPOINT",
     "EXPORT",
     "PIPELINE",
@@ -98,6 +103,27 @@ PIPELINE = OutputKind("aptp-train-pretrain", "a pipeline written by aptp-train p
                       lambda p: (p / "model_index.json").is_file() and (p / "pretrain_config.yaml").is_file())
 BENCH = OutputKind("aptp-bench-latency", "aptp-bench results", "--output-dir",
                    lambda p: _json_field(p / "results.json", "format") == "aptp-bench-latency")
+
+
+def _results_of(file: str, fmt: str | None) -> Callable[[Path], bool]:
+    """Recognises a folder holding `file`, with ``"format": fmt`` when `fmt` is given (results
+    written before the marker file existed)."""
+    if fmt is None:
+        return lambda p: (p / file).is_file()
+    return lambda p: _json_field(p / file, "format") == fmt
+
+
+BENCH_QUALITY = OutputKind("aptp-bench-quality", "aptp-bench quality results", "--output-dir",
+                           _results_of("quality.json", None))
+BENCH_MEMORY = OutputKind("aptp-bench-memory", "aptp-bench memory results", "--output-dir",
+                          _results_of("memory.json", "aptp-bench-memory"))
+BENCH_SERVE = OutputKind("aptp-bench-serve", "aptp-bench serve results", "--output-dir",
+                         _results_of("serve.json", "aptp-serve-bench"))
+GPU_CHECK = OutputKind("aptp-gpu-check", "aptp-bench gpu-check results", "--output-dir",
+                       _results_of("gpu_check.json", "aptp-gpu-check"))
+SYNTHETIC_WORK = OutputKind("aptp-bench-synthetic", "a synthetic pipeline or checkpoint of aptp-bench make-synthetic",
+                            "--work-dir", lambda p: (p / "aptp_synthetic_pipeline.json").is_file()
+                            or (p / "synthetic.json").is_file())
 
 
 def ordinary_mode(path: str | os.PathLike) -> None:

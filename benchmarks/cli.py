@@ -234,7 +234,10 @@ def _memory_parser() -> argparse.ArgumentParser:
                    help="unlimited, multiples of the dense UNet's fp32 bytes (2x) or sizes (3GiB) (default: "
                    "unlimited,2x,1x)")
     p.add_argument("--precisions", type=_name_list, default=["fp32", "int8"], metavar="LIST",
-                   help="fp32 and/or int8; int8 UNets are made first when the export has none (default: fp32,int8)")
+                   help="fp32 and/or int8; int8 UNets are made first when the export has none, in a copy of the "
+                   "export under --output-dir (default: fp32,int8)")
+    p.add_argument("--quantize-in-place", action="store_true",
+                   help="add the int8 UNets to the export itself (as aptp-export --quantize int8) instead of a copy")
     p.add_argument("--requests", type=positive_int, default=48, metavar="N", help="requests in the workload (48)")
     p.add_argument("--seed", type=int, default=0, help="workload seed: arrival order and request seeds (0)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op threads (default: all cores)")
@@ -260,7 +263,7 @@ def _memory(argv: Sequence[str]) -> int:
     options = MemoryOptions(requests=args.requests, seed=args.seed, budgets=args.budgets, precisions=args.precisions,
                             threads=args.threads, guidance_scale=args.guidance_scale, max_wait_s=args.max_wait_s,
                             arrival_gap_s=args.arrival_gap, step_repeats=args.step_repeats,
-                            rounds=args.rounds)
+                            rounds=args.rounds, quantize_in_place=args.quantize_in_place)
     options.check()
     if not args.artifacts.exists():
         raise ConfigError(f"--artifacts {args.artifacts} does not exist; pass the directory aptp-export wrote")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from aptp.errors import ConfigError
+from aptp.outputs import GPU_CHECK, claim_in_place
 
 __all__ = ["GPU_CHECK_FORMAT", "GpuCheckOptions", "main_gpu_check", "run_gpu_check"]
 
@@ -281,7 +282,7 @@ def run_gpu_check(args: argparse.Namespace) -> dict[str, Any]:
 
     args = _defaults(args)
     out = Path(args.output_dir).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_in_place(out, GPU_CHECK, allow_existing=True)  # never over a user's summary.md
     deadline = time.monotonic() + float(args.budget_s)
 
     def time_left() -> float:

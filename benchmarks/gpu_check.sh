@@ -15,8 +15,18 @@ set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:?usage: bash benchmarks/gpu_check.sh OUT [--dry-run] [options]}"
 shift
-mkdir -p "$out"
+# The folder is claimed as aptp.outputs does: new, empty, or an earlier gpu-check's (its marker or
+# its gpu_check.json). The logs below are written before Python runs, so the claim is made here.
+marker='{"kind": "aptp-gpu-check"}'
+if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ] &&
+    ! grep -qF "$marker" "$out/.aptp-output.json" 2>/dev/null &&
+    ! grep -qF '"format": "aptp-gpu-check"' "$out/gpu_check.json" 2>/dev/null; then
+    echo "gpu_check.sh: error: $out already holds files that are not aptp-bench gpu-check results; choose a new or empty folder" >&2
+    exit 2
+fi
+mkdir -p "$out" || exit 2
 out="$(cd "$out" && pwd)"
+[ -f "$out/.aptp-output.json" ] || echo "$marker" > "$out/.aptp-output.json"
 python="${PYTHON:-python3}"
 site="${APTP_GPU_CHECK_SITE:-${TMPDIR:-/tmp}/aptp-gpu-check-site}"
 log="$out/gpu_check.log"

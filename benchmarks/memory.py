@@ -25,9 +25,11 @@ the reference, identical latents across budgets) are reported as measured.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from aptp.errors import AptpError, ConfigError
+from aptp.outputs import BENCH_MEMORY, claim_in_place
 
 __all__ = ["MemoryOptions", "build_workload", "resolve_budgets", "run_memory"]
 
@@ -72,6 +75,7 @@ class MemoryOptions:
     rounds: int = 1
     timeout_s: float = 3600.0
     calibration_prompts: int = 4
+    quantize_in_place: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -183,6 +187,46 @@ def _run_worker(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     return json.loads(out_path.read_text())
 
 
+INT8_COPY = "export-int8"
+
+
+def int8_export(root: Path, output: Path, options: MemoryOptions) -> tuple[Path, dict[str, Any]]:
+    """An export with int8 experts for the int8 runs, and its manifest: with
+    ``options.quantize_in_place`` the user's export itself gains them (as ``aptp-export
+    --quantize int8`` would do); otherwise a copy in ``output/export-int8`` does, so the user's
+    export is never changed and an interrupted run leaves nothing inside it. The copy is reused
+    while the source's manifest is unchanged."""
+    from aptp.export.manifest import read_manifest
+    from aptp.export.quantize import quantize_export
+    from aptp.outputs import EXPORT, check_output_dir, staged_output
+
+    def quantize(target: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        return quantize_export(target, "int8", threads=options.threads, calibration_prompts=options.calibration_prompts,
+                               keys=[int(e["code"]) for e in manifest["experts"]])
+
+    manifest = read_manifest(root, verify=False)
+    if options.quantize_in_place:
+        return root, quantize(root, manifest)
+    copy, source_file = output / INT8_COPY, output / f"{INT8_COPY}.source.json"
+    source = {"export": str(root), "manifest_sha256": _sha256(root / "manifest.json")}
+    if source_file.is_file() and json.loads(source_file.read_text()) == source and (copy / "manifest.json").is_file():
+        copied = read_manifest(copy, verify=True)
+        if all(e.get("int8") for e in copied["experts"]):
+            logger.info("reusing the int8 copy %s of %s", copy, root)
+            return copy, copied
+    check_output_dir(copy, EXPORT, allow_existing=True)  # replaced only if it is an export
+    source_file.unlink(missing_ok=True)
+    with staged_output(copy, EXPORT, what=f"quantizing a copy of {root}") as staging:
+        shutil.copytree(root, staging, symlinks=True, dirs_exist_ok=True)
+        quantize(staging, manifest)
+    source_file.write_text(json.dumps(source) + "\n")
+    return copy, read_manifest(copy, verify=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_memory(artifacts: str | os.PathLike, output_dir: str | os.PathLike, options: MemoryOptions) -> dict[str, Any]:
     """Run the suite; writes ``memory.json``, ``memory.md`` and ``memory.png`` to `output_dir`."""
     from aptp.export.manifest import read_manifest
@@ -192,19 +236,15 @@ def run_memory(artifacts: str | os.PathLike, output_dir: str | os.PathLike, opti
 
     options.check()
     root = Path(artifacts).expanduser().absolute()
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    output = Path(output_dir).expanduser().absolute()
+    claim_in_place(output, BENCH_MEMORY, allow_existing=True, inputs=[("export", root)])
     manifest = read_manifest(root, verify=True)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     machine = machine_info()
     quantization_s = None
     if "int8" in options.precisions and not all(e.get("int8") for e in manifest["experts"]):
-        from aptp.export.quantize import quantize_export
-
         clock = _dt.datetime.now()
-        manifest = quantize_export(root, "int8", threads=options.threads,
-                                   calibration_prompts=options.calibration_prompts,
-                                   keys=[int(e["code"]) for e in manifest["experts"]])
+        root, manifest = int8_export(root, output, options)
         quantization_s = (_dt.datetime.now() - clock).total_seconds()
     budgets = resolve_budgets(manifest, root, options.budgets)
     workload, assignment = build_workload(manifest, root, options.requests, options.seed, options.arrival_gap_s,

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from aptp.errors import ConfigError
+from aptp.outputs import BENCH_SERVE, claim_in_place
 
 from .loadgen import highest_sustained, poisson_arrivals, run_open_loop, summarize_load
 
@@ -193,8 +194,8 @@ def run_serve_bench(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     options.check()
     root = Path(artifacts).expanduser().absolute()
     out = Path(output_dir).expanduser().absolute()
+    claim_in_place(out, BENCH_SERVE, allow_existing=True, inputs=[("export", root)])
     model = load_model(root)
-    out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     started = time.monotonic()
     machine = machine_info()  # load average before the run

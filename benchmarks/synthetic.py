@@ -329,7 +329,7 @@ def make_synthetic(unet_config: str, resolution: int | None, output: str | os.Pa
     from aptp.export.exporter import ExportOptions, export_checkpoint
     from aptp.train.models import load_components
 
-    from aptp.outputs import EXPORT, check_output_dir
+    from aptp.outputs import EXPORT, SYNTHETIC_WORK, check_output_dir, claim_in_place
 
     config = load_bench_config(unet_config)
     resolution = int(resolution or config.get("cpu_resolution") or 8 * int(config["unet"]["sample_size"]))
@@ -337,6 +337,9 @@ def make_synthetic(unet_config: str, resolution: int | None, output: str | os.Pa
     check_output_dir(output, EXPORT, allow_existing=overwrite)  # refused before the pipeline is built
     work = Path(work_dir).expanduser().absolute() if work_dir else output.parent
     name = output.name
+    for folder in (work / f"{name}-pipeline", work / f"{name}-checkpoint"):
+        # Rebuilt in place when the settings change: only folders this command made.
+        claim_in_place(folder, SYNTHETIC_WORK, allow_existing=True, inputs=[("output", output)])
     pipeline = build_synthetic_pipeline(work / f"{name}-pipeline", config, full_components, seed)
     checkpoint = build_synthetic_checkpoint(work / f"{name}-checkpoint", pipeline, config, resolution, seed,
                                             components=load_components(str(pipeline)))

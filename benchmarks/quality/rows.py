@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aptp.errors import AptpError
+from aptp.outputs import CHECKPOINT, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ def train_row(spec: RowSpec, directory: Path, reuse: bool, pruning_from: Path | 
     started = time.perf_counter()
     config = load_config("tiny", spec.overrides)
     if directory.exists():
+        # Only a training run aptp wrote is replaced: a folder of anything else stays as it is.
+        check_output_dir(directory, CHECKPOINT, allow_existing=True)
         shutil.rmtree(directory)
     if pruning_from is not None:
         logger.info("row %s: copying the pruning of %s (same pruning config)", spec.name, pruning_from)

@@ -58,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aptp.errors import AptpError, ConfigError
+from aptp.outputs import BENCH_QUALITY, claim_in_place
 
 from .rows import sinkhorn_switch_available, train_rows
 
@@ -402,8 +403,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--static-spread must leave both static budgets inside (0, 1): got {args.static_spread} "
                           f"around --target {args.target}")
     started = time.perf_counter()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output_dir).expanduser().absolute()
+    claim_in_place(out, BENCH_QUALITY, allow_existing=True)  # rows are retrained in place: never a user's folder
     trained = train_rows(args, out / "rows", ALL_ROWS)
     if args.train_only:
         return {"rows": trained, "wall_seconds": round(time.perf_counter() - started, 1)}
