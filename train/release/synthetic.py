@@ -25,8 +25,20 @@ from torch import Tensor, nn
 
 from .layout import AUTHORS_BLOCK_NAMES, AuthorsLayout
 
-__all__ = ["SyntheticRelease", "code_vectors", "hypernet_weights", "perturbed_state", "slice_state_like_authors", "write_mpnet",
+__all__ = ["SD21_UNET_CONFIG", "SyntheticRelease", "code_vectors", "hypernet_weights", "perturbed_state", "slice_state_like_authors", "write_mpnet",
            "write_release"]
+
+#: stabilityai/stable-diffusion-2-1 unet/config.json (the sizes; other keys take diffusers' defaults).
+SD21_UNET_CONFIG = {
+    "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4, "sample_size": 96,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": True, "use_linear_projection": True,
+}
 
 _WORDS = ("a photo of the an in on with cat dog horse red blue green city night street portrait painting "
           "old young man woman tree river mountain sea sky house car bird flower table chair light dark "
