@@ -86,6 +86,7 @@ setup(
             "aptp-generate=aptp.runtime.cli:main",
             "aptp-bench=aptp.benchmarks.cli:main",
             "aptp-serve=aptp.runtime.serve_cli:main",
+            "aptp-import=aptp.train.release.cli:main",
         ]
     },
 )

@@ -17,7 +17,8 @@ Export directory layout::
     tokenizer/                    the diffusion model's tokenizer (tokenizer.json)
     vae_decoder/model.onnx        latent_sample (final latents, unscaled) -> sample in [-1, 1]
     router/encoder.onnx           input_ids, attention_mask -> sentence_embedding
-    router/head.onnx              sentence_embedding -> scores (B, K); route = argmax
+    router/head.onnx              sentence_embedding -> scores (B, K); route = argmax (for a
+                                  checkpoint from aptp-import: the authors' rule, kind "authors")
     router/tokenizer.json         the router encoder's tokenizer
     tensorrt/timing.cache         with TensorRT
     pipelines/{dense,expert_<k>}/ with --pipeline-dirs: diffusers ONNX pipeline directories
@@ -209,7 +210,12 @@ def _read_checkpoint(checkpoint: Path) -> tuple[Any, Any, torch.Tensor, torch.Te
         if bad:
             raise ArtifactError(f"checkpoint {checkpoint}: checkpoint.json '{name}' holds {bad[0]!r}; "
                                 "expected finite numbers >= 0")
-    ckpt.load_router_head(checkpoint)  # a missing or corrupt head fails now, not after the experts
+    from aptp.train.release.importer import is_release_checkpoint, load_release_router
+
+    if is_release_checkpoint(checkpoint):
+        load_release_router(checkpoint)  # the authors' router (aptp-import): checked now, not after the experts
+    else:
+        ckpt.load_router_head(checkpoint)  # a missing or corrupt head fails now, not after the experts
     routing = ckpt.load_routing(checkpoint)
     shares: list[float | None]
     if routing and len(routing.get("share", [])) == k and all(0 <= float(v) <= 1 for v in routing["share"]):
@@ -575,6 +581,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         StorageError: a read or write failed on the way (disk full...); `output` is as it was.
     """
     from aptp.train.models import load_components
+    from aptp.train.release.importer import is_release_checkpoint
+
+    from .release_router import export_release_router
 
     options = options or ExportOptions()
     options.check()
@@ -606,7 +615,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         dense = export_dense(ctx) if options.dense else None
         text_encoder, tokenizer = export_text_encoder(ctx)
         vae_decoder = export_vae_decoder(ctx)
-        router = export_router(ctx)
+        router = export_release_router(ctx) if is_release_checkpoint(checkpoint) else export_router(ctx)
         pipelines = None
         if options.pipeline_dirs:
             names = (["dense"] if dense else []) + [f"expert_{e['code']}" for e in experts]

@@ -13,6 +13,7 @@ Kinds (registered in `ONNX_CONFIGS`):
     vae_encoder     sample -> latent_sample (pipeline directories only)
     router_encoder  input_ids, attention_mask -> sentence_embedding (pooled, L2-normalised)
     router_head     sentence_embedding -> scores (B, K): group-weighted cosine to the K codes
+    release_router_head  the same I/O for an imported release: the authors' rule (row-0 noise)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "DummyInputGenerator",
     "OnnxConfig",
     "RouterEncoderOnnxConfig",
+    "ReleaseRouterHeadOnnxConfig",
     "RouterHeadOnnxConfig",
     "TextEncoderOnnxConfig",
     "UNetOnnxConfig",
@@ -490,12 +492,14 @@ class VaeEncoderOnnxConfig(VaeDecoderOnnxConfig):
 
 
 class _RouterEncoderWrapper(nn.Module):
-    """Transformer + pooling + L2 normalisation, as sentence-transformers computes `encode`."""
+    """Transformer + pooling + L2 normalisation, as sentence-transformers computes `encode`
+    (without the normalisation for the authors' router, which feeds the raw mean)."""
 
-    def __init__(self, transformer: nn.Module, pooling_mode: str):
+    def __init__(self, transformer: nn.Module, pooling_mode: str, normalize: bool = True):
         super().__init__()
         self.transformer = transformer
         self.pooling_mode = pooling_mode
+        self.normalize = normalize
 
     def forward(self, input_ids, attention_mask):
         tokens = self.transformer(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
@@ -506,7 +510,7 @@ class _RouterEncoderWrapper(nn.Module):
             pooled = tokens[:, 0]
         else:  # "max": padded positions must never win
             pooled = tokens.masked_fill(mask == 0, torch.finfo(tokens.dtype).min).amax(dim=1)
-        return F.normalize(pooled, p=2.0, dim=-1)
+        return F.normalize(pooled, p=2.0, dim=-1) if self.normalize else pooled
 
 
 @register_onnx_config
@@ -525,8 +529,9 @@ class RouterEncoderOnnxConfig(OnnxConfig):
     PRECISIONS = ("fp32",)
     POOLING_MODES = ("mean", "cls", "max")
 
-    def __init__(self, dims, precision="fp32", pooling_mode: str = "mean"):
+    def __init__(self, dims, precision="fp32", pooling_mode: str = "mean", normalize: bool = True):
         super().__init__(dims, precision)
+        self.normalize = bool(normalize)
         mode = pooling_mode.replace("pooling_mode_", "").replace("_tokens", "")
         if mode not in self.POOLING_MODES:
             raise ConfigError(
@@ -544,7 +549,7 @@ class RouterEncoderOnnxConfig(OnnxConfig):
         return [dict(self.dims), {**self.dims, "batch": self.dims["batch"] + 1, "sequence": self.dims["sequence"] * 2 + 3}]
 
     def wrap(self, model):
-        return _RouterEncoderWrapper(model, self.pooling_mode)
+        return _RouterEncoderWrapper(model, self.pooling_mode, self.normalize)
 
     @contextmanager
     def patch(self, model):
@@ -586,3 +591,29 @@ class RouterHeadOnnxConfig(OnnxConfig):
     def wrap(self, model):
         head, code_logits, unit_weights = model
         return _RouterHeadWrapper(head, code_logits, unit_weights)
+
+
+class DummyPooledEmbeddingInputGenerator(DummyInputGenerator):
+    """Unnormalised vectors of a few units of norm, like a mean-pooled MPNet embedding."""
+
+    SUPPORTED_INPUT_NAMES = ("sentence_embedding",)
+
+    def generate(self, name, shape, dims, dtype, generator):
+        return (0.5 * torch.randn(shape, generator=generator)).to(dtype)
+
+
+@register_onnx_config
+class ReleaseRouterHeadOnnxConfig(RouterHeadOnnxConfig):
+    """An imported release's router head (`aptp.train.release.routing.ReleaseRouterHead`):
+    ``sentence_embedding (B, E) -> scores (B, K)``, the runtime takes the argmax as for aptp's.
+
+    `wrap` takes the module itself. Scores pass binarised gates, so a gate value within float
+    rounding of 0.5 could flip between PyTorch and onnxruntime; the validation inputs are random
+    and such a flip would show as an error of order 0.01, above the tolerance.
+    """
+
+    NAME = "release_router_head"
+    DUMMY_INPUT_GENERATOR_CLASSES = (DummyPooledEmbeddingInputGenerator,)
+
+    def wrap(self, model):
+        return model

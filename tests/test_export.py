@@ -369,7 +369,8 @@ _DIMS = {"batch": 2, "steps": 2, "in_channels": 4, "out_channels": 4, "height": 
 def test_every_registered_onnx_config_declares_consistent_io():
     from aptp.export.onnx_configs import ONNX_CONFIGS
 
-    assert set(ONNX_CONFIGS) == {"unet", "text_encoder", "vae_decoder", "vae_encoder", "router_encoder", "router_head"}
+    assert set(ONNX_CONFIGS) == {"unet", "text_encoder", "vae_decoder", "vae_encoder", "router_encoder", "router_head",
+                                 "release_router_head"}
     for name, cls in ONNX_CONFIGS.items():
         config = cls(_DIMS)
         assert config.DEFAULT_ONNX_OPSET == 18 and config.ATOL_FOR_VALIDATION == 1e-3
