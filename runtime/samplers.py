@@ -307,8 +307,9 @@ def _pndm(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
             raise ValueError(f"pndm at {n} steps reads timestep {t}, outside [0, {train}): diffusers cannot run it")
         a = float(ac[t])
         a_prev = float(ac[prev]) if prev >= 0 else final
-        # _get_prev_sample: x' = sqrt(a_prev / a) x - g eps, g = (a_prev - a) / (a sqrt(1 - a_prev) + sqrt(a (1 - a) a_prev)),
-        # where eps is the PLMS mix itself (epsilon) or sqrt(a) mix + sqrt(1 - a) x (v_prediction).
+        # _get_prev_sample: x' = sqrt(a_prev / a) x - g eps with
+        # g = (a_prev - a) / (a sqrt(1 - a_prev) + sqrt(a (1 - a) a_prev)), where eps is the PLMS
+        # mix itself (epsilon) or sqrt(a) mix + sqrt(1 - a) x (v_prediction).
         g = (a_prev - a) / (a * math.sqrt(1 - a_prev) + math.sqrt(a * (1 - a) * a_prev))
         c_x, c_m = math.sqrt(a_prev / a), -g
         if config["prediction_type"] == "v_prediction":
