@@ -116,7 +116,8 @@ def test_table_is_json_round_trippable():
 def test_make_scheduler_names_and_aliases():
     assert isinstance(make_scheduler("DPM++-2M", BASE_CONFIG), DPMSolverMultistepScheduler)
     assert make_scheduler("euler_discrete", BASE_CONFIG).config.beta_schedule == "scaled_linear"
-    with pytest.raises(ConfigError, match="known schedulers: ddim, dpmpp_2m, euler"):
+    assert make_scheduler("PLMS", {**BASE_CONFIG, "skip_prk_steps": False}).config.skip_prk_steps is True
+    with pytest.raises(ConfigError, match="known schedulers: ddim, dpmpp_2m, euler, pndm"):
         make_scheduler("plms_fancy", BASE_CONFIG)
     with pytest.raises(ConfigError, match="stochastic"):
         make_scheduler("euler_a", BASE_CONFIG)
