@@ -2,7 +2,7 @@
 
     aptp-export --checkpoint runs/tiny --output artifacts/tiny [--overwrite] [--precision fp32|fp16]
                 [--resolution PX] [--min-resolution PX] [--max-resolution PX] [--max-batch N]
-                [--scheduler ddim|euler|dpmpp_2m] [--steps N] [--tensorrt] [--pipeline-dirs]
+                [--scheduler ddim|euler|dpmpp_2m|pndm] [--steps N] [--tensorrt] [--pipeline-dirs]
                 [--no-dense] [--sign KEYFILE] [--quantize int8]
 
 Bad input (any `AptpError`) prints one line, ``aptp-export: error: <message>``, and exits 2;
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=positive_int, default=4, metavar="N",
                         help="prompts per UNet call; TensorRT profiles cover 2N for guidance (default: 4)")
     parser.add_argument("--scheduler", default="ddim", metavar="NAME",
-                        help="sampler whose coefficient table is stored: ddim, euler or dpmpp_2m (default: ddim)")
+                        help="sampler whose coefficient table is stored: ddim, euler, dpmpp_2m or pndm (default: ddim)")
     parser.add_argument("--steps", type=positive_int, default=50, metavar="N",
                         help="inference steps of the stored scheduler table (default: 50)")
     parser.add_argument("--tensorrt", action="store_true",

@@ -1,21 +1,24 @@
 """Scheduler coefficient tables: diffusers' sampling read off as per-step numbers.
 
 The runtime must reproduce diffusers' sampling without torch, so the exporter stores, per
-inference step ``i``, the coefficients of the linear update that the fused C++/CUDA kernel and
+model call ``i``, the coefficients of the linear update that the fused C++/CUDA kernel and
 the numpy oracle (`aptp.runtime.scheduler`) apply::
 
     model_input_i = input_scale[i] * x_i
     x_{i+1} = coef_sample[i] * x_i + coef_model[i] * m_i
               + coef_prev_sample[i] * x_{i-1} + coef_prev_model[i] * m_{i-1}
+              + sum_k coef_older_models[i][k] * m_{i-2-k}        (PLMS only)
 
 with ``m_i`` the guided model output and the initial latents ``init_noise_sigma * noise``.
+PNDM with ``skip_prk_steps`` (PLMS) is the one sampler with older model terms (its linear
+multistep keeps up to four outputs) and with ``num_inference_steps + 1`` model calls.
 
 The coefficients are never re-derived from each scheduler's formulas: they are *measured* by
 running diffusers' own ``set_timesteps`` / ``scale_model_input`` / ``step`` on probe lanes.
-Scheduler steps are elementwise, so one tensor carries many independent probes: per step, unit
-lanes read off the four coefficients, a zero lane shows there is no constant (noise) term, and
-random lanes with random older history confirm the update really is linear in this two-step
-form. A scheduler that fails any of these checks is rejected with a `ConfigError` naming it.
+Scheduler steps are elementwise, so one tensor carries many independent probes: per call, unit
+lanes read off the coefficients, a zero lane shows there is no constant (noise) term, and
+random lanes with random older history confirm the update really is linear in this form.
+A scheduler that fails any of these checks is rejected with a `ConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from aptp.errors import ConfigError
@@ -43,13 +46,18 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
 }
 
 # Config entries forced on top of the pipeline's scheduler config: they define the sampler
 # itself (a pipeline shipping an SDE or third-order DPM-Solver config still gets DPM++ 2M).
 SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {
     "dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    # PLMS: the PRK warm-up (four model calls per step) is not reproduced; SD's own config skips it.
+    "pndm": {"skip_prk_steps": True},
 }
+#: Samplers that make one more model call than they have steps (diffusers' PLMS repeats a timestep).
+EXTRA_CALL = {"pndm"}
 
 ALIASES: dict[str, str] = {
     "ddim_scheduler": "ddim",
@@ -59,17 +67,23 @@ ALIASES: dict[str, str] = {
     "dpm_solver_pp_2m": "dpmpp_2m",
     "dpmsolver++": "dpmpp_2m",
     "dpm_solver++": "dpmpp_2m",
+    "plms": "pndm",
+    "pndm_scheduler": "pndm",
 }
 
 # Well-known samplers that draw fresh noise every step: the two-step linear update has no
 # noise term, so name the reason instead of answering "unknown scheduler".
 _STOCHASTIC = {"euler_a", "euler_ancestral", "ddpm", "dpmpp_2m_sde", "dpm++_2m_sde", "dpmpp_sde", "lcm"}
 
-# Probe lanes per inference step: one zero lane, four unit lanes (x_i, m_i, x_{i-1}, m_{i-1}),
-# and random lanes whose whole history is random (they catch longer histories and nonlinearity).
-_ZERO, _UNIT_X, _UNIT_M, _UNIT_PREV_X, _UNIT_PREV_M = range(5)
+# Probe lanes per model call: one zero lane, seven unit lanes (x_i, m_i, x_{i-1}, m_{i-1} and the
+# older m_{i-2}, m_{i-3}, m_{i-4} PLMS reads), and random lanes whose whole history is random
+# (they catch longer histories and nonlinearity).
+_ZERO = 0
+# (probed array, steps back) per unit lane, in the table's coefficient order.
+_UNITS = (("x", 0), ("m", 0), ("x", 1), ("m", 1), ("m", 2), ("m", 3), ("m", 4))
+_OLDER = len(_UNITS) - 4
 _CHECK_LANES = 3
-_LANES = 5 + _CHECK_LANES
+_LANES = 1 + len(_UNITS) + _CHECK_LANES
 # Random probes are O(this): large enough that clipping or thresholding of x0 shows up.
 _PROBE_SCALE = 3.0
 # diffusers upcasts Euler and DPM-Solver steps to float32, so probes carry float32 rounding.
@@ -106,6 +120,11 @@ def make_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
             )
         aliases = ", ".join(sorted(ALIASES))
         raise ConfigError(f"unknown scheduler {name!r}; known schedulers: {known} (aliases: {aliases})")
+    if key == "pndm" and base_config.get("rescale_betas_zero_snr"):
+        # from_config would drop the key silently and sample another noise schedule than the model's.
+        raise ConfigError("pndm: diffusers' PNDMScheduler has no zero-terminal-SNR rescaling "
+                          "(rescale_betas_zero_snr), so it cannot sample this model's schedule exactly; "
+                          "use another sampler")
     return SCHEDULERS[key].from_config(dict(base_config), **SCHEDULER_OVERRIDES.get(key, {}))
 
 
@@ -126,21 +145,19 @@ def _check_steps(num_inference_steps: int) -> None:
 
 
 def _probe_inputs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Per-step (sample, model output) values for every probe lane, shape (n, n * _LANES).
+    """Per-call (sample, model output) values for every probe lane, shape (n, n * _LANES).
 
-    Lanes `i * _LANES + j` belong to step i: they are zero after step i (unused), follow their
-    role at steps i-1 and i, and are zero before i-1 except for the random check lanes.
+    Lanes `i * _LANES + j` belong to call i: they are zero after call i (unused), a unit lane
+    is 1 at its role's call and 0 elsewhere, and only the random check lanes have other history.
     """
     samples = np.zeros((n, n * _LANES))
     models = np.zeros((n, n * _LANES))
     for i in range(n):
         base = i * _LANES
-        samples[i, base + _UNIT_X] = 1.0
-        models[i, base + _UNIT_M] = 1.0
-        if i > 0:
-            samples[i - 1, base + _UNIT_PREV_X] = 1.0
-            models[i - 1, base + _UNIT_PREV_M] = 1.0
-        checks = slice(base + 5, base + _LANES)
+        for lane, (kind, back) in enumerate(_UNITS, start=1):
+            if i - back >= 0:
+                (samples if kind == "x" else models)[i - back, base + lane] = 1.0
+        checks = slice(base + 1 + len(_UNITS), base + _LANES)
         samples[: i + 1, checks] = _PROBE_SCALE * rng.standard_normal((i + 1, _CHECK_LANES))
         models[: i + 1, checks] = _PROBE_SCALE * rng.standard_normal((i + 1, _CHECK_LANES))
     return samples, models
@@ -157,9 +174,9 @@ def _from_lanes(tensor: torch.Tensor) -> np.ndarray:
 
 def _not_linear(label: str, step: int, what: str) -> ConfigError:
     return ConfigError(
-        f"scheduler {label} is not linear in (x_i, m_i, x_(i-1), m_(i-1)) at step {step}: {what}. "
-        "The exported runtime only reproduces deterministic samplers with at most one step of "
-        "history (DDIM with eta=0, Euler, DPM-Solver++ 2M); disable clipping/thresholding or "
+        f"scheduler {label} is not linear in (x_i, m_i, x_(i-1), m_(i-1), m_(i-2..i-4)) at step {step}: "
+        f"{what}. The exported runtime only reproduces deterministic samplers with that much "
+        "history (DDIM with eta=0, Euler, DPM-Solver++ 2M, PLMS); disable clipping/thresholding or "
         f"choose one of: {', '.join(sorted(SCHEDULERS))}"
     )
 
@@ -190,11 +207,13 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
         A JSON-serialisable dict: ``format``, ``scheduler`` (class name), ``name`` (short name),
         ``prediction_type``, ``num_inference_steps``, ``init_noise_sigma``, ``timesteps``,
         ``input_scale``, ``coef_sample``, ``coef_model``, ``coef_prev_sample``,
-        ``coef_prev_model`` (one entry per step) and ``config`` (the scheduler's config).
+        ``coef_prev_model`` (one entry per model call), ``config`` (the scheduler's config) and,
+        for PLMS only, ``model_calls`` (steps + 1) and ``coef_older_models`` (per call, the
+        weights of m_(i-2), m_(i-3), m_(i-4)).
 
     Raises:
         ConfigError: `num_inference_steps` < 1 or rejected by the scheduler, or the scheduler is
-            not linear in the two-step form (stochastic, longer history, clipping...).
+            not linear in that form (stochastic, longer history, clipping...).
     """
     _check_steps(num_inference_steps)
     n = int(num_inference_steps)
@@ -205,18 +224,19 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
     except (ValueError, IndexError) as err:
         raise ConfigError(f"{label}.set_timesteps({n}) failed: {err}") from err
     timesteps = probe.timesteps
-    if len(timesteps) != n:
+    calls = len(timesteps)
+    if calls != n and not (short_name(scheduler) in EXTRA_CALL and calls == n + 1):
         # e.g. second-order schedulers (Heun, KDPM2) run the model twice per step.
         raise ConfigError(
-            f"scheduler {label} makes {len(timesteps)} model calls for {n} inference steps; "
-            f"only one model call per step is supported ({', '.join(sorted(SCHEDULERS))})"
+            f"scheduler {label} makes {calls} model calls for {n} inference steps; "
+            f"only one model call per step (PLMS: one more in all) is supported ({', '.join(sorted(SCHEDULERS))})"
         )
     init_noise_sigma = float(probe.init_noise_sigma)
 
     rng = np.random.default_rng(seed)
-    samples, models = _probe_inputs(n, rng)
+    samples, models = _probe_inputs(calls, rng)
     outputs = np.zeros_like(samples)
-    input_scale = np.zeros(n)
+    input_scale = np.zeros(calls)
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             # Probe scale_model_input on its own lanes: [0, 1, random...].
@@ -233,26 +253,24 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
                                   f"{err}); use fewer steps") from err
             outputs[i] = _from_lanes(out)
 
-    coefs = np.zeros((n, 4))
-    for i in range(n):
+    coefs = np.zeros((calls, len(_UNITS)))
+    for i in range(calls):
         base = i * _LANES
         got = outputs[i, base : base + _LANES]
         if abs(got[_ZERO]) > _ATOL:
             raise _not_linear(label, i, f"zero inputs give {got[_ZERO]:.6g} (a noise or constant term)")
-        coefs[i] = got[_UNIT_X : _UNIT_PREV_M + 1]
-        if i == 0 and np.any(coefs[i, 2:] != 0.0):
-            raise _not_linear(label, i, "the first step depends on inputs given before it")
-        lanes = slice(base + 5, base + _LANES)
+        coefs[i] = got[1 : 1 + len(_UNITS)]
+        # A unit lane whose role is before call 0 is all zeros: a weight there is a constant term.
+        absent = [lane for lane, (_, back) in enumerate(_UNITS) if back > i]
+        if np.any(coefs[i, absent] != 0.0):
+            raise _not_linear(label, i, "the step depends on inputs given before the first call")
+        lanes = slice(base + 1 + len(_UNITS), base + _LANES)
         inputs = np.stack(
-            [
-                samples[i, lanes],
-                models[i, lanes],
-                samples[i - 1, lanes] if i > 0 else np.zeros(_CHECK_LANES),
-                models[i - 1, lanes] if i > 0 else np.zeros(_CHECK_LANES),
-            ],
+            [(samples if kind == "x" else models)[i - back, lanes] if i >= back else np.zeros(_CHECK_LANES)
+             for kind, back in _UNITS],
             axis=1,
         )
-        _check_lanes(label, i, got[5:], inputs * coefs[i])
+        _check_lanes(label, i, got[1 + len(_UNITS):], inputs * coefs[i])
 
     integral = not torch.is_floating_point(timesteps)
     table = {
@@ -270,6 +288,12 @@ def scheduler_table(scheduler: SchedulerMixin, num_inference_steps: int, *, seed
         "coef_prev_model": coefs[:, 3].tolist(),
         "config": json_config(probe),
     }
+    # Written only where they exist (PLMS), so every other table reads exactly as before.
+    if calls != n:
+        table["model_calls"] = calls
+    depth = max((k + 1 for k in range(_OLDER) if np.any(coefs[:, 4 + k] != 0.0)), default=0)
+    if depth:
+        table["coef_older_models"] = coefs[:, 4 : 4 + depth].tolist()
     logger.debug("scheduler table for %s, %d steps: init_noise_sigma %.6g", label, n, init_noise_sigma)
     return table
 
@@ -318,12 +342,24 @@ def _cross_check(name: str, scheduler: SchedulerMixin, spec: Mapping[str, Any], 
 
     want = scheduler_table(scheduler, steps)
     got = build_table(name, spec["config"], spec["alphas_cumprod"], steps).to_dict()
+    if len(got["timesteps"]) != len(want["timesteps"]):
+        return math.inf  # a different number of model calls: nothing else is comparable
     worst = 0.0
-    for key in ("timesteps", "input_scale", "coef_sample", "coef_model", "coef_prev_sample", "coef_prev_model"):
-        a, b = np.asarray(got[key], dtype=np.float64), np.asarray(want[key], dtype=np.float64)
+    for key in ("timesteps", "input_scale", "coef_sample", "coef_model", "coef_prev_sample", "coef_prev_model",
+                "coef_older_models"):
+        a, b = _padded(got.get(key), want.get(key), len(want["timesteps"]))
         worst = max(worst, float(np.max(np.abs(a - b))) / max(1e-12, float(np.max(np.abs(b)))))
     sigma = abs(got["init_noise_sigma"] - want["init_noise_sigma"]) / want["init_noise_sigma"]
     return max(worst, sigma)
+
+
+def _padded(a: Any, b: Any, calls: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-call arrays of one shape; an absent or narrower ``coef_older_models`` is zeros."""
+    arrays = [np.asarray(v if v is not None else np.zeros((calls, 0)), dtype=np.float64) for v in (a, b)]
+    if arrays[0].ndim == 2 or arrays[1].ndim == 2:
+        width = max(1, *(v.shape[1] for v in arrays))
+        arrays = [np.pad(v, ((0, 0), (0, width - v.shape[1]))) for v in arrays]
+    return arrays[0], arrays[1]
 
 
 def sampler_specs(base_config: Mapping[str, Any], *, min_steps: int = 1, max_steps: int = 150,
@@ -349,8 +385,8 @@ def sampler_specs(base_config: Mapping[str, Any], *, min_steps: int = 1, max_ste
     unavailable: dict[str, str] = {}
     errors: dict[str, float] = {}
     for name in SCHEDULERS:
-        scheduler = make_scheduler(name, base_config)
         try:
+            scheduler = make_scheduler(name, base_config)  # pndm refuses zero-SNR configs here
             config = json_config(scheduler)
             spec = {"config": config, "alphas_cumprod": scheduler.alphas_cumprod.to(torch.float64).tolist()}
             check_config(name, config)

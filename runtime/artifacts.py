@@ -253,8 +253,9 @@ def _check_table_bounds(r: _Reader, table: SchedulerTable) -> None:
     low, high = LIMITS["scheduler_value"]
     if not 0 < table.init_noise_sigma <= high:
         raise r.fail("scheduler.init_noise_sigma", f"must be in (0, {high:g}], got {table.init_noise_sigma!r}")
-    for key in ("timesteps", "input_scale", "coef_sample", "coef_model", "coef_prev_sample", "coef_prev_model"):
-        values = getattr(table, key)
+    for key in ("timesteps", "input_scale", "coef_sample", "coef_model", "coef_prev_sample", "coef_prev_model",
+                "coef_older_models"):
+        values = getattr(table, key).reshape(-1)  # PLMS's older weights: row-major (call, k)
         outside = (values < low) | (values > high)
         if outside.any():
             i = int(outside.argmax())

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default="0", help="seed of the first prompt; prompt i uses seed+i (< 2**63)")
     # Parsed as text and checked by the runtime, so bad values get the runtime's messages.
     parser.add_argument("--steps", help="sampling steps, 1-150 (default: the export's)")
-    parser.add_argument("--scheduler", help="sampler: ddim, euler or dpmpp_2m (default: the export's)")
+    parser.add_argument("--scheduler", help="sampler: ddim, euler, dpmpp_2m or pndm (PLMS) (default: the export's)")
     parser.add_argument("--guidance-scale", help="classifier-free guidance scale in [0, 100] (default: the export's)")
     parser.add_argument("--height", help="image height in pixels (default: the export's)")
     parser.add_argument("--width", help="image width in pixels (default: the export's)")

@@ -1,10 +1,11 @@
 """The denoising loop with classifier-free guidance, on the host or with latents on the GPU.
 
-Per step ``i`` of an exported scheduler table (`aptp.runtime.scheduler.SchedulerTable`)::
+Per model call ``i`` of an exported scheduler table (`aptp.runtime.scheduler.SchedulerTable`)::
 
     model input  = input_scale[i] * [x; x]                     (kernels.cfg_input)
     [u; c]       = unet([x; x] scaled, t_i, [uncond; cond] text states)
     x            = guided_step(x, u, c, guidance_scale, history, coefficients(i))
+    x           += sum_k older_coefficients(i)[k] * m_{i-2-k}  (PLMS only)
 
 which is diffusers' ``StableDiffusionPipeline`` loop (concatenated batch, ``scale_model_input``,
 ``uncond + s * (cond - uncond)``, ``scheduler.step``) with the step read off as coefficients.
@@ -62,8 +63,9 @@ def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: S
     if text_states.shape[0] != rows:
         raise ValueError(f"text_states has {text_states.shape[0]} rows, the loop needs {rows} for {batch} samples")
     prev_x, prev_m = np.zeros_like(x), np.zeros_like(x)
+    older: list[np.ndarray] = []  # m_{i-2}, m_{i-3}, ... newest first (PLMS only)
     doubled = np.empty((2 * batch, *x.shape[1:]), dtype=np.float32)
-    for i in range(table.num_steps):
+    for i in range(table.num_calls):
         kernels.cfg_input(x, float(table.input_scale[i]), out=doubled)
         sample = doubled if guided else doubled[:batch]
         out = unet.infer({"sample": sample, "timestep": _timesteps(table, i, rows),
@@ -77,8 +79,19 @@ def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: S
         else:  # scale 0 with both halves the conditional output: m = cond exactly
             m_uncond = m_cond = out
             scale = 0.0
+        prev_m_before = prev_m.copy() if table.history_depth else None
         kernels.guided_step(x, m_uncond, m_cond, scale, prev_x, prev_m, table.coefficients(i))
+        if table.history_depth:
+            _add_older(x, older, table.older_coefficients(i))
+            older = [prev_m_before, *older][: table.history_depth]
     return x
+
+
+def _add_older(x: np.ndarray, older: list[np.ndarray], coefs: tuple[float, ...]) -> None:
+    """``x += sum_k coefs[k] * older[k]`` in float32 (terms that do not exist yet weigh 0)."""
+    for value, coef in zip(older, coefs):
+        if coef != 0.0:
+            x += np.float32(coef) * value
 
 
 # ---- GPU: latents stay on the device ------------------------------------------------------
@@ -117,6 +130,50 @@ def _synchronize() -> None:
 _FENCE: dict[str, DeviceTensor] = {}
 
 
+class _DeviceHistory:
+    """PLMS's older model outputs in GPU buffers, moved with the fused step kernel alone.
+
+    ``guided_step_cuda`` with coefficients (0, 1, 0, 0) copies a buffer and (1, c, 0, 0) adds
+    ``c`` times one (guidance 0 makes its model output that buffer); two scratch buffers take
+    the history it writes. ``0 * x`` is NaN for uninitialised memory, so everything starts at 0.
+    """
+
+    def __init__(self, depth: int, shape: tuple[int, ...], dtype: Any, device_id: int):
+        zeros = np.zeros(shape, dtype=dtype)
+        self.pending = DeviceTensor(shape, dtype, device_id)  # m_{i-1} of the step now running
+        self.buffers = [DeviceTensor(shape, dtype, device_id) for _ in range(depth)]  # m_{i-2}, ...
+        self.scratch = (DeviceTensor(shape, dtype, device_id), DeviceTensor(shape, dtype, device_id))
+        for buffer in (self.pending, *self.buffers, *self.scratch):
+            buffer.upload(zeros)
+
+    def __bool__(self) -> bool:
+        return bool(self.buffers)
+
+    def keep(self, prev_m: DeviceTensor, stream: int) -> None:
+        """Shift the history by one step and hold m_{i-1} (`prev_m`) until the step is done."""
+        # The oldest buffer becomes the newest: rotate, then overwrite it with the pending m_{i-2}.
+        self.buffers = [self.buffers[-1], *self.buffers[:-1]]
+        self._copy(self.pending, self.buffers[0], stream)
+        self._copy(prev_m, self.pending, stream)
+
+    def add_to(self, x: DeviceTensor, coefs: tuple[float, ...], stream: int) -> None:
+        for value, coef in zip(self.buffers, coefs):
+            if coef != 0.0:
+                kernels.guided_step_cuda(x, value, value, 0.0, *self.scratch, (1.0, coef, 0.0, 0.0), stream)
+
+    def _copy(self, src: DeviceTensor, dst: DeviceTensor, stream: int) -> None:
+        kernels.guided_step_cuda(dst, src, src, 0.0, *self.scratch, (0.0, 1.0, 0.0, 0.0), stream)
+
+
+def _device_history(table: SchedulerTable, shape: tuple[int, ...], dtype: Any, device_id: int,
+                    prev_m: DeviceTensor) -> _DeviceHistory | None:
+    """Buffers for the table's older model terms (None unless PLMS); `prev_m` is zeroed too."""
+    if not table.history_depth:
+        return None
+    prev_m.upload(np.zeros(shape, dtype=dtype))  # it is copied into the history before it is read
+    return _DeviceHistory(table.history_depth, shape, dtype, device_id)
+
+
 def denoise_on_device(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: SchedulerTable,
                       guidance_scale: float, stream: int = 0) -> np.ndarray:
     """`denoise` with the latents, history and UNet I/O in GPU buffers from start to end.
@@ -149,8 +206,9 @@ def denoise_on_device(unet: Engine, latents: np.ndarray, text_states: np.ndarray
     # History needs no initialisation: coefficient 0 at step 0 drops the term unread.
     prev_x = DeviceTensor((batch, *shape), dtype, unet.device_id)
     prev_m = DeviceTensor((batch, *shape), dtype, unet.device_id)
+    older = _device_history(table, (batch, *shape), dtype, unet.device_id, prev_m)
     native_stream = isinstance(unet, TensorRTEngine)  # it runs on `stream` itself, after the kernels
-    for i in range(table.num_steps):
+    for i in range(table.num_calls):
         kernels.cfg_input_cuda(x, float(table.input_scale[i]), doubled, stream)
         if not native_stream:
             _synchronize()
@@ -161,6 +219,10 @@ def denoise_on_device(unet: Engine, latents: np.ndarray, text_states: np.ndarray
         else:
             m_uncond = m_cond = out
             scale = 0.0
+        if older:
+            older.keep(prev_m, stream)  # m_{i-1}, before the step overwrites prev_m with m_i
         kernels.guided_step_cuda(x, m_uncond, m_cond, scale, prev_x, prev_m, table.coefficients(i), stream)
+        if older:
+            older.add_to(x, table.older_coefficients(i), stream)
     _synchronize()
     return np.asarray(x.download(), dtype=np.float32)

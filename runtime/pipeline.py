@@ -98,7 +98,7 @@ class GenerationOptions:
     width: int
     expert: int | str | None = None
     output_type: str = "np"
-    #: Sampler name (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``); requests with different samplers
+    #: Sampler name (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, ``"pndm"``); requests with different samplers
     #: or step counts never share a batch.
     scheduler: str = ""
 
@@ -485,10 +485,11 @@ class AptpPipeline:
                 steps: Any = None) -> GenerationOptions:
         """Check request options and fill in the export's defaults.
 
-        ``scheduler`` names the sampler (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``; default: the
-        export's); ``steps`` is a short spelling of ``num_inference_steps`` (default: the
-        export's table's). Any step count in the export's range (1-150) works with any sampler
-        the export lists; an export made before per-request samplers runs its own table only.
+        ``scheduler`` names the sampler (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, ``"pndm"``
+        (PLMS, one more model call than steps); default: the export's); ``steps`` is a short
+        spelling of ``num_inference_steps`` (default: the export's table's). Any step count in
+        the export's range (1-150) works with any sampler the export lists; an export made before
+        per-request samplers runs its own table only.
 
         Raises:
             RuntimeInputError: steps not a positive integer or outside the export's range, an
@@ -549,7 +550,8 @@ class AptpPipeline:
                 manifest's); ``<= 1`` runs the conditional model only, as diffusers does.
             num_inference_steps: sampling steps, in the export's range (1-150); default: the
                 export's. ``steps`` is the same option under a shorter name.
-            scheduler: ``"ddim"``, ``"euler"`` or ``"dpmpp_2m"`` (default: the export's sampler).
+            scheduler: ``"ddim"``, ``"euler"``, ``"dpmpp_2m"`` or ``"pndm"`` (PLMS; ``"plms"`` too)
+                (default: the export's sampler).
             negative_prompt: text the unconditional half of classifier-free guidance encodes
                 instead of the empty prompt: one string for all prompts or one per prompt
                 (``None``/``""`` for none). Routing still reads the positive prompt only.

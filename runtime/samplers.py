@@ -5,10 +5,12 @@ sampler's resolved diffusers config (both read off diffusers at export time, so 
 this module turns them into a `SchedulerTable` for any step count, so a request may ask for
 another sampler or step count than the one the export was made with. The formulas follow
 diffusers' ``set_timesteps`` and ``step`` of ``DDIMScheduler`` (eta 0),
-``EulerDiscreteScheduler`` (no churn) and ``DPMSolverMultistepScheduler`` (DPM-Solver++, order 2)
-and are written as the two-step linear update the runtime applies::
+``EulerDiscreteScheduler`` (no churn), ``DPMSolverMultistepScheduler`` (DPM-Solver++, order 2)
+and ``PNDMScheduler`` with ``skip_prk_steps`` (PLMS) and are written as the linear update the
+runtime applies::
 
     x_{i+1} = coef_sample[i] x_i + coef_model[i] m_i + coef_prev_sample[i] x_{i-1} + coef_prev_model[i] m_{i-1}
+              + sum_k coef_older_models[i][k] m_{i-2-k}            (PLMS only)
 
 Only the config options that keep the update deterministic and this short are supported
 (`check_config` names the offending key otherwise); the exporter cross-checks every table built
@@ -27,7 +29,7 @@ import numpy as np
 
 from aptp.errors import ArtifactError
 
-from .scheduler import TABLE_FORMAT, SchedulerTable
+from .scheduler import MAX_OLDER_MODELS, TABLE_FORMAT, SchedulerTable
 
 __all__ = ["MAX_STEPS", "MIN_STEPS", "SAMPLER_CLASSES", "build_table", "check_config", "prediction_terms"]
 
@@ -40,6 +42,7 @@ SAMPLER_CLASSES = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
 }
 
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -74,6 +77,9 @@ _SUPPORTED: dict[str, dict[str, tuple]] = {
         "use_flow_sigmas": (False, None),
         "final_sigmas_type": ("zero", "sigma_min", None),
     },
+    # PRK warm-up steps are not reproduced (SD's config skips them); diffusers' PNDM knows no "sample".
+    "pndm": {"timestep_spacing": _COMMON["timestep_spacing"], "prediction_type": ("epsilon", "v_prediction"),
+             "skip_prk_steps": (True,)},
 }
 
 
@@ -249,7 +255,79 @@ def _dpmpp_2m(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, An
             "coef_prev_sample": out[:, 2].tolist(), "coef_prev_model": out[:, 3].tolist()}
 
 
-_BUILDERS = {"ddim": _ddim, "euler": _euler, "dpmpp_2m": _dpmpp_2m}
+def _pndm_timesteps(config: Mapping[str, Any], n: int) -> np.ndarray:
+    """diffusers' ``plms_timesteps``: the spaced timesteps, descending, the second one repeated."""
+    train = config["num_train_timesteps"]
+    spacing = config["timestep_spacing"]
+    if spacing == "linspace":
+        ascending = np.linspace(0, train - 1, n).round().astype(np.int64)
+    elif spacing == "leading":
+        ascending = (np.arange(0, n) * (train // n)).round().astype(np.int64) + _leading_offset(config)
+    else:
+        ascending = np.round(np.arange(train, 0, -train / n))[::-1].astype(np.int64) - 1
+    return np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1].astype(np.int64)
+
+
+# PLMS (Adams-Bashforth) weights of the kept model outputs, newest first, by how many are kept.
+_PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _plms_calls(n_calls: int) -> list[tuple[dict[int, float], int]]:
+    """Per model call j: {call index k: weight of m_k} and the call index of the sample stepped.
+
+    diffusers' ``step_plms``: call 1 redoes call 0's step from x_0 with the mean of m_0 and m_1
+    (m_1 is then dropped); every other call appends m_j to the kept outputs (at most 4).
+    """
+    kept: list[int] = []
+    out = []
+    for j in range(n_calls):
+        if j == 1:
+            out.append(({0: 0.5, 1: 0.5}, 0))
+            continue
+        kept = [*kept[-3:], j]
+        weights = _PLMS_WEIGHTS[len(kept)]
+        out.append(({k: w for k, w in zip(reversed(kept), weights)}, j))
+    return out
+
+
+def _pndm(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
+    timesteps = _pndm_timesteps(config, n)
+    train = config["num_train_timesteps"]
+    ratio = train // n  # diffusers steps by train // n whatever the spacing
+    final = 1.0 if config.get("set_alpha_to_one", False) else float(ac[0])
+    calls = len(timesteps)
+    depth = min(MAX_OLDER_MODELS, max(0, calls - 2))
+    coefs = np.zeros((calls, 4 + depth))  # x_j, m_j, x_{j-1}, m_{j-1}, m_{j-2}, ...
+    for j, (weights, source) in enumerate(_plms_calls(calls)):
+        t, prev = int(timesteps[j]), int(timesteps[j]) - ratio
+        if j == 1:  # the repeated timestep: step from t + ratio to t
+            t, prev = t + ratio, t
+        if not 0 <= t < train:
+            raise ValueError(f"pndm at {n} steps reads timestep {t}, outside [0, {train}): diffusers cannot run it")
+        a = float(ac[t])
+        a_prev = float(ac[prev]) if prev >= 0 else final
+        # _get_prev_sample: x' = sqrt(a_prev / a) x - g eps with
+        # g = (a_prev - a) / (a sqrt(1 - a_prev) + sqrt(a (1 - a) a_prev)), where eps is the PLMS
+        # mix itself (epsilon) or sqrt(a) mix + sqrt(1 - a) x (v_prediction).
+        g = (a_prev - a) / (a * math.sqrt(1 - a_prev) + math.sqrt(a * (1 - a) * a_prev))
+        c_x, c_m = math.sqrt(a_prev / a), -g
+        if config["prediction_type"] == "v_prediction":
+            c_x, c_m = c_x - g * math.sqrt(1 - a), -g * math.sqrt(a)
+        coefs[j, 0 if source == j else 2] = c_x
+        for k, w in weights.items():
+            coefs[j, 1 + 2 * (j - k) if j - k < 2 else 2 + j - k] += c_m * w
+    fields = {"timesteps": timesteps.tolist(), "init_noise_sigma": 1.0, "input_scale": [1.0] * calls,
+              "coef_sample": coefs[:, 0].tolist(), "coef_model": coefs[:, 1].tolist(),
+              "coef_prev_sample": coefs[:, 2].tolist(), "coef_prev_model": coefs[:, 3].tolist()}
+    if calls != n:
+        fields["model_calls"] = calls
+    if depth:
+        fields["coef_older_models"] = coefs[:, 4:].tolist()
+    return fields
+
+
+_BUILDERS = {"ddim": _ddim, "euler": _euler, "dpmpp_2m": _dpmpp_2m, "pndm": _pndm}
 
 
 def build_table(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[float] | np.ndarray,
@@ -257,7 +335,8 @@ def build_table(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[f
     """The `SchedulerTable` of sampler `name` for `num_inference_steps` steps.
 
     Args:
-        name: ``"ddim"``, ``"euler"`` or ``"dpmpp_2m"``.
+        name: ``"ddim"``, ``"euler"``, ``"dpmpp_2m"`` or ``"pndm"`` (PLMS: ``num_inference_steps + 1``
+            model calls, so the table has that many rows).
         config: the sampler's resolved diffusers config (as the export stores it).
         alphas_cumprod: the noise schedule, one value per training timestep.
         num_inference_steps: any integer in ``[1, num_train_timesteps]`` (the runtime's request
@@ -265,7 +344,8 @@ def build_table(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[f
 
     Raises:
         ArtifactError: an unsupported config or a malformed schedule.
-        ValueError: a step count outside ``[1, num_train_timesteps]``.
+        ValueError: a step count outside ``[1, num_train_timesteps]``, or one diffusers' own
+            sampler cannot run (a timestep outside the schedule).
     """
     check_config(name, config)
     ac = np.asarray(alphas_cumprod, dtype=np.float64)

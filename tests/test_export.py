@@ -733,8 +733,8 @@ def test_unwritable_output(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_unknown_scheduler(tmp_path, tiny_checkpoint, capsys):
-    rc, err = _run_cli(["--checkpoint", tiny_checkpoint, "--output", tmp_path / "A", "--scheduler", "plms"], capsys)
-    assert rc == 2 and "unknown scheduler 'plms'" in _one_error_line(err)
+    rc, err = _run_cli(["--checkpoint", tiny_checkpoint, "--output", tmp_path / "A", "--scheduler", "heun"], capsys)
+    assert rc == 2 and "unknown scheduler 'heun'" in _one_error_line(err)
     rc, err = _run_cli(["--checkpoint", tiny_checkpoint, "--output", tmp_path / "A", "--scheduler", "euler_a"], capsys)
     assert rc == 2 and "stochastic" in _one_error_line(err)
     assert not (tmp_path / "A").exists()

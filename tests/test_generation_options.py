@@ -55,7 +55,7 @@ def test_default_request_uses_the_stored_table(pipe):
     (dict(steps=151), "num_inference_steps must be between 1 and 150, got 151"),
     (dict(steps=0), "positive integer"),
     (dict(steps=3, num_inference_steps=4), "disagree"),
-    (dict(scheduler="plms"), "unknown sampler 'plms'; this export runs: ddim, dpmpp_2m, euler"),
+    (dict(scheduler="heun"), "unknown sampler 'heun'; this export runs: ddim, dpmpp_2m, euler, pndm"),
     (dict(scheduler=5), "sampler name"),
     (dict(negative_prompt=["a", "b"]), "one per prompt"),
     (dict(negative_prompt=[3]), r"negative_prompt\[0\] must be a string"),

@@ -146,7 +146,7 @@ def test_cli_prompts_file_and_forced_dense(export_dir, tmp_path, capsys):
 # ---- parity with diffusers ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "pndm"])
 def test_final_latents_match_diffusers_on_each_expert(pipe, components, export_dir, sampler):
     from aptp.export.scheduler_tables import build_scheduler_table
 

@@ -52,11 +52,14 @@ def diffusers_loop(scheduler, steps: int, noise: np.ndarray) -> np.ndarray:
 
 
 def table_loop(table: SchedulerTable, noise: np.ndarray) -> np.ndarray:
+    """The table's update per model call, with every model output kept (PLMS reads m_(i-4))."""
     x = table.initial_latents(noise)
-    prev_x = prev_m = None
+    prev_x, models = None, []
     for i, t in enumerate(table.timesteps):
         m = fake_model_numpy(table.scale_model_input(x, i), t)
-        x, prev_x, prev_m = table.step(m, i, x, prev_x, prev_m), x, m
+        older = models[::-1][1:]  # m_(i-2), m_(i-3), ...
+        x, prev_x = table.step(m, i, x, prev_x, models[-1] if models else None, older), x
+        models.append(m)
     return x
 
 
@@ -113,7 +116,8 @@ def test_table_is_json_round_trippable():
 def test_make_scheduler_names_and_aliases():
     assert isinstance(make_scheduler("DPM++-2M", BASE_CONFIG), DPMSolverMultistepScheduler)
     assert make_scheduler("euler_discrete", BASE_CONFIG).config.beta_schedule == "scaled_linear"
-    with pytest.raises(ConfigError, match="known schedulers: ddim, dpmpp_2m, euler"):
+    assert make_scheduler("PLMS", {**BASE_CONFIG, "skip_prk_steps": False}).config.skip_prk_steps is True
+    with pytest.raises(ConfigError, match="known schedulers: ddim, dpmpp_2m, euler, pndm"):
         make_scheduler("plms_fancy", BASE_CONFIG)
     with pytest.raises(ConfigError, match="stochastic"):
         make_scheduler("euler_a", BASE_CONFIG)
