@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from aptp.errors import ArtifactError
 
-__all__ = ["read_json", "require"]
+__all__ = ["read_json", "read_user_file", "require"]
 
 _TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
                bool: "true or false"}
@@ -72,3 +73,36 @@ def require(value: Any, expect: type | tuple[type, ...], label: str) -> Any:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_user_file(path: str | os.PathLike, what: str, limit: int, error: type[Exception] = ArtifactError) -> bytes:
+    """The bytes of a file a user names (a key, a prompt list, a PNG), read with a bound.
+
+    Opened without blocking and checked to be a regular file before anything is read, so a
+    FIFO (which would wait for a writer forever), a device such as ``/dev/zero`` (endless) or
+    a directory is refused, and so is a file over `limit` bytes. Every refusal is one `error`
+    naming `what` (may be empty) and the path.
+    """
+    label = f"{what} {path}" if what else str(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise error(f"cannot read {label}: {err.strerror or err}") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(status.st_mode) else "a directory" if stat.S_ISDIR(status.st_mode) \
+                else "a device or socket"
+            raise error(f"{label} is {kind}, not a regular file; pass a file")
+        if status.st_size > limit:
+            raise error(f"{label} is larger than {limit} bytes ({status.st_size}); pass a smaller file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)  # bounded even if the file grows while it is read
+    except OSError as err:
+        raise error(f"cannot read {label}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(f"{label} is larger than {limit} bytes; pass a smaller file")
+    return data

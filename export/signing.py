@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from aptp.errors import ArtifactError, ConfigError
+from aptp.readers import read_user_file
 
 __all__ = [
     "SIGNATURE_KEY",
@@ -69,11 +70,12 @@ def canonical_manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return text.encode("ascii")
 
 
+#: Largest key file read (a PEM Ed25519 key is about 120 bytes).
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 def _read_key_file(path: str | os.PathLike, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    return read_user_file(path, what, MAX_KEY_FILE_BYTES, ConfigError)
 
 
 def load_private_key(source: str | os.PathLike | bytes) -> Any:

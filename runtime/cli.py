@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from aptp import __version__
+from aptp.readers import read_user_file
 from aptp.cli import run_command
 from aptp.errors import RuntimeInputError
 
@@ -49,14 +50,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
             is not UTF-8.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PROMPTS_FILE_BYTES + 1)  # bounded: /dev/zero must not read forever
-    except OSError as err:
-        raise RuntimeInputError(f"cannot read --prompts-file {path}: {err.strerror or err}") from err
-    if len(data) > MAX_PROMPTS_FILE_BYTES:
-        raise RuntimeInputError(f"--prompts-file {path} is larger than {MAX_PROMPTS_FILE_BYTES >> 20} MiB; "
-                                "split it into several runs")
+    data = read_user_file(path, "--prompts-file", MAX_PROMPTS_FILE_BYTES, RuntimeInputError)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -196,13 +190,13 @@ def _ms(seconds: float) -> str:
 
 def show_params(path: str) -> int:
     """Print the parameters stored in the PNG at `path`, one ``key: value`` line each."""
-    from .images import PARAMETER_KEYS, read_png_parameters
+    from .images import PARAMETER_KEYS, printable, read_png_parameters
 
     params = read_png_parameters(path)
     if not params:
         raise RuntimeInputError(f"{path} carries no generation parameters (no PNG text chunks)")
     for key in [*[k for k in PARAMETER_KEYS if k in params], *sorted(set(params) - set(PARAMETER_KEYS))]:
-        print(f"{key}: {params[key]}")
+        print(f"{printable(key)}: {printable(params[key])}")
     return 0
 
 

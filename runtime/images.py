@@ -19,6 +19,7 @@ parameters as PNG text chunks (one ``iTXt`` chunk per key, UTF-8): ``prompt``,
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from aptp.errors import RuntimeInputError
+from aptp.readers import read_user_file
 
 __all__ = [
     "PARAMETER_KEYS",
@@ -105,25 +107,40 @@ def save_png(image: np.ndarray, path: str | os.PathLike, parameters: Mapping[str
     return path
 
 
+#: Largest PNG whose parameters are read (aptp's own are kilobytes to a few MiB).
+MAX_PNG_BYTES = 64 * 1024 * 1024
+
+
 def read_png_parameters(path: str | os.PathLike) -> dict[str, str]:
     """The text chunks of a PNG (the generation parameters for one aptp wrote).
 
     Raises:
-        RuntimeInputError: the file cannot be read or is not a PNG.
+        RuntimeInputError: the file cannot be read, is not a regular file, is over
+            `MAX_PNG_BYTES`, is not a PNG, or declares more pixels than Pillow's
+            decompression-bomb limit.
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    data = read_user_file(path, "", MAX_PNG_BYTES, RuntimeInputError)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             if image.format != "PNG":
                 raise RuntimeInputError(f"{path} is a {image.format} image, not a PNG")
             image.load()  # text chunks after the image data are read only now
             return {str(k): str(v) for k, v in image.text.items()}
-    except (OSError, UnidentifiedImageError) as err:
-        if isinstance(err, UnidentifiedImageError):
-            raise RuntimeInputError(f"{path} is not an image Pillow can read") from None
-        raise RuntimeInputError(f"cannot read {path}: {err.strerror or err}") from None
+    except Image.DecompressionBombError as err:
+        raise RuntimeInputError(f"{path} declares too many pixels to decode safely ({err})") from None
+    except UnidentifiedImageError:
+        raise RuntimeInputError(f"{path} is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt chunks
+        raise RuntimeInputError(f"{path} is not a readable PNG: {err}") from None
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (``\\x1b``, ``\\n``...), so printing a value from
+    a file cannot move the cursor, recolour or clear the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, gap: int = 2) -> np.ndarray:

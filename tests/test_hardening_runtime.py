@@ -341,9 +341,27 @@ def test_prompts_file_too_large_or_endless_is_one_error(tmp_path, monkeypatch):
     (tmp_path / "big.txt").write_text("a cat\n" * 1000)
     with pytest.raises(RuntimeInputError, match="larger than"):
         cli.read_prompts_file(tmp_path / "big.txt")
-    if Path("/dev/zero").exists():  # a device that never ends reads as too large, not forever
-        with pytest.raises(RuntimeInputError, match="larger than"):
+    if Path("/dev/zero").exists():  # a device that never ends is refused before it is read
+        with pytest.raises(RuntimeInputError, match="is a device or socket, not a regular file"):
             cli.read_prompts_file("/dev/zero")
+
+
+@pytest.mark.parametrize("reader, error", [
+    ("prompts", "RuntimeInputError"), ("private_key", "ConfigError"), ("public_key", "ConfigError"),
+    ("png", "RuntimeInputError")])
+def test_a_fifo_or_directory_named_as_an_input_file_is_refused_without_waiting(tmp_path, reader, error):
+    import aptp.errors
+    from aptp.export import signing
+    from aptp.runtime import cli, images
+
+    read = {"prompts": cli.read_prompts_file, "private_key": signing.load_private_key,
+            "public_key": signing.load_public_key, "png": images.read_png_parameters}[reader]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came: refused at once instead
+    with pytest.raises(getattr(aptp.errors, error), match="is a FIFO, not a regular file"):
+        read(fifo)
+    with pytest.raises(getattr(aptp.errors, error), match="is a directory, not a regular file"):
+        read(tmp_path)
 
 
 def test_api_refuses_bad_values_and_keeps_serving(export_dir):
@@ -381,3 +399,20 @@ def test_cli_generates_long_prompt_lists_in_chunks_with_the_same_images(export_d
     for i, result in enumerate(whole):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"img_{i}.png")), result.image)
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[::2]] == ["[0]", "[1]", "[2]"]
+
+
+def test_show_params_escapes_control_characters_and_refuses_a_pixel_bomb(tmp_path, capsys, monkeypatch):
+    from PIL import Image, PngImagePlugin
+
+    from aptp.runtime import cli
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", "a cat\x1b[2J\x07")
+    Image.new("RGB", (8, 8)).save(tmp_path / "p.png", pnginfo=info)
+    assert cli.main(["--show-params", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "prompt: a cat\\x1b[2J\\x07" in out and "\x1b" not in out
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8x8 = 64 pixels: over twice the limit
+    assert cli.main(["--show-params", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "declares too many pixels to decode safely" in err[0], err
