@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from aptp.errors import ConfigError
+from aptp.outputs import ordinary_mode
 
 from .manifest import file_sha256, read_manifest, replace_manifest, unet_entries
 
@@ -176,11 +178,22 @@ def quantize_unet(fp32: str | os.PathLike, output: str | os.PathLike, feeds: lis
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
 
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
     fp32, output = Path(fp32), Path(output)
     model = onnx.load(str(fp32), load_external_data=False)
     weighted, activation_matmuls = _weight_matmuls(model)
+    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
     del model
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=output.parent) as tmp:
+        # Quantize a private copy of the fp32 graph: onnx refuses external data that has several
+        # hard links (pipeline folders link the export's weights), and onnxruntime writes an
+        # "-inferred" graph beside its input, which must not land in the export.
+        source = Path(tmp) / "fp32"
+        source.mkdir()
+        for name in (fp32.name, *sorted(locations)):
+            shutil.copyfile(fp32.parent / name, source / name)
+        fp32 = source / fp32.name
         staged = Path(tmp) / output.name
         method = "static-qdq"
         try:
@@ -197,12 +210,15 @@ def quantize_unet(fp32: str | os.PathLike, output: str | os.PathLike, feeds: lis
             logger.warning("static int8 quantization of %s failed (%s); using dynamic quantization", fp32, err)
             method = f"dynamic (static failed: {type(err).__name__}: {err})"
             for leftover in Path(tmp).iterdir():
-                leftover.unlink()
+                if leftover != source:
+                    leftover.unlink()
             quantize_dynamic(str(fp32), str(staged), op_types_to_quantize=["MatMul", "Gemm"],
                              nodes_to_exclude=activation_matmuls, weight_type=QuantType.QInt8, per_channel=False,
                              use_external_data_format=external_data)
         ops = count_quantized_ops(staged)
-        written = sorted(Path(tmp).iterdir())
+        written = sorted(p for p in Path(tmp).iterdir() if p != source)
+        for path in written:
+            ordinary_mode(path)  # 0644 like the fp32 files: tempfile and onnx's writers make some 0600
         for path in written:  # the graph last: a graph never points at data not yet in place
             if path != staged:
                 os.replace(path, output.parent / path.name)

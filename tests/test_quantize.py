@@ -106,3 +106,25 @@ def test_quantize_with_fp16_is_one_line_on_the_command_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("aptp-export: error: --quantize int8 starts from fp32"), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_quantizing_a_hard_linked_graph_writes_ordinary_files_and_nothing_else(tmp_path):
+    """Pipeline folders hard-link the export's weights (onnx refuses to load external data with
+    several links) and onnxruntime writes an "-inferred" graph beside its input: the int8 graph
+    is made from a private copy, and lands with the modes of the fp32 files."""
+    import os
+
+    from aptp.export.quantize import quantize_unet
+    from runtime_fixtures import external_weights_graph
+
+    external_weights_graph(tmp_path, "m.onnx.data")
+    os.link(tmp_path / "m.onnx.data", tmp_path / "linked.data")  # what --pipeline-dirs does
+    old_umask = os.umask(0o022)
+    try:
+        feeds = [{"x": np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)} for i in range(4)]
+        quantize_unet(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", feeds, external_data=True)
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linked.data", "m.int8.onnx", "m.int8.onnx.data",
+                                                          "m.onnx", "m.onnx.data"]
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("m.int8.*")} == {"0o644"}
