@@ -350,8 +350,14 @@ def build_table(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[f
     check_config(name, config)
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     train = config["num_train_timesteps"]
-    if ac.shape != (train,) or not np.all(np.isfinite(ac)) or not np.all((ac > 0) & (ac < 1)):
+    if ac.shape != (train,) or not np.all(np.isfinite(ac)) or not (np.all(ac[:-1] > 0) and np.all(ac < 1)):
         raise ArtifactError(f"sampler {name}: alphas_cumprod must be {train} numbers in (0, 1)")
+    if ac[-1] <= 0 and not (ac[-1] == 0 and name == "ddim" and config["prediction_type"] != "epsilon"):
+        # Zero terminal SNR: diffusers' DDIM keeps the last value at exactly 0, which v- and
+        # sample-prediction step through (x0 = -v at t = T); an epsilon model cannot (x0 = x / 0),
+        # and the sigma-based samplers need it above 0 (diffusers sets 2**-24 for them).
+        raise ArtifactError(f"sampler {name}: alphas_cumprod must be {train} numbers in (0, 1) (the last may be 0 "
+                            "only for DDIM with v- or sample-prediction: zero terminal SNR)")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
             or not 1 <= num_inference_steps <= train:
         raise ValueError(f"num_inference_steps must be an integer in [1, {train}], got {num_inference_steps!r}")

@@ -230,3 +230,23 @@ def test_runtime_scheduler_imports_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 25])
+def test_ddim_with_zero_terminal_snr_runs_at_any_step_count(steps):
+    """diffusers' DDIM keeps alphas_cumprod[-1] at exactly 0 under rescale_betas_zero_snr; with
+    v-prediction it steps through it (x0 = -v at t = T), and so does the table."""
+    from aptp.runtime.samplers import build_table
+
+    config = {**BASE_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+              "timestep_spacing": "trailing", "steps_offset": 0}
+    scheduler = DDIMScheduler.from_config(config)
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    noise = np.random.default_rng(steps).standard_normal(SHAPE).astype(np.float32)
+    expected = diffusers_loop(DDIMScheduler.from_config(config), steps, noise)
+    ac = scheduler.alphas_cumprod.to(torch.float64).tolist()
+    resolved = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    table = build_table("ddim", resolved, ac, steps)
+    np.testing.assert_allclose(table_loop(table, noise.astype(np.float64)), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ArtifactError, match="the last may be 0 only for DDIM with v- or sample-prediction"):
+        build_table("ddim", {**resolved, "prediction_type": "epsilon"}, ac, steps)
