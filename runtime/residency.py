@@ -519,7 +519,11 @@ class ResidencyManager:
         that pinned sessions leave."""
         if self.budget is None or self._make_room(0, keep=key, best_effort=True):
             return
-        over = self._total() - self.budget
+        # What _make_room measured: the charges plus the RSS no charge explains (the charges
+        # alone can sit below the budget while the process is above it).
+        over = self._total() + self._excess() - self.budget
+        if over <= 0:
+            return
         self.overshoots += 1
         self.max_overshoot_bytes = max(self.max_overshoot_bytes, over)
         logger.warning("%s %s; pinned sessions leave the budget %s exceeded by %s until they are released",

@@ -441,3 +441,18 @@ def test_server_under_a_budget_four_threads_ten_requests_each(export):
     assert stats["requests"] == 40 and stats["batches"] >= 10
     assert stats["loads"] >= 2 and stats["evictions"] >= 1
     assert stats["queue_wait_s"]["p95"] is not None and sum(stats["batches_per_expert"].values()) == stats["batches"]
+
+
+def test_an_overshoot_is_reported_with_the_memory_that_made_it(caplog):
+    """Memory the process kept after an eviction (unattributed) plus a session that grows while
+    running can pass the budget while the charges alone do not: the warning and the report give
+    the real, positive excess (they said "exceeded by -12.00 MiB")."""
+    manager, probe, _, engines = make_manager(30 * MiB, {0: 10 * MiB, 1: 20 * MiB}, work={0: 8 * MiB})
+    with manager.use(1):
+        engines[1].kept = 15 * MiB  # the allocator keeps these after the session is dropped
+    with manager.use(0) as engine:  # evicts expert 1, which leaves its 15 MiB behind
+        engine.run()  # grows to 18 MiB: 18 charged + 15 unattributed = 33 MiB in a 30 MiB budget
+    report = manager.report()
+    assert report["max_overshoot_bytes"] > 0
+    warnings = [r.getMessage() for r in caplog.records if "exceeded by" in r.getMessage()]
+    assert warnings and all("exceeded by -" not in w for w in warnings), warnings
