@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ import numpy as np
 
 from aptp.errors import AptpError, ConfigError
 from aptp.outputs import BENCH_MEMORY, claim_in_place
+from aptp.runtime.pipeline import GUIDANCE_RANGE
+from aptp.runtime.serving import MAX_WAIT
 
 __all__ = ["MemoryOptions", "build_workload", "resolve_budgets", "run_memory"]
 
@@ -88,6 +91,20 @@ class MemoryOptions:
             raise ConfigError(f"--precisions must be a list of fp32, int8; got {list(self.precisions)}")
         for budget in self.budgets:
             _budget_bytes(budget, 1)  # a bad budget fails before anything runs
+        # The workers' own checks, run here so a bad flag is one line before any worker starts.
+        if not (math.isfinite(self.max_wait_s) and 0 <= self.max_wait_s <= MAX_WAIT):
+            raise ConfigError(f"--max-wait-s must be in [0, {MAX_WAIT:g}] seconds, got {self.max_wait_s}")
+        if not (math.isfinite(self.arrival_gap_s) and 0 <= self.arrival_gap_s <= MAX_WAIT):
+            raise ConfigError(f"--arrival-gap must be in [0, {MAX_WAIT:g}] seconds, got {self.arrival_gap_s}")
+        if self.guidance_scale is not None:
+            low, high = GUIDANCE_RANGE
+            if not (math.isfinite(self.guidance_scale) and low <= self.guidance_scale <= high):
+                raise ConfigError(f"--guidance-scale must be a finite number in [{low:g}, {high:g}], "
+                                  f"got {self.guidance_scale}")
+
+
+#: Largest budget multiple of the dense UNet accepted ('2x'); beyond it a budget means nothing.
+MAX_BUDGET_FACTOR = 1e6
 
 
 def _budget_bytes(spec: str, dense_bytes: int) -> int | None:
@@ -100,8 +117,8 @@ def _budget_bytes(spec: str, dense_bytes: int) -> int | None:
         except ValueError:
             raise ConfigError(f"a budget is 'unlimited', a multiple of the dense UNet ('2x') or a size ('3GiB'), "
                               f"got {spec!r}") from None
-        if factor <= 0:
-            raise ConfigError(f"a budget multiple must be > 0, got {spec!r}")
+        if not (math.isfinite(factor) and 0 < factor <= MAX_BUDGET_FACTOR):
+            raise ConfigError(f"a budget multiple must be a number in (0, {MAX_BUDGET_FACTOR:g}], got {spec!r}")
         return int(factor * dense_bytes)
     try:
         return parse_memory_budget(spec, "--budgets")
