@@ -94,9 +94,11 @@ async function generate(event) {
     $("provider").textContent = image.provider || "?";
     $("latency").textContent = `${latency.toFixed(2)} s`;
     $("bar").value = 1;
+    $("progress-text").textContent = `done: ${info.steps} ${info.sampler_name} steps`;
     remember(prompt, image, latency);
   } catch (err) {
     $("error").textContent = err.message;
+    $("progress-text").textContent = "";
   } finally {
     clearInterval(timer);
     $("generate").disabled = false;
