@@ -51,15 +51,10 @@ def parse_replicas(text: str) -> int | dict[int | str, int]:
                           ) from None
 
 
-def seconds(text: str) -> float:
-    """argparse type: a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got '{text}'") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got '{text}'")
-    return value
+def check_seconds(value: float | None, flag: str) -> None:
+    """Refuse a wait that is negative, infinite or NaN (checked before anything loads)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{flag} must be a finite number of seconds >= 0, got {value}")
 
 
 #: Flags that only the Ray mode reads (refused without --ray rather than silently ignored).
@@ -82,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (8000; A1111 clients expect 7860)")
     p.add_argument("--max-batch", type=positive_int, help="prompts per expert batch (default: the export's)")
-    p.add_argument("--max-wait", type=seconds, default=0.02, metavar="S", help="batch wait in seconds (0.02)")
+    p.add_argument("--max-wait", type=float, default=0.02, metavar="S", help="batch wait in seconds (0.02)")
     p.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (local: $OMP_NUM_THREADS or "
                    "every core; Ray: 1 per replica)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export's files")
@@ -90,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     local = p.add_argument_group("local mode (the default)")
     local.add_argument("--max-queue", type=positive_int, default=None,
                        help="requests that may wait at once; more get 503 (64)")
-    local.add_argument("--swap-wait", type=seconds, default=None, metavar="S",
+    local.add_argument("--swap-wait", type=float, default=None, metavar="S",
                        help="head start, in seconds of waiting, of the expert that ran last and of resident experts "
                        "over others (5): bounds how long a request waits for an expert swap")
     local.add_argument("--memory-budget", metavar="SIZE", help="memory the UNet sessions may take together, e.g. "
@@ -137,6 +132,8 @@ def run_local(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     _refuse_other_mode(args)
+    check_seconds(args.max_wait, "--max-wait")
+    check_seconds(args.swap_wait, "--swap-wait")
     if not args.ray:
         return run_local(args)
     from .artifacts import load_artifacts

@@ -357,3 +357,15 @@ def _post_or_error(url: str, body: dict):
         return httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=TIMEOUT).status_code
     except httpx.TransportError as err:
         return type(err).__name__
+
+
+def test_aptp_generate_progress_bar_on_request(export_dir, tmp_path, capfd):
+    from aptp.runtime.cli import main as generate
+
+    assert generate(["--artifacts", str(export_dir), "--prompt", FOOD_PROMPTS[0], "--steps", "3", "--threads", "1",
+                     "--progress", "--output", str(tmp_path / "soup.png")]) == 0
+    err = capfd.readouterr().err
+    assert "expert 1" in err and "/3 " in err
+    assert generate(["--artifacts", str(export_dir), "--prompt", FOOD_PROMPTS[0], "--steps", "3", "--threads", "1",
+                     "--output", str(tmp_path / "soup2.png")]) == 0
+    assert "expert 1" not in capfd.readouterr().err  # stderr is not a terminal here: no bar by default
