@@ -19,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -295,8 +293,6 @@ def test_webuiapi_client_gets_images_with_aptp_routing(server, pipe):
 
 
 def test_ray_flags_without_ray_are_refused_in_one_line(export_dir):
-    from aptp.runtime.serve_cli import main
-
     for argv, flag in ((["--replicas", "3"], "--replicas only apply to --ray"),
                        (["--ray", "--max-queue", "3"], "--max-queue only apply to the local mode"),
                        (["--max-wait", "inf"], "finite number of seconds")):
@@ -304,7 +300,6 @@ def test_ray_flags_without_ray_are_refused_in_one_line(export_dir):
                                "sys.exit(main(sys.argv[1:]))", "--artifacts", str(export_dir), *argv],
                               capture_output=True, text=True, timeout=TIMEOUT)
         assert proc.returncode == 2 and flag in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert main is not None
 
 
 def _free_port() -> int:
