@@ -44,7 +44,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"aptp.train": ["presets/*.yaml", "assets/tiny-sd/*", "assets/tiny-sd/*/*"], "aptp.benchmarks": ["configs/*.yaml", "assets/*"], "aptp.benchmarks.quality": ["assets/*"]},
+    package_data={"aptp.train": ["presets/*.yaml", "assets/tiny-sd/*", "assets/tiny-sd/*/*"], "aptp.benchmarks": ["configs/*.yaml", "assets/*"], "aptp.benchmarks.quality": ["assets/*"],
+                  "aptp.runtime": ["web/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -73,11 +74,15 @@ setup(
             "matplotlib",
             "scipy",
         ],
-        # Ray Serve for aptp-serve and its tests (pinned: the version installed and measured here).
-        "serve": ["ray[serve]==2.60.0"],
+        # aptp-serve's default (local) mode: the ASGI app on uvicorn, no Ray.
+        "local": ["starlette", "uvicorn"],
+        # aptp-serve --ray: Ray Serve (pinned: the version installed and measured here), plus the local mode.
+        "serve": ["ray[serve]==2.60.0", "starlette", "uvicorn"],
         # Ed25519 signing of export manifests (aptp-export --sign, trusted_key=); imported lazily.
         "sign": ["cryptography"],
-        "test": ["pytest", "cryptography"],
+        # httpx drives the HTTP tests; selenium the page test (with Debian's chromium + chromium-driver);
+        # webuiapi is the A1111 client the compatibility test runs.
+        "test": ["pytest", "cryptography", "httpx", "selenium", "webuiapi"],
     },
     entry_points={
         "console_scripts": [

@@ -180,8 +180,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the export's)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of every file (only existence is checked)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar of the sampling steps on stderr (default: when stderr is a terminal)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+class StepBar:
+    """A tqdm bar of the sampling steps, one run (expert group chunk) after another; the
+    pipeline's progress callback."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = None
+
+    def __call__(self, step: int, total: int, expert: object) -> None:
+        if step == 1 or self.bar is None:
+            self.close()
+            self.bar = self._tqdm(total=total, desc=f"expert {expert}", unit="step", leave=False, file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _ms(seconds: float) -> str:
@@ -248,11 +272,19 @@ def run(args: argparse.Namespace) -> list[Path] | int:
         scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
     )
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = StepBar() if show else None
+    if bar is not None:
+        options["callback"] = bar
     # Chunks bound the memory a long prompts file needs; each image depends only on its own
     # prompt and seed, so chunking changes no result.
     sheet: list[tuple[object, dict[str, str]]] = []  # (image, parameters) kept only for --grid
     for start in range(0, len(prompts), CHUNK_PROMPTS):
-        results = pipe(prompts[start:start + CHUNK_PROMPTS], seeds=seed + start, **options)
+        try:
+            results = pipe(prompts[start:start + CHUNK_PROMPTS], seeds=seed + start, **options)
+        finally:
+            if bar is not None:
+                bar.close()
         for i, result in enumerate(results, start):
             result.save(paths[i])
             stages = "  ".join(f"{stage} {_ms(result.timings[stage])}" for stage in STAGES)

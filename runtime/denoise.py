@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,11 @@ from . import kernels
 from .engine import DeviceTensor, Engine, TensorRTEngine
 from .scheduler import SchedulerTable
 
-__all__ = ["denoise", "denoise_on_device", "uses_guidance"]
+__all__ = ["StepCallback", "denoise", "denoise_on_device", "uses_guidance"]
+
+#: ``callback(step, total)`` after each sampling step (``step`` counts from 1). Raising from it
+#: stops the loop with that exception (how an interrupt ends a request).
+StepCallback = Callable[[int, int], None]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def _timesteps(table: SchedulerTable, i: int, rows: int) -> np.ndarray:
 
 
 def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: SchedulerTable,
-            guidance_scale: float) -> np.ndarray:
+            guidance_scale: float, callback: StepCallback | None = None) -> np.ndarray:
     """Run the whole sampling loop on the host; returns the final latents (float32, new array).
 
     Args:
@@ -55,6 +60,7 @@ def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: S
         text_states: ``(2B, L, D)`` as ``[uncond; cond]`` when `uses_guidance`, else ``(B, L, D)``.
         table: the sampler.
         guidance_scale: classifier-free guidance scale.
+        callback: ``callback(step, total)`` after each step (None: nothing is called).
     """
     x = np.array(latents, dtype=np.float32, order="C", copy=True)
     batch = x.shape[0]
@@ -84,6 +90,8 @@ def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: S
         if table.history_depth:
             _add_older(x, older, table.older_coefficients(i))
             older = [prev_m_before, *older][: table.history_depth]
+        if callback is not None:
+            callback(i + 1, table.num_calls)  # UNet calls: PLMS makes one more than its steps
     return x
 
 
@@ -175,13 +183,14 @@ def _device_history(table: SchedulerTable, shape: tuple[int, ...], dtype: Any, d
 
 
 def denoise_on_device(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: SchedulerTable,
-                      guidance_scale: float, stream: int = 0) -> np.ndarray:
+                      guidance_scale: float, stream: int = 0, callback: StepCallback | None = None) -> np.ndarray:
     """`denoise` with the latents, history and UNet I/O in GPU buffers from start to end.
 
     `unet` is a CUDA engine (`OnnxRuntimeEngine` on ``"cuda"`` or `TensorRTEngine`); its
     buffers are (re)allocated for this batch. The kernels run on `stream` (default 0, where a
     TensorRT engine runs too); the loop synchronises before each onnxruntime call. Returns the
-    final latents on the host as float32.
+    final latents on the host as float32. `callback` as in `denoise` (called once the step is
+    queued, without waiting for the GPU: a progress report, not a timing).
     """
     if unet.device != "cuda":
         raise ValueError(f"denoise_on_device needs a CUDA engine, got {unet}")
@@ -224,5 +233,7 @@ def denoise_on_device(unet: Engine, latents: np.ndarray, text_states: np.ndarray
         kernels.guided_step_cuda(x, m_uncond, m_cond, scale, prev_x, prev_m, table.coefficients(i), stream)
         if older:
             older.add_to(x, table.older_coefficients(i), stream)
+        if callback is not None:
+            callback(i + 1, table.num_calls)
     _synchronize()
     return np.asarray(x.download(), dtype=np.float32)

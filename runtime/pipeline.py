@@ -35,7 +35,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from aptp.errors import ArtifactError, RuntimeInputError, shown
 
 from . import kernels
 from .artifacts import DENSE, ExportArtifacts, ModelFile, load_artifacts
-from .denoise import denoise, denoise_on_device, uses_guidance
+from .denoise import StepCallback, denoise, denoise_on_device, uses_guidance
 from .engine import (
     BACKENDS,
     DEVICES,
@@ -68,6 +68,7 @@ __all__ = [
     "AptpPipeline",
     "GenerationOptions",
     "GenerationResult",
+    "ProgressCallback",
     "initial_noise",
     "resolve_backend",
 ]
@@ -80,6 +81,14 @@ OUTPUT_TYPES = ("np", "latent")
 #: Accepted classifier-free guidance scales (inclusive); <= 1 runs the conditional model only.
 GUIDANCE_RANGE = (0.0, 100.0)
 _MAX_SEED = 2**63
+
+
+#: ``callback(step, total, expert)`` after each sampling step of a UNet run (see `AptpPipeline.__call__`).
+ProgressCallback = Callable[[int, int, Any], None]
+
+
+def _step_callback(callback: ProgressCallback, key: int | str) -> StepCallback:
+    return lambda step, total: callback(step, total, key)
 
 
 def initial_noise(seed: int, shape: Sequence[int]) -> np.ndarray:
@@ -132,6 +141,8 @@ class GenerationResult:
     width: int = 0
     manifest_sha256: str = ""
     provider: str | None = None
+    #: Prompts that shared this prompt's UNet calls (its expert group's chunk).
+    batch_size: int = 1
 
     def parameters(self) -> dict[str, str]:
         """What made this image, as the PNG text chunks `save` writes (`aptp.runtime.images`)."""
@@ -539,7 +550,8 @@ class AptpPipeline:
                  guidance_scale: float | None = None, num_inference_steps: int | None = None,
                  expert: int | str | None = None, output_type: str = "np", height: int | None = None,
                  width: int | None = None, scheduler: str | None = None, steps: int | None = None,
-                 negative_prompt: str | Sequence[str | None] | None = None) -> list[GenerationResult]:
+                 negative_prompt: str | Sequence[str | None] | None = None,
+                 callback: ProgressCallback | None = None) -> list[GenerationResult]:
         """Generate one image per prompt; results in the order of `prompts`.
 
         Args:
@@ -558,6 +570,9 @@ class AptpPipeline:
             expert: ``None`` routes each prompt; a code or ``"dense"`` forces that UNet.
             output_type: ``"np"`` decodes images; ``"latent"`` stops after the loop.
             height, width: image size in pixels (default: the export's nominal size).
+            callback: ``callback(step, total, expert)`` after each sampling step of each UNet
+                run (an expert group, in chunks of ``max_batch``); ``step`` restarts at 1 for
+                each run. An exception it raises ends the call.
 
         Raises:
             RuntimeInputError: bad prompts or options (nothing is run).
@@ -569,7 +584,7 @@ class AptpPipeline:
                             scheduler=scheduler, steps=steps)
         negatives = self.check_negative_prompts(negative_prompt, len(prompts))
         seed_list = self.check_seeds(seeds, len(prompts))
-        return self.generate(prompts, seed_list, opts, negative_prompts=negatives)
+        return self.generate(prompts, seed_list, opts, negative_prompts=negatives, callback=callback)
 
     def check_negative_prompts(self, negative_prompt: Any, count: int) -> list[str | None] | None:
         """`negative_prompt` as one entry per prompt (``None`` for none), or ``None`` if no prompt has one."""
@@ -577,12 +592,13 @@ class AptpPipeline:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], options: GenerationOptions,
                  codes: np.ndarray | None = None,
-                 negative_prompts: Sequence[str | None] | None = None) -> list[GenerationResult]:
+                 negative_prompts: Sequence[str | None] | None = None,
+                 callback: ProgressCallback | None = None) -> list[GenerationResult]:
         """`__call__` on already checked prompts, seeds and options (the server's entry).
 
         `codes` (one per prompt) skips the router when the caller routed already;
         `negative_prompts` (one per prompt, ``None`` for the empty prompt) as checked by
-        `check_negative_prompts`.
+        `check_negative_prompts`; `callback` as in `__call__`.
         """
         table = self.table(options)
         batch = len(prompts)
@@ -621,6 +637,7 @@ class AptpPipeline:
         pixels: np.ndarray | None = None
         group_timings: dict[int, dict[str, float]] = {}
         group_provider: dict[int, str | None] = {}
+        chunk_size: dict[int, int] = {}
         order, offsets = kernels.group_by_code(index, num_codes + 1)  # slot K is the dense model
         for slot in range(num_codes + 1):
             group = order[offsets[slot]:offsets[slot + 1]]
@@ -639,7 +656,9 @@ class AptpPipeline:
                     text = np.concatenate([kernels.gather_rows(per_row_uncond, rows), text])
                 elif guided:
                     text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
-                x = self._denoise(key, x, text, options.guidance_scale, table)
+                step = None if callback is None else _step_callback(callback, key)
+                x = self._denoise(key, x, text, options.guidance_scale, table, step)
+                chunk_size.update(dict.fromkeys(rows.tolist(), int(rows.size)))
                 kernels.scatter_rows(x, rows, final)
                 spent["denoise"] += time.perf_counter() - clock
                 if options.output_type == "np":
@@ -668,16 +687,17 @@ class AptpPipeline:
                 negative_prompt=None if negative_prompts is None else negative_prompts[i],
                 scheduler=table.name, num_inference_steps=table.num_steps, guidance_scale=options.guidance_scale,
                 height=options.height, width=options.width, manifest_sha256=self.manifest_sha256,
+                batch_size=chunk_size[i],
             ))
         return results
 
     def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float,
-                 table: SchedulerTable) -> np.ndarray:
+                 table: SchedulerTable, callback: StepCallback | None = None) -> np.ndarray:
         with self.residency.use(key) as unet:  # pinned: never evicted while this group runs on it
             if self.on_device_loop:
                 with self._device_lock:
-                    return denoise_on_device(unet, x, text, table, guidance_scale)
+                    return denoise_on_device(unet, x, text, table, guidance_scale, callback=callback)
             try:
-                return denoise(unet, x, text, table, guidance_scale)
+                return denoise(unet, x, text, table, guidance_scale, callback)
             except ValueError as err:  # a graph whose shapes do not match its manifest entry
                 raise ArtifactError(f"expert {key}: {err}") from err

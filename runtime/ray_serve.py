@@ -151,9 +151,11 @@ def _status_of(err: BaseException) -> tuple[int, str]:
     from ray import exceptions as rex
     from ray.serve import exceptions as sex
 
+    from .http_app import default_status
+
     cause = getattr(err, "cause", None) or err
     if isinstance(cause, AptpError):
-        return (400 if isinstance(cause, ValueError) else 500), str(cause)
+        return default_status(cause)
     if isinstance(err, sex.BackPressureError):
         return 503, "the expert's queue is full; retry later"
     if isinstance(err, (rex.RayActorError, rex.ActorUnavailableError, sex.ReplicaUnavailableError,
@@ -165,11 +167,15 @@ def _status_of(err: BaseException) -> tuple[int, str]:
 def _deployments(serve: Any) -> tuple[type, type]:
     """The router and model deployment classes (defined here so Ray loads only when needed)."""
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
 
+    from .a1111 import result_dict
+    from .http_app import Service, dispatch
     from .isolation import run_isolated
     from .pipeline import AptpPipeline, GenerationOptions
-    from .serve_http import HttpError, encode_png, parse_request, response_format, result_json
+    from .serve_http import HttpError, encode_png
+
+    Item = tuple[str, int, GenerationOptions, "str | None"]
 
     class ModelDeployment:
         """One UNet (an expert or the dense model) behind ``@serve.batch``."""
@@ -186,7 +192,7 @@ def _deployments(serve: Any) -> tuple[type, type]:
         def pid(self) -> int:
             return os.getpid()
 
-        async def generate(self, request: tuple[str, int, GenerationOptions]) -> dict[str, Any]:
+        async def generate(self, request: Item) -> dict[str, Any]:
             """One request's result; a failure of its group is raised to its caller only."""
             result = await self._batch(request)
             if isinstance(result, Exception):
@@ -194,27 +200,28 @@ def _deployments(serve: Any) -> tuple[type, type]:
             return result
 
         @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-        async def _batch(self, requests: list[tuple[str, int, GenerationOptions]]) -> list[Any]:
+        async def _batch(self, requests: list[Item]) -> list[Any]:
             # Requests with other options (guidance, size) cannot share a UNet call: one run each.
             groups: dict[GenerationOptions, list[int]] = {}
-            for i, (_, _, opts) in enumerate(requests):
-                groups.setdefault(dataclasses.replace(opts, expert=self.key), []).append(i)
+            for i, item in enumerate(requests):
+                groups.setdefault(dataclasses.replace(item[2], expert=self.key), []).append(i)
             out: list[Any] = [None] * len(requests)
             for opts, rows in groups.items():
                 def run(batch: Sequence[int], opts: GenerationOptions = opts) -> list[Any]:
-                    return self.pipe.generate([requests[i][0] for i in batch], [requests[i][1] for i in batch], opts)
+                    negatives = [requests[i][3] for i in batch]
+                    return self.pipe.generate([requests[i][0] for i in batch], [requests[i][1] for i in batch], opts,
+                                              negative_prompts=negatives if any(negatives) else None)
 
                 # A failing group is re-run one request at a time: a bad request fails only itself.
                 results = await asyncio.to_thread(run_isolated, run, rows, f"batch on {_model_name(self.key)}")
                 for i, result in zip(rows, results):
                     out[i] = result if isinstance(result, Exception) else {
-                        "prompt": result.prompt, "seed": result.seed, "expert": result.expert,
-                        "truncated": bool(result.truncated), "batch_size": len(rows),
-                        "timings": dict(result.timings), "png": encode_png(result.image)}
+                        **result_dict(result, encode_png(result.image)), "batch_size": len(rows)}
             return out  # serve.batch hands each item back as a value, exceptions included
 
     class RouterDeployment:
-        """HTTP ingress: check, route in batches, forward to the expert's deployment."""
+        """HTTP ingress: the app of `aptp.runtime.http_app`, routing in batches and forwarding
+        each image to its expert's deployment."""
 
         def __init__(self, artifacts: str, options: ServeOptions, models: Mapping[str, Any]):
             # Only the router's sessions are ever created here: the UNets load on first use.
@@ -222,6 +229,8 @@ def _deployments(serve: Any) -> tuple[type, type]:
             self.models = {(_key(name)): handle for name, handle in models.items()}
             self._route.set_max_batch_size(options.router_max_batch)
             self._route.set_batch_wait_timeout_s(options.max_wait_s)
+            # No step callback crosses to the replicas: progress counts finished images here.
+            self.service = Service(pipe=self.pipe, generate=self._generate, status_of=_status_of, step_progress=False)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
         async def _route(self, prompts: list[str]) -> list[Any]:
@@ -231,43 +240,22 @@ def _deployments(serve: Any) -> tuple[type, type]:
             spent = (time.perf_counter() - clock) / len(prompts)
             return [c if isinstance(c, Exception) else (int(c), spent) for c in codes]
 
-        async def __call__(self, request: Request) -> Response:
-            clock = time.perf_counter()
-            try:
-                if request.method != "POST":
-                    raise HttpError(405, f"use POST with a JSON body, not {request.method}")
-                fmt = response_format(request.query_params, request.headers.get("accept"))
-                parsed = parse_request(await request.body())
-                opts = self.pipe.options(guidance_scale=parsed.guidance_scale, num_inference_steps=parsed.steps,
-                                         expert=parsed.expert, height=parsed.height, width=parsed.width)
-                (seed,) = self.pipe.check_seeds(None if parsed.seed is None else [parsed.seed], 1)
-                key = opts.expert
-                if key is not None and key not in self.models:
-                    raise HttpError(400, f"expert {key!r} is not deployed here; deployed: {sorted(map(str, self.models))}")
-            except HttpError as err:
-                return JSONResponse({"error": str(err)}, status_code=err.status)
-            except AptpError as err:
-                return JSONResponse({"error": str(err)}, status_code=400)
-            route_s = 0.0
-            try:
-                if key is None:
-                    routed = await self._route(parsed.prompt)
-                    if isinstance(routed, Exception):
-                        raise routed
-                    key, route_s = routed
-                result = await self.models[key].generate.remote((parsed.prompt, seed, opts))
-            except Exception as err:  # noqa: BLE001 - one request fails; the app keeps serving
-                status, message = _status_of(err)
-                logger.warning("request on %s failed (%d): %s", _model_name(key) if key is not None else "router",
-                               status, message)
-                return JSONResponse({"error": message}, status_code=status)
+        async def _generate(self, prompt: str, seed: int, opts: GenerationOptions, negative: str | None,
+                            callback: Any) -> dict[str, Any]:
+            key, route_s = opts.expert, 0.0
+            if key is not None and key not in self.models:
+                raise HttpError(400, f"expert {key!r} is not deployed here; deployed: {sorted(map(str, self.models))}")
+            if key is None:
+                routed = await self._route(prompt)
+                if isinstance(routed, Exception):
+                    raise routed
+                key, route_s = routed
+            result = await self.models[key].generate.remote((prompt, seed, opts, negative))
             result["timings"]["route"] = route_s
-            result["timings"]["serve_total"] = time.perf_counter() - clock
-            if fmt == "json":
-                return Response(result_json(result), media_type="application/json")
-            return Response(result["png"], media_type="image/png",
-                            headers={"X-Aptp-Expert": str(result["expert"]), "X-Aptp-Seed": str(result["seed"]),
-                                     "X-Aptp-Batch-Size": str(result["batch_size"])})
+            return result
+
+        async def __call__(self, request: Request) -> Response:
+            return await dispatch(request, self.service)
 
     return RouterDeployment, ModelDeployment
 

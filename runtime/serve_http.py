@@ -25,8 +25,8 @@ from aptp.errors import RuntimeInputError
 
 from .tokenize import check_text
 
-__all__ = ["FIELDS", "MAX_BODY_BYTES", "HttpError", "ServeRequest", "encode_png", "parse_request", "response_format",
-           "result_json"]
+__all__ = ["FIELDS", "MAX_BODY_BYTES", "HttpError", "ServeRequest", "encode_png", "load_json", "parse_request",
+           "response_format", "result_json"]
 
 #: Fields a request may carry; anything else is refused (a typo must not be silently ignored).
 FIELDS = ("prompt", "seed", "guidance_scale", "steps", "expert", "height", "width")
@@ -56,6 +56,33 @@ class ServeRequest:
     width: Any = None
 
 
+def load_json(body: bytes, status: int = 400) -> Any:
+    """The JSON value of a request body (both contracts, native and A1111, read bodies here).
+
+    Raises:
+        HttpError: 413 for a body over `MAX_BODY_BYTES`; `status` for a body that is empty, not
+            UTF-8 JSON, nested too deeply, or holding a number Python cannot read.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise HttpError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    if not body.strip():
+        raise HttpError(status, 'empty request body: send a JSON object such as {"prompt": "a red car", "seed": 0}')
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise HttpError(status, f"request body is not UTF-8 (byte {err.start}); send UTF-8 JSON") from None
+    except json.JSONDecodeError as err:
+        raise HttpError(status, f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+                        ) from None
+    except RecursionError:
+        raise HttpError(status, "request body nests JSON arrays or objects too deeply; send a flat JSON object"
+                        ) from None
+    except ValueError as err:  # an integer of more than 4,300 digits
+        raise HttpError(status, f"request body holds a number aptp cannot read ({err}); send numbers in range"
+                        ) from None
+    return data
+
+
 def parse_request(body: bytes) -> ServeRequest:
     """The request in a JSON body.
 
@@ -64,23 +91,7 @@ def parse_request(body: bytes) -> ServeRequest:
             JSON object (or nests too deeply, or holds an unreadable number), an unknown field,
             or a missing ``prompt`` or one that is not valid text.
     """
-    if len(body) > MAX_BODY_BYTES:
-        raise HttpError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
-    if not body.strip():
-        raise HttpError(400, 'empty request body: send a JSON object such as {"prompt": "a red car", "seed": 0}')
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise HttpError(400, f"request body is not UTF-8 (byte {err.start}); send UTF-8 JSON") from None
-    except json.JSONDecodeError as err:
-        raise HttpError(400, f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
-                        ) from None
-    except RecursionError:
-        raise HttpError(400, "request body nests JSON arrays or objects too deeply; send a flat JSON object"
-                        ) from None
-    except ValueError as err:  # an integer of more than 4,300 digits
-        raise HttpError(400, f"request body holds a number aptp cannot read ({err}); send numbers in range"
-                        ) from None
+    data = load_json(body)
     if not isinstance(data, dict):
         raise HttpError(400, f"request body must be a JSON object with a 'prompt', got a JSON {type(data).__name__}")
     unknown = sorted(set(data) - set(FIELDS))

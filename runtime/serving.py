@@ -52,7 +52,7 @@ import numpy as np
 from aptp.errors import AptpError, RuntimeInputError, shown
 
 from .isolation import run_isolated
-from .pipeline import AptpPipeline, GenerationOptions, GenerationResult
+from .pipeline import AptpPipeline, GenerationOptions, GenerationResult, ProgressCallback
 from .tokenize import check_prompts
 
 __all__ = ["GenerationServer", "QueueFullError", "ServerClosedError"]
@@ -78,6 +78,7 @@ class _Request:
     expert: int | str | None = None
     route_time: float = 0.0
     negative_prompt: str | None = None
+    callback: ProgressCallback | None = None
 
 
 _STOP = object()
@@ -135,10 +136,12 @@ class GenerationServer:
                num_inference_steps: int | None = None, expert: int | str | None = None,
                output_type: str = "np", height: int | None = None, width: int | None = None,
                scheduler: str | None = None, steps: int | None = None,
-               negative_prompt: str | None = None) -> Future:
+               negative_prompt: str | None = None, callback: ProgressCallback | None = None) -> Future:
         """Queue one request; the future resolves to its `GenerationResult`.
 
-        Options are `AptpPipeline.__call__`'s. Requests batch together only when every option
+        Options are `AptpPipeline.__call__`'s. `callback(step, total, expert)` reports this
+        request's sampling steps from the worker thread; an exception it raises fails this
+        request only (the others of its batch are re-run without it). Requests batch together only when every option
         (sampler and step count included) is equal; negative prompts may differ within a batch.
 
         Raises:
@@ -152,7 +155,10 @@ class GenerationServer:
                                         scheduler=scheduler, steps=steps)
         negatives = self.pipeline.check_negative_prompts(negative_prompt, 1)
         (seed,) = self.pipeline.check_seeds(None if seed is None else [seed], 1)
-        request = _Request(prompt, seed, options, Future(), negative_prompt=None if negatives is None else negatives[0])
+        if callback is not None and not callable(callback):
+            raise RuntimeInputError(f"callback must be callable, got {shown(callback)}")
+        request = _Request(prompt, seed, options, Future(), negative_prompt=None if negatives is None else negatives[0],
+                           callback=callback)
         with self._lock:
             if self._closing:
                 raise ServerClosedError("the generation server is closed; create a new one")
@@ -331,7 +337,10 @@ class GenerationServer:
         def run(requests: Sequence[_Request]) -> list[GenerationResult]:
             negatives = [r.negative_prompt for r in requests]
             # Only passed when used, so a pipeline wrapper without the argument still serves.
-            extra = {"negative_prompts": negatives} if any(negatives) else {}
+            extra: dict[str, Any] = {"negative_prompts": negatives} if any(negatives) else {}
+            callbacks = [r.callback for r in requests if r.callback is not None]
+            if callbacks:
+                extra["callback"] = _fan_out(callbacks)
             return self.pipeline.generate([r.prompt for r in requests], [r.seed for r in requests], options, **extra)
 
         for request, result in zip(batch, run_isolated(run, batch, f"batch on expert {first.expert}")):
@@ -351,6 +360,14 @@ class GenerationServer:
         for request in requests:
             if request.future.set_running_or_notify_cancel():
                 request.future.set_exception(err)
+
+
+def _fan_out(callbacks: Sequence[ProgressCallback]) -> ProgressCallback:
+    """One pipeline callback that reports a batch's step to each of its requests' callbacks."""
+    def report(step: int, total: int, expert: Any) -> None:
+        for callback in callbacks:
+            callback(step, total, expert)
+    return report
 
 
 def _unet_key(expert: Any) -> Any:

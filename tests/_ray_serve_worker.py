@@ -42,7 +42,7 @@ def post(body: bytes, query: str = "", method: str = "POST", timeout: float = TI
         return {"status": None, "error": f"{type(err).__name__}: {err}", "elapsed": time.monotonic() - start}
     out = {"status": status, "elapsed": time.monotonic() - start, "type": headers.get("content-type"),
            "expert": headers.get("x-aptp-expert"), "seed": headers.get("x-aptp-seed"),
-           "batch_size": headers.get("x-aptp-batch-size")}
+           "batch_size": headers.get("x-aptp-batch-size"), "csp": headers.get("content-security-policy")}
     if out["type"] == "image/png":
         out["png"] = payload
     else:
@@ -126,10 +126,21 @@ def scenario_malformed(out_dir: Path, prompts: list[str]) -> dict:
         i = next(valid, None)
         if i is not None:
             jobs.append((f"good_{i}", request(prompts[i], 300 + i), "", "POST"))
-    jobs += [("bad_get", b"", "", "GET"), ("bad_format", request("a car", 1), "?format=xml", "POST")]
+    jobs += [("bad_put", b"", "", "PUT"), ("bad_format", request("a car", 1), "?format=xml", "POST")]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda job: post(job[1], job[2], job[3]), jobs))
     return {name: save(out_dir, name, r) for (name, _, _, _), r in zip(jobs, results)}
+
+
+def scenario_a1111(out_dir: Path, prompts: list[str]) -> dict:
+    """The shared app's other routes on the Ray router: one A1111 txt2img, its listings, the page."""
+    body = json.dumps({"prompt": prompts[0], "seed": 100, "sampler_name": "DDIM", "width": 64, "height": 64,
+                       "unknown_client_field": 1}).encode()
+    out = {"txt2img": post(body, "sdapi/v1/txt2img"),
+           "bad_sampler": post(json.dumps({"prompt": "a car", "sampler_name": "Euler a"}).encode(), "sdapi/v1/txt2img")}
+    for name, path in (("sd_models", "sdapi/v1/sd-models"), ("progress", "sdapi/v1/progress"), ("page", "")):
+        out[name] = post(b"", path, method="GET")
+    return out
 
 
 def scenario_kill(out_dir: Path, prompts: list[str]) -> dict:
@@ -195,7 +206,7 @@ def main(export: str, out: str, ray_tmp: str, prompts_json: str) -> int:
         serve.run(build_app(export, options), name=APP, route_prefix="/")
         report["startup_s"] = time.monotonic() - clock
         for name, scenario in [("parity", scenario_parity), ("malformed", scenario_malformed),
-                               ("kill", scenario_kill)]:
+                               ("a1111", scenario_a1111), ("kill", scenario_kill)]:
             start = time.monotonic()
             try:
                 report[name] = scenario(out_dir, prompts)

@@ -101,9 +101,11 @@ def test_replica_plan_of_an_export(tmp_path_factory):
 
 @pytest.mark.parametrize("argv, message", [
     (["--artifacts", "/nonexistent/export"], "does not exist"),
-    (["--artifacts", "EXPORT", "--replicas", "0=x"], "--replicas must be"),
-    (["--artifacts", "EXPORT", "--replicas", "1"], "at least 3"),
-    (["--artifacts", "EXPORT", "--max-wait", "-1"], "max_wait_s must be >= 0"),
+    (["--artifacts", "EXPORT", "--ray", "--replicas", "0=x"], "--replicas must be"),
+    (["--artifacts", "EXPORT", "--ray", "--replicas", "1"], "at least 3"),
+    (["--artifacts", "EXPORT", "--ray", "--max-wait", "-1"], "--max-wait must be a finite number of seconds >= 0"),
+    (["--artifacts", "EXPORT", "--max-wait", "nan"], "--max-wait must be a finite number of seconds >= 0"),
+    (["--artifacts", "EXPORT", "--replicas", "2"], "--replicas only apply to --ray"),
 ])
 def test_serve_cli_bad_input_is_one_line_exit_2(argv, message, tmp_path_factory, capsys):
     from aptp.runtime.serve_cli import main
@@ -115,7 +117,8 @@ def test_serve_cli_bad_input_is_one_line_exit_2(argv, message, tmp_path_factory,
 
 
 def test_runtime_imports_without_touching_ray():
-    code = ("import sys, aptp.runtime, aptp.runtime.ray_serve, aptp.runtime.serve_http; "
+    code = ("import sys, aptp.runtime, aptp.runtime.ray_serve, aptp.runtime.serve_http, aptp.runtime.http_app, "
+            "aptp.runtime.a1111, aptp.runtime.local_serve; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -230,6 +233,24 @@ def test_sixteen_prompts_over_http_equal_in_process(served, reference):
 
 
 @pytest.mark.slow
+def test_a1111_api_and_page_answer_on_the_ray_router(served, reference):
+    a1111 = served["a1111"]
+    assert a1111["txt2img"]["status"] == 200, a1111["txt2img"]
+    body = json.loads(a1111["txt2img"]["body"])
+    info = json.loads(body["info"])
+    want_image, want_expert = reference[(PROMPTS[0], 100)]
+    from PIL import Image
+
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB"))
+    assert np.abs(got.astype(int) - want_image.astype(int)).max() <= 1
+    assert info["aptp"]["images"][0]["expert"] == want_expert and info["all_seeds"] == [100]
+    assert a1111["bad_sampler"]["status"] == 422 and "Euler a" in json.loads(a1111["bad_sampler"]["body"])["detail"]
+    assert {e["expert"] for e in json.loads(a1111["sd_models"]["body"])[0]["aptp"]["experts"]} == {0, 1, "dense"}
+    assert json.loads(a1111["progress"]["body"])["progress"] == 0
+    assert a1111["page"]["status"] == 200 and a1111["page"]["csp"].startswith("default-src 'self'")
+
+
+@pytest.mark.slow
 def test_malformed_requests_get_4xx_and_do_not_disturb_others(served, reference):
     results = served["malformed"]
     bad = {name: r for name, r in results.items() if name.startswith("bad_")}
@@ -238,7 +259,7 @@ def test_malformed_requests_get_4xx_and_do_not_disturb_others(served, reference)
         assert entry["status"] is not None and 400 <= entry["status"] < 500, (name, entry)
         message = json.loads(entry["body"])["error"]
         assert message and "\n" not in message and "Traceback" not in message, (name, message)
-    assert bad["bad_too_large"]["status"] == 413 and bad["bad_get"]["status"] == 405
+    assert bad["bad_too_large"]["status"] == 413 and bad["bad_put"]["status"] == 405
     assert "steps" in json.loads(bad["bad_steps_out_of_range"]["body"])["error"]
     good = {name: r for name, r in results.items() if name.startswith("good_")}
     assert len(good) == 16  # the lone surrogate among them fails alone, not their batches
