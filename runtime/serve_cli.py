@@ -28,7 +28,7 @@ from typing import Sequence
 
 from aptp import __version__
 from aptp.cli import positive_int, run_command
-from aptp.errors import ConfigError
+from aptp.errors import ConfigError, shown
 
 PROG = "aptp-serve"
 APP_NAME = "aptp"
@@ -36,19 +36,28 @@ APP_NAME = "aptp"
 logger = logging.getLogger(__name__)
 
 
+#: Most replicas one model may ask for (Ray refuses counts past int64, and a node holds far fewer).
+MAX_REPLICAS = 1024
+
+
 def parse_replicas(text: str) -> int | dict[int | str, int]:
     """``N`` (expert replicas in all, split by prompt share) or ``0=2,1=1,dense=1``."""
     try:
         if "=" not in text:
-            return int(text)
-        counts: dict[int | str, int] = {}
-        for item in text.split(","):
-            key, value = item.split("=")
-            counts["dense" if key.strip() == "dense" else int(key)] = int(value)
-        return counts
+            counts: int | dict[int | str, int] = int(text)
+            numbers = [counts]
+        else:
+            counts = {}
+            for item in text.split(","):
+                key, value = item.split("=")
+                counts["dense" if key.strip() == "dense" else int(key)] = int(value)
+            numbers = list(counts.values())
     except ValueError:
-        raise ConfigError(f"--replicas must be a number or CODE=N pairs such as 0=2,1=1,dense=1, got {text!r}"
+        raise ConfigError(f"--replicas must be a number or CODE=N pairs such as 0=2,1=1,dense=1, got {shown(text)}"
                           ) from None
+    if any(not 1 <= n <= MAX_REPLICAS for n in numbers):
+        raise ConfigError(f"--replicas counts must be between 1 and {MAX_REPLICAS}, got {shown(text)}")
+    return counts
 
 
 def check_seconds(value: float | None, flag: str) -> None:

@@ -272,6 +272,7 @@ def run_pretrain(
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
 
+    created = not output_dir.exists()
     claim_in_place(output_dir, PIPELINE, allow_existing=True)  # the states live in it while training
     clean_temp(output_dir)
     if not resume:
@@ -310,6 +311,12 @@ def run_pretrain(
         ordinary_tree(staging / "pipeline")
         # Replaces the run's folder (its states included) with the finished pipeline.
         commit_dir(staging / "pipeline", output_dir, PIPELINE)
+    except BaseException:
+        if created and latest_state(output_dir) is None:
+            # Refused or failed before any state was saved: the folder this call made holds
+            # nothing worth keeping (only its marker and log), so it goes as if never made.
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote the trained pipeline to %s", output_dir)

@@ -117,7 +117,11 @@ def deploy_shape(config: TrainConfig, components: DiffusionComponents) -> Deploy
         raise ConfigError(
             f"model.resolution {config.model.resolution} is not a multiple of the VAE factor {components.vae_scale_factor}"
         )
-    return DeployShape(side, side, config.model.text_length or components.text_length)
+    length = config.model.text_length or components.text_length
+    if length > components.text_length:
+        raise ConfigError(f"model.text_length {length} is longer than the text encoder reads ({components.text_length} "
+                          f"tokens, its tokenizer's model_max_length); set at most {components.text_length} or null")
+    return DeployShape(side, side, length)
 
 
 def encode_latents(components: DiffusionComponents, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
