@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,7 @@ from aptp.errors import AptpError, ConfigError
 
 from .artifacts import DENSE
 
-__all__ = ["ServeOptions", "build_app", "deployment_plan", "replica_counts", "require_ray"]
+__all__ = ["ServeOptions", "build_app", "check_placement", "deployment_plan", "replica_counts", "require_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,36 @@ def deployment_plan(artifacts: Any, options: ServeOptions) -> dict[int | str, di
             counts[DENSE] = 1
     share_of = dict(zip(codes, shares))
     return {k: {"name": _model_name(k), "replicas": counts[k], "share": share_of.get(k)} for k in keys}
+
+
+def check_placement(plan: Mapping[Any, Mapping[str, Any]], options: ServeOptions,
+                    resources: Mapping[str, float]) -> None:
+    """Refuse a deployment the cluster cannot place: Ray Serve would wait for the resources
+    forever, without a word (the default plan asks 1 CPU per model and 0.5 for the router, more
+    than a 2-core machine has).
+
+    Args:
+        plan: `deployment_plan`'s result.
+        resources: the cluster's totals, as ``ray.cluster_resources()`` gives them.
+
+    Raises:
+        ConfigError: the plan needs more CPUs or GPUs than the cluster has, naming what it needs
+            and flags that fit.
+    """
+    replicas = sum(1 if options.autoscaling else int(entry["replicas"]) for entry in plan.values())
+    router = options.router_replicas * options.router_num_cpus
+    for unit, per_replica, extra, flag in (("CPU", options.num_cpus, router, "--num-cpus"),
+                                           ("GPU", options.num_gpus, 0.0, "--num-gpus")):
+        have = float(resources.get(unit, 0.0))
+        need = replicas * per_replica + extra
+        if need <= have + 1e-9:
+            continue
+        room = (have - extra) / replicas if replicas else 0.0
+        fit = math.floor(room * 100) / 100
+        hint = f"pass {flag} {fit:g} or fewer" if fit > 0 else "pass --no-dense or fewer --replicas"
+        raise ConfigError(f"the Ray cluster has {have:g} {unit}s but this app needs {need:g} ({replicas} model "
+                          f"replica(s) x {flag} {per_replica:g}" + (f" + {extra:g} for the router" if extra else "")
+                          + f"): Ray would wait for them forever; {hint}, or serve without --ray (local mode)")
 
 
 def _status_of(err: BaseException) -> tuple[int, str]:

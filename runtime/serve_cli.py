@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.ray:
         return run_local(args)
     from .artifacts import load_artifacts
-    from .ray_serve import ServeOptions, build_app, deployment_plan, require_ray
+    from .ray_serve import ServeOptions, build_app, check_placement, deployment_plan, require_ray
 
     options = ServeOptions(replicas=None if args.replicas is None else parse_replicas(args.replicas),
                            autoscaling=bool(args.autoscale), max_batch=args.max_batch, max_wait_s=args.max_wait,
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                            num_gpus=0.0 if args.num_gpus is None else args.num_gpus,
                            threads=args.threads or 1, dense=not args.no_dense, verify=not args.no_verify)
     options.check()
-    deployment_plan(load_artifacts(args.artifacts, verify=False), options)  # bad input fails before Ray starts
+    plan = deployment_plan(load_artifacts(args.artifacts, verify=False), options)  # bad input fails before Ray starts
     serve = require_ray()
     import ray
 
@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, _temp_dir=args.ray_temp_dir)
     try:
+        check_placement(plan, options, ray.cluster_resources())
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"{PROG}: serving {args.artifacts} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)

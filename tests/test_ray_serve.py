@@ -99,6 +99,23 @@ def test_replica_plan_of_an_export(tmp_path_factory):
         deployment_plan(export, ServeOptions(replicas={7: 1}))
 
 
+def test_a_plan_the_cluster_cannot_place_is_refused_with_flags_that_fit(tmp_path_factory):
+    """The default plan (1 CPU per model + 0.5 for the router) on a 2-core machine: Ray Serve
+    would wait forever; the refusal names what is needed and a --num-cpus that fits."""
+    from aptp.runtime import load_artifacts
+    from aptp.runtime.ray_serve import ServeOptions, check_placement, deployment_plan
+
+    export = load_artifacts(tiny_export(tmp_path_factory.mktemp("runtime")), verify=False)
+    options = ServeOptions()
+    plan = deployment_plan(export, options)
+    with pytest.raises(ConfigError, match=r"has 2 CPUs but this app needs 3.5 \(3 model replica\(s\) x --num-cpus 1 "
+                                          r"\+ 0.5 for the router\).*pass --num-cpus 0.5 or fewer"):
+        check_placement(plan, options, {"CPU": 2.0})
+    check_placement(plan, ServeOptions(num_cpus=0.5), {"CPU": 2.0})  # what the message proposes fits
+    with pytest.raises(ConfigError, match="has 0 GPUs but this app needs 3"):
+        check_placement(plan, ServeOptions(num_cpus=0.1, num_gpus=1.0), {"CPU": 2.0})
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--artifacts", "/nonexistent/export"], "does not exist"),
     (["--artifacts", "EXPORT", "--ray", "--replicas", "0=x"], "--replicas must be"),
