@@ -167,3 +167,24 @@ def test_warmup_never_swallows_a_short_run():
     assert effective_warmup(20, 200) == 20
     assert effective_warmup(20, 20) == 2
     assert effective_warmup(500, 5) == 0
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("touch pickle-was-executed",))
+
+
+def test_resume_from_a_state_holding_a_hostile_pickle_is_one_line(tmp_path, capsys, monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "r"
+    assert prune(run, 4) == 0
+    states = sorted((run / "state").glob("step_*/random_states_*.pkl"))
+    assert states, "the run saved no random state: nothing to tamper with"
+    states[-1].write_bytes(pickle.dumps(_RunsACommand()))
+    capsys.readouterr()
+    assert prune(run, 6, "--resume") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "is not a plain training state (it was refused, not executed" in err[0], err
+    assert not (tmp_path / "pickle-was-executed").exists()

@@ -25,7 +25,7 @@ from .prune import diffusion_inputs, route_texts
 from .route import load_router
 from .slicing import slice_unet
 from .training import (
-    JsonlLog, StepBatchSampler, build_dataset, dataset_texts, latest_state, make_accelerator, make_loader,
+    JsonlLog, StepBatchSampler, build_dataset, dataset_texts, latest_state, load_state, make_accelerator, make_loader,
     save_state, step_generator,
 )
 
@@ -70,7 +70,7 @@ def run_finetune(checkpoint_dir: Path, expert: int, max_steps: int | None = None
         found = latest_state(work)
         if found is None:
             raise ConfigError(f"--resume: no saved fine-tuning state for expert {expert} in {work}")
-        accelerator.load_state(str(found[0]))
+        load_state(accelerator, found[0])
         start_step = found[1] + 1
     work.mkdir(parents=True, exist_ok=True)
     log = JsonlLog(work / "log.jsonl", start_step - 1 if resume else None, accelerator.is_main_process)

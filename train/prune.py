@@ -34,7 +34,7 @@ from .quality_assignment import code_distillation_errors, quality_adjusted_score
 from .router import RouterHead, SentenceEncoder, calibrate_code_bias, group_weighted_cosine
 from .slicing import slice_unet, write_json_atomic
 from .training import (
-    JsonlLog, StepBatchSampler, build_dataset, check_resume_config, dataset_texts, latest_state,
+    JsonlLog, StepBatchSampler, build_dataset, check_resume_config, dataset_texts, latest_state, load_state,
     make_accelerator, make_loader, save_state, step_generator,
 )
 from .uniform_masks import gate_importance, uniform_mask
@@ -215,7 +215,7 @@ def run_prune(config: TrainConfig, output_dir: Path, resume: bool = False) -> No
         if found is None:
             raise ConfigError(f"--resume: {output_dir} has no saved training state to resume from")
         path, saved_step = found
-        accelerator.load_state(str(path))
+        load_state(accelerator, path)
         start_step = saved_step + 1
         logger.info("resuming from step %d (%s)", saved_step, path)
     elif accelerator.is_main_process:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 from torch.utils.data import Dataset, Sampler
 
 from aptp.errors import ArtifactError, ConfigError, DatasetError
@@ -129,6 +131,31 @@ def latest_state(directory: Path) -> tuple[Path, int] | None:
         return None
     step, path = max(candidates)
     return path, step
+
+
+def load_state(accelerator: Accelerator, path: Path) -> None:
+    """`accelerator.load_state` of a saved state, every failure one `ArtifactError`.
+
+    accelerate reads its pickles (``random_states_*.pkl``...) with ``weights_only=True``: a file
+    holding anything but tensors and plain values is refused, never executed. That refusal, a
+    truncated file or a missing one is said in one line naming the state.
+    """
+    try:
+        for rng_file in sorted(path.glob("random_states_*.pkl")):
+            # accelerate swallows a random state it cannot read and resumes anyway, which would
+            # no longer be the exact continuation a resume promises: check it here first.
+            states = accelerate_load(rng_file)  # weights_only, with numpy's RNG state allowed as accelerate does
+            if not isinstance(states, dict) or not {"random_state", "torch_manual_seed"} <= set(states):
+                raise ArtifactError(f"cannot resume from {path}: {rng_file.name} holds no random states; remove that "
+                                    "state folder to resume from an earlier one")
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as err:
+        raise ArtifactError(f"cannot resume from {path}: a file there is not a plain training state (it was refused, "
+                            "not executed: only tensors and plain values are read); "
+                            "remove that state folder to resume from an earlier one") from None
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError) as err:
+        raise ArtifactError(f"cannot resume from {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                            "; remove that state folder to resume from an earlier one") from None
 
 
 def save_state(accelerator: Accelerator, directory: Path, step: int, keep: int = 2) -> None:
