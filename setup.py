@@ -81,8 +81,8 @@ setup(
         # Ed25519 signing of export manifests (aptp-export --sign, trusted_key=); imported lazily.
         "sign": ["cryptography"],
         # httpx drives the HTTP tests; selenium the page test (with Debian's chromium + chromium-driver);
-        # webuiapi is the A1111 client the compatibility test runs.
-        "test": ["pytest", "cryptography", "httpx", "selenium", "webuiapi"],
+        # webuiapi is the A1111 client the compatibility test runs; the local server's own packages.
+        "test": ["pytest", "cryptography", "httpx", "selenium", "webuiapi", "starlette", "uvicorn"],
     },
     entry_points={
         "console_scripts": [
