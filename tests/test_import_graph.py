@@ -169,3 +169,23 @@ def test_the_runtime_imports_nothing_from_training():
              for target, _, line in imports_of(name, path, modules)
              if target == "aptp.train" or target.startswith("aptp.train.")]
     assert not found, "\n".join(found)
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ("train", "export", "runtime", "benchmarks") else "core"
+
+
+def test_the_architecture_diagram_matches_the_imports():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    block = text.split("```mermaid", 1)[1].split("```", 1)[0]
+    drawn = {tuple(part.strip() for part in line.split("-->")) for line in block.splitlines() if "-->" in line}
+    actual = {(_stage(a), _stage(b)) for a, targets in import_graph().items() for b in targets if _stage(a) != _stage(b)}
+    assert drawn == actual, f"drawn but not imported: {sorted(drawn - actual)}; imported but not drawn: {sorted(actual - drawn)}"
+
+
+def test_the_runtime_takes_only_the_manifest_from_the_export_package():
+    modules = project_modules()
+    found = {target for name, path in modules.items() if name.startswith("aptp.runtime")
+             for target, _, _ in imports_of(name, path, modules) if target.startswith("aptp.export")}
+    assert found <= {"aptp.export.manifest"}, found
