@@ -441,3 +441,10 @@ def test_server_under_a_budget_four_threads_ten_requests_each(export):
     assert stats["requests"] == 40 and stats["batches"] >= 10
     assert stats["loads"] >= 2 and stats["evictions"] >= 1
     assert stats["queue_wait_s"]["p95"] is not None and sum(stats["batches_per_expert"].values()) == stats["batches"]
+
+
+def test_a_change_in_bytes_carries_one_sign():
+    from aptp.runtime.residency import signed_bytes
+
+    assert signed_bytes(-37.36 * MiB) == "-37.36 MiB"  # a load can free heap: never "+-37.36 MiB"
+    assert signed_bytes(MiB) == "+1.00 MiB" and signed_bytes(None) == "unknown"
