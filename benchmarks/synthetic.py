@@ -195,7 +195,7 @@ def build_synthetic_pipeline(directory: str | os.PathLike, config: Mapping[str, 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from aptp.train.models import _tiny_tokenizer
+    from aptp.train.models import tiny_tokenizer
 
     directory = Path(directory)
     stamp = {"config": config.get("path"), "unet": dict(config["unet"]), "full_components": bool(full_components),
@@ -209,7 +209,7 @@ def build_synthetic_pipeline(directory: str | os.PathLike, config: Mapping[str, 
     reduced = config.get("reduced", {}) if not full_components else {}
     text_cfg = {**config.get("text_encoder", {}), **reduced.get("text_encoder", {})}
     vae_cfg = {**config.get("vae", {}), **reduced.get("vae", {})}
-    tokenizer = _tiny_tokenizer(text_length)
+    tokenizer = tiny_tokenizer(text_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**config["unet"])

@@ -47,7 +47,7 @@ _EXPORTS = {
     "PromptTokenizer": ".tokenize",
     "check_prompts": ".tokenize",
     "SchedulerTable": ".scheduler",
-    "SamplerLibrary": ".scheduler",
+    "SamplerLibrary": ".sampler_library",
     "denoise": ".denoise",
     "denoise_on_device": ".denoise",
     "save_png": ".images",

@@ -60,7 +60,8 @@ from .engine import (
 from .images import to_uint8
 from .residency import MemoryProbe, ResidencyManager, parse_memory_budget
 from .router import Router
-from .scheduler import SamplerLibrary, SchedulerTable
+from .sampler_library import SamplerLibrary
+from .scheduler import SchedulerTable
 from .tokenize import PromptTokenizer, check_prompts, check_text
 
 __all__ = [

@@ -118,6 +118,13 @@ def parse_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
     return size
 
 
+def signed_bytes(size: float | None) -> str:
+    """A change in bytes with its sign: ``+1.50 MiB``, ``-37.36 MiB`` (a load can free heap)."""
+    if size is None:
+        return "unknown"
+    return ("-" if size < 0 else "+") + format_bytes(abs(size))
+
+
 def format_bytes(size: float | None) -> str:
     """``3.00 GiB``-style text (binary units)."""
     if size is None:
@@ -603,6 +610,6 @@ class ResidencyManager:
             record.device_bytes = None if dev0 is None or dev1 is None else dev1 - dev0
             record.loads += 1
             record.load_seconds = seconds
-        logger.info("loaded %s in %.2f s: RSS +%s%s", self._describe(key), seconds, format_bytes(record.rss_bytes),
-                    "" if record.device_bytes is None else f", device +{format_bytes(record.device_bytes)}")
+        logger.info("loaded %s in %.2f s: RSS %s%s", self._describe(key), seconds, signed_bytes(record.rss_bytes),
+                    "" if record.device_bytes is None else f", device {signed_bytes(record.device_bytes)}")
         return engine

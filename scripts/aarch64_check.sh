@@ -152,7 +152,8 @@ main() {
         "") ;;
         --rootfs-only) mode=rootfs ;;
         --cached-only) mode=cached ;;
-        *) echo "aarch64_check: error: unknown argument ${1} (use --rootfs-only or --cached-only)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "aarch64_check: error: unknown argument ${1} (use --rootfs-only, --cached-only or --help)" >&2; exit 2 ;;
     esac
 
     [ "$(id -u)" -eq 0 ] || missing "needs root (chroot, mounts and mmdebstrap's root mode)"

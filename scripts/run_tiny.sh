@@ -4,8 +4,18 @@
 # runtime. A few minutes on 2 CPU cores; no network needed.
 #
 #   bash scripts/run_tiny.sh            # writes runs/tiny and runs/tiny-export
+#   bash scripts/run_tiny.sh --quick    # a smoke run: a few steps per stage, into runs/tiny-quick
 #   APTP_RUN_DIR=/tmp/t bash scripts/run_tiny.sh
 set -euo pipefail
+
+# --quick: every stage runs, with a few training steps each (a first look, not good images).
+steps=()
+case "${1:-}" in
+    "") ;;
+    --quick) steps=(--max-steps 30); APTP_RUN_DIR="${APTP_RUN_DIR:-runs/tiny-quick}" ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run_tiny: error: unknown argument $1 (use --quick or --help)" >&2; exit 2 ;;
+esac
 
 run_dir="${APTP_RUN_DIR:-runs/tiny}"
 config="${APTP_CONFIG:-tiny}"
@@ -13,7 +23,7 @@ config="${APTP_CONFIG:-tiny}"
 # A second run continues (or, once finished, keeps) what the first one wrote.
 resume=()
 if [ -e "$run_dir/config.yaml" ]; then resume=(--resume); fi
-aptp-train prune --config "$config" --output-dir "$run_dir" "${resume[@]}"
+aptp-train prune --config "$config" --output-dir "$run_dir" "${resume[@]}" "${steps[@]}"
 aptp-train route --checkpoint "$run_dir"
 
 # Fine-tune every expert that the router sends training prompts to (one with none keeps the
@@ -21,7 +31,7 @@ aptp-train route --checkpoint "$run_dir"
 num_experts=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['num_codes'])" "$run_dir/checkpoint.json")
 routed=$(python -c "import json, sys; print(' '.join(str(k) for k, n in enumerate(json.load(open(sys.argv[1]))['counts']) if n))" "$run_dir/routing.json")
 for i in $routed; do
-    aptp-train finetune --checkpoint "$run_dir" --expert "$i"
+    aptp-train finetune --checkpoint "$run_dir" --expert "$i" "${steps[@]}"
 done
 
 # The export sits beside the checkpoint (an export inside its own checkpoint is refused); a rerun

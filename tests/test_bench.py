@@ -274,3 +274,13 @@ def test_cli_quality_dispatches_to_main_quality(monkeypatch):
     monkeypatch.setitem(sys.modules, "aptp.benchmarks.quality.table", stub)
     assert cli.main(["quality", "--foo", "bar"]) == 0
     assert seen["argv"] == ["--foo", "bar"]
+
+
+def test_a_profile_that_disagrees_with_the_timing_says_so():
+    from aptp.benchmarks.latency.profile import explain_gap
+
+    # Timed slower than MACs-proportional (0.60 vs 0.45), but the profile's ops shrank more than that.
+    _, text = explain_gap({"Conv": 0.030}, {"Conv": 0.100}, macs_ratio=0.45, latency_ratio=0.60)
+    assert "slower than MACs-proportional" in text and "-15.00 ms per step (below it, unlike the timing" in text
+    _, agreeing = explain_gap({"Conv": 0.060}, {"Conv": 0.100}, macs_ratio=0.45, latency_ratio=0.60)
+    assert "+15.00 ms per step, led by" in agreeing

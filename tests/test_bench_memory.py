@@ -1,4 +1,4 @@
-"""The memory suite's setup (`aptp.benchmarks.memory`): budgets, workload, bad flags. The
+"""The memory suite's setup (`aptp.benchmarks.memory.suite`): budgets, workload, bad flags. The
 serving runs themselves are what ``aptp-bench memory`` reports; nothing is timed here."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aptp.benchmarks.memory import MemoryOptions, build_workload, resolve_budgets
+from aptp.benchmarks.memory.suite import MemoryOptions, build_workload, resolve_budgets
 from aptp.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ def test_budgets_are_multiples_of_the_dense_unet(tmp_path):
 
 
 def test_an_unlimited_run_that_cannot_fit_becomes_the_largest_budget_that_fits(tmp_path, monkeypatch):
-    import aptp.benchmarks.memory as memory
+    import aptp.benchmarks.memory.suite as memory
 
     manifest = _fake_export(tmp_path, {"e0": 300, "dense": 1000})
     monkeypatch.setattr(memory, "_mem_available", lambda: 10 * memory.GiB)
@@ -75,7 +75,7 @@ def test_bad_budget_on_the_command_line_is_one_line(tmp_path):
 
 
 def test_the_int8_op_profile_is_summed_over_unets_and_sorted():
-    from aptp.benchmarks.memory_report import _op_profile_lines
+    from aptp.benchmarks.memory.report import _op_profile_lines
 
     unets = [{"ops": {"fp32": {"Conv": 0.2, "MatMul": 0.1}, "int8": {"ConvInteger": 0.05, "QuantizeLinear": 0.3}}},
              {"ops": {"fp32": {"Conv": 0.4}, "int8": {"QuantizeLinear": 0.1, "Conv": 0.05}}},
@@ -89,7 +89,7 @@ def test_the_int8_op_profile_is_summed_over_unets_and_sorted():
 
 
 def test_pinned_parts_at_work_are_the_rss_before_the_first_unet_load():
-    from aptp.benchmarks.memory_worker import _rss_before_first_load
+    from aptp.benchmarks.memory.worker import _rss_before_first_load
 
     samples = [(0.0, 100), (0.5, 140), (1.0, 150), (1.5, 300), (2.0, 400)]
     # the first load ended at t = 2.2 (monotonic 12.2 - start 10) after 1.0 s: it began at 1.2

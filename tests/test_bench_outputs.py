@@ -75,7 +75,7 @@ def test_a_row_folder_aptp_did_not_write_is_not_deleted(tmp_path):
 
 
 def test_int8_runs_quantize_a_copy_and_leave_the_export_as_it_was(tmp_path, export_dir):
-    from aptp.benchmarks.memory import INT8_COPY, MemoryOptions, int8_export
+    from aptp.benchmarks.memory.suite import INT8_COPY, MemoryOptions, int8_export
     from aptp.export.manifest import read_manifest
 
     before = _tree(export_dir)
@@ -93,7 +93,7 @@ def test_int8_runs_quantize_a_copy_and_leave_the_export_as_it_was(tmp_path, expo
 def test_the_gpu_check_script_refuses_a_users_folder_before_writing_its_logs(tmp_path):
     folder = _user_folder(tmp_path, "summary.md", "gpu_check.log")
     before = _tree(folder)
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check" / "run.sh"
     proc = subprocess.run(["bash", str(script), str(folder), "--dry-run"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already holds files that are not aptp-bench gpu-check" in proc.stderr
     assert _tree(folder) == before

@@ -307,7 +307,7 @@ def _check_optimum_layout(directory, components, latents, want):
 
 
 def test_benchmark_script_times_dense_and_experts(exported, capsys, tmp_path):
-    from aptp.benchmarks.onnx_expert_speed import main
+    from aptp.benchmarks.latency.expert_speed import main
 
     out = tmp_path / "rows.json"
     assert main(["--artifacts", str(exported.root), "--repeats", "2", "--warmup", "1", "--threads", "1",

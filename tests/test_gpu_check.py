@@ -25,7 +25,7 @@ def dry_run(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu-check") / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "APTP_GPU_CHECK_SITE": str(tmp_path_factory.mktemp("site"))}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run", "--threads", "1"],
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check" / "run.sh"), str(out), "--dry-run", "--threads", "1"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "gpu_check.json").read_text()), proc

@@ -3,7 +3,7 @@
 The HTTP contract and the replica plan are checked without Ray. The Ray tests start Ray once
 for the module, in `_ray_serve_worker.py` run inside a fresh network namespace with only
 loopback (``unshare -n`` + ``ip link set lo up``): single node, 2 CPUs, no dashboard, usage
-stats off, temp dir under this session's tmp path, bounded request loops. The worker writes
+stats off, temp dir under the pytest run's tmp path, bounded request loops. The worker writes
 every response; the tests here compare them with in-process `AptpPipeline` results and check
 that no process Ray started outlives it. They skip, naming what is missing, without Ray Serve
 (``pip install 'aptp[serve]'``) or without permission to create a network namespace.

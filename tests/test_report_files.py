@@ -22,7 +22,7 @@ def _check(paths: dict, results: dict) -> None:
 
 
 def test_memory_reports_render_from_committed_results(tmp_path: Path):
-    from aptp.benchmarks.memory_report import write_memory_reports
+    from aptp.benchmarks.memory.report import write_memory_reports
 
     results = json.loads((RESULTS / "memory-tiny" / "memory.json").read_text())
     paths = write_memory_reports(results, tmp_path / "memory")
@@ -31,7 +31,7 @@ def test_memory_reports_render_from_committed_results(tmp_path: Path):
 
 
 def test_serve_reports_render_from_committed_results(tmp_path: Path):
-    from aptp.benchmarks.serve_report import write_reports
+    from aptp.benchmarks.serving.report import write_reports
 
     results = json.loads((RESULTS / "serve-tiny" / "serve.json").read_text())
     paths = write_reports(results, tmp_path / "serve")

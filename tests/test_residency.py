@@ -456,3 +456,10 @@ def test_an_overshoot_is_reported_with_the_memory_that_made_it(caplog):
     assert report["max_overshoot_bytes"] > 0
     warnings = [r.getMessage() for r in caplog.records if "exceeded by" in r.getMessage()]
     assert warnings and all("exceeded by -" not in w for w in warnings), warnings
+
+
+def test_a_change_in_bytes_carries_one_sign():
+    from aptp.runtime.residency import signed_bytes
+
+    assert signed_bytes(-37.36 * MiB) == "-37.36 MiB"  # a load can free heap: never "+-37.36 MiB"
+    assert signed_bytes(MiB) == "+1.00 MiB" and signed_bytes(None) == "unknown"

@@ -18,7 +18,8 @@ import pytest
 from aptp.errors import ArtifactError, RuntimeInputError
 from aptp.export.scheduler_tables import SCHEDULERS, build_scheduler_table, make_scheduler, sampler_specs
 from aptp.runtime.samplers import build_table, check_config
-from aptp.runtime.scheduler import SamplerLibrary, SchedulerTable, canonical_sampler
+from aptp.runtime.sampler_library import SamplerLibrary, canonical_sampler
+from aptp.runtime.scheduler import SchedulerTable
 from test_scheduler_tables import BASE_CONFIG, diffusers_loop, table_loop
 
 ATOL = 1e-3  # the tolerance on final latents

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from aptp.benchmarks.loadgen import highest_sustained, poisson_arrivals, run_open_loop, summarize_load
+from aptp.benchmarks.serving.loadgen import highest_sustained, poisson_arrivals, run_open_loop, summarize_load
 
 
 def test_poisson_arrivals_are_seeded_and_bounded():

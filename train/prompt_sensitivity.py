@@ -2,7 +2,7 @@
 
 Why: the per-step quality term (`aptp.train.quality_assignment`) sees each prompt at one random
 timestep, and on the tiny teacher the gap between codes moved with the timestep as much as it
-differed between prompt families (BENCHMARKS.md, Quality, issue 13 session 4), so it mostly
+differed between prompt families (docs/quality-log.md, question 4), so it mostly
 sorted batches by timestep. Here every training prompt is measured once, before pruning, on
 fixed timesteps and noise:
 

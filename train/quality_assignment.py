@@ -14,8 +14,8 @@ what moves prompts is only how much *more* a small code hurts this prompt than t
 plan stays balanced, and the router learns to predict it from the prompt. What the ratio does not
 remove is how the gap between codes changes with the timestep: on the tiny teacher that change
 was as large as the differences between prompt families or (one seed in three) several times
-larger, so one step's gap says much about which timestep a prompt drew (BENCHMARKS.md, Quality,
-issue 13 session 4).
+larger, so one step's gap says much about which timestep a prompt drew (docs/quality-log.md,
+question 4).
 
 Why the floor on the ratio: a code still equal to the teacher has error 0, and log 0 would give
 cost differences of tens of units against cosine scores in [-1, 1]; a few Sinkhorn iterations

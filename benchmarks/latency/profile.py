@@ -105,8 +105,13 @@ def explain_gap(expert_ops: Mapping[str, float], dense_ops: Mapping[str, float],
         text += (f"A linear fit of latency against MACs over the sliced models at this size gives a fixed cost of "
                  f"{1e3 * fit['fixed_s']:.2f} ms per call ({100 * fit['fixed_share']:.0f}% of dense), which slicing "
                  f"cannot remove: with it the expected latency ratio is {share + (1 - share) * macs_ratio:.3f}. ")
+    # The profile ran at other moments than the timing: say so when its excess has the other sign.
+    agrees = (total_excess > 0) == (latency_ratio > macs_ratio)
     text += (f"The profile (op time ratio {profiled:.3f}) puts the excess over MACs-proportional time at "
-             f"{1e3 * total_excess:+.2f} ms per step, led by " + "; ".join(parts) + ". Op types whose time ratio exceeds the MACs ratio do "
+             f"{1e3 * total_excess:+.2f} ms per step"
+             + ("" if agrees else f" ({'below' if total_excess < 0 else 'above'} it, unlike the timing: profile and "
+                "timing ran at different moments; the timing is the figure to read)")
+             + ", led by " + "; ".join(parts) + ". Op types whose time ratio exceeds the MACs ratio do "
             "not shrink with width (fixed-cost ops such as GroupNorm, Softmax, reshapes and elementwise "
             "kernels, or GEMMs at widths that tile poorly); a time ratio below it means that op got more "
             "efficient.")

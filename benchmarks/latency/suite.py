@@ -64,7 +64,7 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
         ArtifactError: no export at `artifacts` (or one without a dense UNet).
         ConfigError: bad options (unknown backend, resolution not a multiple of the UNet's stride).
     """
-    from .. import report
+    from . import report
 
     options = options or LatencyOptions()
     options.check()

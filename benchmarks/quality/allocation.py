@@ -256,7 +256,7 @@ def allocation_markdown(result: dict[str, Any]) -> str:
 def _load(paths: Sequence[Path]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """One premise JSON (and no runs), or the quality runs of one or more training seeds."""
     from .seeds import load_runs
-    from .table import EVALUATION_SETTINGS, saved_setting
+    from .options import EVALUATION_SETTINGS, saved_setting
 
     first = paths[0] / "quality.json" if paths[0].is_dir() else paths[0]
     if not first.is_file():

@@ -61,7 +61,7 @@ def placement(components: Any, *, seed: int = 0, steps: int = 20, guidance: floa
     """Per position: mean centroid, its spread and the share of images on the asked side."""
     from aptp.train.data.procedural import COLOURS, POSITION_PHRASES, SHAPES
 
-    from .table import generate_images
+    from .sampling import generate_images
 
     colours = [c for c in COLOURS if c not in _UNSEEN_COLOURS]
     result = {}

@@ -40,7 +40,7 @@ def run_premise(args: Any) -> dict[str, Any]:
     from aptp.train.slicing import slice_unet
 
     from .classifier import DEFAULT_WEIGHTS, load_classifier, target_attributes
-    from .table import generate_images, save_grid
+    from .sampling import generate_images, save_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,14 +108,6 @@ def premise_markdown(result: dict[str, Any]) -> str:
         if "drop_from_dense" in row:
             lines.append(f"| {name} | {row['macs_ratio']:.3f} | " + " | ".join(_ci(row["drop_from_dense"][f]) for f in fams) + " |")
     return "\n".join(lines) + "\n"
-
-
-def add_premise_arguments(parser: Any) -> None:
-    parser.add_argument("--premise", action="store_true",
-                        help="measure the premise instead of the table: alignment per prompt family of the dense teacher "
-                             "under uniform static masks at --ratios (writes premise.json / premise.md)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4], help="MACs ratios of the uniform masks")
-    parser.add_argument("--ff-groups", type=int, default=8, help="gates per feed-forward (the tiny preset's 8)")
 
 
 def check_ratios(ratios: Sequence[float]) -> None:

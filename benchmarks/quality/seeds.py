@@ -176,7 +176,7 @@ def run_over_seeds(paths: Sequence[str | Path], output_dir: Path) -> dict[str, A
     from aptp.train.slicing import write_json_atomic
     from aptp.train.training import atomic_write_text
 
-    from .table import ALL_ROWS, EVALUATION_SETTINGS, PAIRS, saved_setting
+    from .options import ALL_ROWS, EVALUATION_SETTINGS, PAIRS, saved_setting
 
     runs = load_runs(paths, [k for k in EVALUATION_SETTINGS if k != "train_seed"], saved_setting)
     families = prompt_families(runs[0]["settings"])

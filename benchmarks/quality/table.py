@@ -54,21 +54,17 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from aptp.errors import AptpError, ConfigError
 from aptp.outputs import BENCH_QUALITY, claim_in_place
 
+from .options import (ALL_ROWS, EVALUATION_SETTINGS, EXTRA_ROWS, PAIRS, PARTI_DEFAULT, ROWS,  # noqa: F401  (the suite's names)
+                      build_parser, saved_setting)
 from .rows import sinkhorn_switch_available, train_rows
+from .sampling import generate_images, prompt_noise, save_grid  # noqa: F401  (prompt_noise: the suite's name)
 
 logger = logging.getLogger(__name__)
 
-ROWS = ("dense", "aptp", "static", "aptp_no_ot", "static_long")
-# Rows that exist but are not trained unless --rows names them.
-EXTRA_ROWS = ("aptp_k8", "aptp_quality", "aptp_sensitivity", "static_lower", "static_upper")
-ALL_ROWS = ROWS + EXTRA_ROWS
-PARTI_DEFAULT = Path("/work/shared/data/PartiPrompts.tsv")
 ROW_TITLES = {
     "dense": "dense teacher",
     "aptp": "APTP (K={k})",
@@ -81,93 +77,6 @@ ROW_TITLES = {
     "static_lower": "static pruned (K=1) at {lower:g} MACs",
     "static_upper": "static pruned (K=1) at {upper:g} MACs",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------
-
-
-def prompt_noise(num_prompts: int, shape: Sequence[int], seed: int) -> torch.Tensor:
-    """Initial latents per prompt; prompt i's noise depends only on (seed, i), so every row shares it."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                        for i in range(num_prompts)])
-
-
-@torch.no_grad()
-def generate_images(
-    components: Any,
-    prompts: Sequence[str],
-    unets: dict[int, nn.Module] | nn.Module,
-    codes: Sequence[int] | None = None,
-    *,
-    seed: int = 0,
-    steps: int = 20,
-    guidance: float = 4.0,
-    batch_size: int = 32,
-    scheduler: Any = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Sample one image per prompt with DDIM and classifier-free guidance; (N, 3, R, R) in [0, 1].
-
-    Args:
-        components: `aptp.train.models.DiffusionComponents` (text encoder, tokenizer, VAE).
-        prompts: the prompts.
-        unets: one UNet, or experts by code (each prompt uses ``unets[codes[i]]``).
-        codes: the code of each prompt (required with a dict of experts).
-        seed: selects the initial noise (see `prompt_noise`).
-        steps, guidance: DDIM steps and guidance scale.
-        scheduler: a diffusers scheduler; default: DDIM from the pipeline's scheduler config.
-    """
-    from diffusers import DDIMScheduler
-
-    if isinstance(unets, nn.Module):
-        unets, codes = {0: unets}, [0] * len(prompts)
-    if codes is None or len(codes) != len(prompts):
-        raise ConfigError("generate_images needs one code per prompt when given several experts")
-    if scheduler is None:
-        scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
-    scheduler.set_timesteps(steps)
-    any_unet = next(iter(unets.values()))
-    side = any_unet.config.sample_size
-    noise = prompt_noise(len(prompts), (any_unet.config.in_channels, side, side), seed)
-    uncond = components.encode_prompts([""], "cpu")
-    out = torch.zeros(len(prompts), 3, side * components.vae_scale_factor, side * components.vae_scale_factor)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, code in enumerate(codes):
-        groups[int(code)].append(i)
-    batches = [(code, idx[s : s + batch_size]) for code, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
-    for code, index in tqdm(batches, desc="sampling", disable=not progress, leave=False):
-        unet = unets[code]
-        context = components.encode_prompts([prompts[i] for i in index], "cpu")
-        context = torch.cat([uncond.expand(len(index), -1, -1), context])
-        latents = noise[index] * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_uncond, eps_text = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
-            latents = scheduler.step(eps_uncond + guidance * (eps_text - eps_uncond), t, latents).prev_sample
-        images = components.vae.decode(latents / components.vae.config.scaling_factor).sample
-        out[index] = (images * 0.5 + 0.5).clamp(0, 1)
-    return out
-
-
-def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8, captions: Sequence[str] | None = None) -> Path:
-    """Save a PNG grid of (N, 3, R, R) [0, 1] images (captions, if given, go to a .txt beside it)."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    rows = (n + columns - 1) // columns
-    grid = torch.ones(3, rows * (h + 2), columns * (w + 2))
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = images[i]
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).resize((array.shape[1] * 2, array.shape[0] * 2), Image.Resampling.NEAREST).save(path)
-    if captions is not None:
-        path.with_suffix(".txt").write_text("".join(f"{i}: {c}\n" for i, c in enumerate(captions)))
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,49 +249,6 @@ def family_markdown(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aptp-bench quality", description="Offline replication of the APTP quality table.")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--pretrained", default="tiny", help="the dense teacher pipeline (default: tiny)")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ALL_ROWS,
-                        help=f"rows to train and score (default: {' '.join(ROWS)}; also: {' '.join(EXTRA_ROWS)})")
-    parser.add_argument("--reuse", action="store_true",
-                        help="reuse rows already trained in --output-dir, and keep rows already scored there with the "
-                             "same evaluation settings that --rows does not name")
-    parser.add_argument("--num-codes", type=int, default=4)
-    parser.add_argument("--target", type=float, default=0.6, help="MACs budget (fraction of the dense UNet)")
-    parser.add_argument("--prune-steps", type=int, default=200)
-    parser.add_argument("--finetune-steps", type=int, default=50, help="per expert")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-samples", type=int, default=512, help="procedural training prompts (seed --train-seed)")
-    parser.add_argument("--train-seed", type=int, default=0)
-    parser.add_argument("--quality-weight", type=float, default=1.0,
-                        help="sinkhorn.quality_weight of the aptp_quality row (see aptp.train.quality_assignment)")
-    parser.add_argument("--sensitivity-weight", type=float, default=1.0,
-                        help="sinkhorn.sensitivity_weight of the aptp_sensitivity row (see aptp.train.prompt_sensitivity)")
-    parser.add_argument("--static-spread", type=float, default=0.15,
-                        help="the static_lower / static_upper rows prune to --target minus / plus this")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra trainer override for every pruned row")
-    parser.add_argument("--num-samples", type=int, default=256, help="held-out prompts (one image each)")
-    parser.add_argument("--prompt-seed", type=int, default=1, help="ProceduralCaptions seed of the held-out prompts")
-    parser.add_argument("--noise-seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--classifier", type=Path, default=None, help="classifier weights (default: committed)")
-    parser.add_argument("--parti", type=Path, default=PARTI_DEFAULT, help="PartiPrompts TSV for the routing analysis")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
-    parser.add_argument("--train-only", action="store_true",
-                        help="only train the pruned rows (run row subsets in parallel, then score them all with --reuse)")
-    from .premise import add_premise_arguments
-
-    add_premise_arguments(parser)
-    parser.add_argument("--over-seeds", nargs="+", metavar="RUN",
-                        help="summarise the quality runs (directories or quality.json) of several training seeds instead: "
-                             "per-seed values, mean and spread, paired differences per seed and pooled, routed MACs per "
-                             "family per seed (writes seeds.json / seeds.md in --output-dir)")
-    return parser
-
-
 def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or reuse) the rows, sample, score, and write quality.json / quality.md."""
     from aptp.train import checkpoint as ckpt
@@ -485,16 +351,6 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-PAIRS = (("aptp", "static"), ("aptp", "static_long"), ("aptp_k8", "static"), ("aptp_k8", "static_long"),
-         ("aptp_quality", "static"), ("aptp_quality", "static_long"), ("aptp_quality", "aptp"),
-         ("aptp_sensitivity", "static"), ("aptp_sensitivity", "static_long"), ("aptp_sensitivity", "aptp"),
-         ("aptp", "aptp_no_ot"), ("static", "dense"), ("static_upper", "static"), ("static", "static_lower"),
-         # static_upper at APTP's mean MACs (--static-spread chosen so) is the equal-MACs static baseline
-         ("aptp", "static_upper"),
-         # what K times the fine-tuning alone buys a static model, per family
-         ("static_long", "static"), ("static_long", "dense"))
-
-
 def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[str, Any]:
     """Per-family paired differences of per-prompt alignment (first row minus second, same prompts
     and noise; bootstrap 95% intervals over prompts) for every pair of rows present."""
@@ -507,15 +363,6 @@ def paired_comparisons(rows: dict[str, Any], families: Sequence[str]) -> dict[st
             out[f"{a} - {b}"] = paired_family_difference(np.array(ra["per_prompt_alignment"]),
                                                          np.array(rb["per_prompt_alignment"]), families)
     return out
-
-
-EVALUATION_SETTINGS = ("pretrained", "num_samples", "prompt_seed", "noise_seed", "steps", "guidance", "classifier",
-                       "num_codes", "target", "prune_steps", "finetune_steps", "batch_size", "train_samples", "train_seed", "quality_weight", "sensitivity_weight", "static_spread", "set")
-
-
-def saved_setting(settings: dict[str, Any], key: str) -> Any:
-    """A run's recorded setting; a run older than the option recorded none and used its default."""
-    return settings[key] if key in settings else build_parser().get_default(key)
 
 
 def _scored_rows_to_keep(out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -28,7 +28,7 @@ def save_sample_grid(pipeline: Path, path: Path, num_prompts: int = 32, seed: in
     from aptp.train.data import ProceduralCaptions
     from aptp.train.models import load_components
 
-    from .table import generate_images, save_grid
+    from .sampling import generate_images, save_grid
 
     components = load_components(str(pipeline))
     dataset = ProceduralCaptions(num_prompts, 64, seed=1)

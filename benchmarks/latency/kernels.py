@@ -4,7 +4,7 @@ Both run in one process on the same arrays, at Stable-Diffusion-like latent size
 (default B=8 latents of 4x64x64 float32), so the ratio is what the runtime gains per call.
 No assertions: it prints a table.
 
-    python -m aptp.benchmarks.kernels_bench [--batch 8] [--shape 4 64 64] [--repeats 200]
+    python -m aptp.benchmarks.latency.kernels [--batch 8] [--shape 4 64 64] [--repeats 200]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from aptp.errors import ConfigError
 
-from .synthetic import KIND_PROFILES, load_bench_config, search_mask
+from ..synthetic import KIND_PROFILES, load_bench_config, search_mask
 
 __all__ = ["DRY_RUN_CONFIG", "CheckModels", "build_check_models", "build_vae_decoder", "check_config"]
 

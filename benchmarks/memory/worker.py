@@ -1,4 +1,4 @@
-"""One run of the memory benchmark, in its own process (``python -m aptp.benchmarks.memory_worker``).
+"""One run of the memory benchmark, in its own process (``python -m aptp.benchmarks.memory.worker``).
 
 A fresh process per (budget, precision), so one run's freed heap and onnxruntime arenas do
 not flatter or burden the next: RSS is sampled inside this serving process by a thread every
@@ -138,9 +138,9 @@ def steps(spec: dict[str, Any]) -> dict[str, Any]:
     layer (interleaved repeats; both sessions loaded side by side for that UNet only)."""
     from aptp.runtime.artifacts import load_artifacts
 
-    from .latency.backends import ort_step
-    from .latency.profile import profile_by_op
-    from .latency.timing import interleaved, summarize
+    from ..latency.backends import ort_step
+    from ..latency.profile import profile_by_op
+    from ..latency.timing import interleaved, summarize
 
     artifacts = load_artifacts(spec["artifacts"], verify=False)
     rows = 2 * int(spec["batch"])  # classifier-free guidance doubles the UNet batch

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 11): one command, everything under one output folder.
 #
-#   bash benchmarks/gpu_check.sh OUT [--dry-run] [aptp-bench gpu-check options...]
+#   bash benchmarks/gpu_check/run.sh OUT [--dry-run] [aptp-bench gpu-check options...]
 #
 # Offline by design (the GPU machine has no package registry): it installs only the wheels
 # carried in .whl/ (e.g. diffusers, accelerate, pybind11, pytest and their missing pure-Python
@@ -9,11 +9,11 @@
 # private folder, never from the network. If aptp is not importable yet, it is built from this
 # working tree (C++ and, where nvcc is found, CUDA kernels: aptp._C_cuda) into that folder, with
 # the build log in OUT/build.log. Then `aptp-bench gpu-check` runs (see
-# aptp/benchmarks/gpu_check.py). A real run stops starting new cells after --budget-s (330 s).
+# benchmarks/gpu_check/suite.py). A real run stops starting new cells after --budget-s (330 s).
 set -uo pipefail
 
-repo="$(cd "$(dirname "$0")/.." && pwd)"
-out="${1:?usage: bash benchmarks/gpu_check.sh OUT [--dry-run] [options]}"
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+out="${1:?usage: bash benchmarks/gpu_check/run.sh OUT [--dry-run] [options]}"
 shift
 # The folder is claimed as aptp.outputs does: new, empty, or an earlier gpu-check's (its marker or
 # its gpu_check.json). The logs below are written before Python runs, so the claim is made here.
@@ -21,7 +21,7 @@ marker='{"kind": "aptp-gpu-check"}'
 if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ] &&
     ! grep -qF "$marker" "$out/.aptp-output.json" 2>/dev/null &&
     ! grep -qF '"format": "aptp-gpu-check"' "$out/gpu_check.json" 2>/dev/null; then
-    echo "gpu_check.sh: error: $out already holds files that are not aptp-bench gpu-check results; choose a new or empty folder" >&2
+    echo "gpu_check/run.sh: error: $out already holds files that are not aptp-bench gpu-check results; choose a new or empty folder" >&2
     exit 2
 fi
 mkdir -p "$out" || exit 2
@@ -33,7 +33,7 @@ log="$out/gpu_check.log"
 : > "$log"
 say() { echo "== $*" | tee -a "$log"; }
 
-say "gpu_check.sh: repo $repo, output $out, python $("$python" --version 2>&1)"
+say "gpu_check/run.sh: repo $repo, output $out, python $("$python" --version 2>&1)"
 shopt -s nullglob
 wheels=("$repo"/.whl/*.whl)
 if [ "${#wheels[@]}" -gt 0 ]; then

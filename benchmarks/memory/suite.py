@@ -2,7 +2,7 @@
 
 On one export (the SD 2.1-shaped K=8 synthetic export for the issue's figures), a fixed,
 seeded mixed workload is served by `aptp.runtime.GenerationServer` under each budget and
-precision, each run in a fresh process (`aptp.benchmarks.memory_worker`):
+precision, each run in a fresh process (`aptp.benchmarks.memory.worker`):
 
 - workload: ``requests`` prompts assigned to experts by the export's shares (synthetic exports,
   as the latency suite assigns them) or by the router (trained exports), seeds ``1000*seed + i``,
@@ -43,6 +43,8 @@ from aptp.errors import AptpError, ConfigError
 from aptp.outputs import BENCH_MEMORY, claim_in_place
 from aptp.runtime.pipeline import GUIDANCE_RANGE
 from aptp.runtime.serving import MAX_WAIT
+
+from .ratios import peak_over_budget, throughput_vs_reference
 
 __all__ = ["MemoryOptions", "build_workload", "resolve_budgets", "run_memory"]
 
@@ -164,8 +166,8 @@ def _files_bytes(root: Path, entry: dict[str, Any]) -> int:
 def build_workload(manifest: dict[str, Any], root: Path, requests: int, seed: int,
                    arrival_gap_s: float = 0.0, threads: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """The seeded request list (in arrival order) and how prompts were assigned to experts."""
-    from .latency import synthetic_assignment
-    from .synthetic import read_synthetic_info
+    from ..latency import synthetic_assignment
+    from ..synthetic import read_synthetic_info
 
     prompts = [f"{PROMPT_STYLES[(i // len(PROMPT_SUBJECTS)) % len(PROMPT_STYLES)]} of "
                f"{PROMPT_SUBJECTS[i % len(PROMPT_SUBJECTS)]}, variation {i}" for i in range(requests)]
@@ -196,7 +198,7 @@ def _run_worker(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "aptp.benchmarks.memory_worker", str(spec_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "aptp.benchmarks.memory.worker", str(spec_path), str(out_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, timeout=spec.get("timeout_s", 3600) + 600)
     if proc.returncode != 0 or not out_path.is_file():
         tail = log_path.read_text()[-2000:]
@@ -248,8 +250,8 @@ def run_memory(artifacts: str | os.PathLike, output_dir: str | os.PathLike, opti
     """Run the suite; writes ``memory.json``, ``memory.md`` and ``memory.png`` to `output_dir`."""
     from aptp.export.manifest import read_manifest
 
-    from .latency import machine_info
-    from .memory_report import write_memory_reports
+    from ..machine import machine_info
+    from .report import write_memory_reports
 
     options.check()
     root = Path(artifacts).expanduser().absolute()
@@ -325,23 +327,6 @@ def _unet_table(manifest: dict[str, Any], root: Path, steps: dict[str, Any] | No
                      "int8_step_s": step["int8"]["median_s"] if step else None,
                      "int8_speedup": step["speedup_int8"] if step else None})
     return rows
-
-
-def pinned_rss(run: dict[str, Any]) -> int:
-    """RSS of the parts outside the budget (router, text encoder, VAE decoder) at work: sampled
-    before the first UNet load, else (older results) right after they were loaded."""
-    return run.get("pinned_working_rss_bytes") or run["baseline_rss_bytes"]
-
-
-def peak_over_budget(run: dict[str, Any]) -> float | None:
-    """(peak RSS - the pinned parts at work) / budget of a budgeted run; None when unlimited."""
-    return None if run["budget_bytes"] is None else (run["peak_rss_bytes"] - pinned_rss(run)) / run["budget_bytes"]
-
-
-def throughput_vs_reference(run: dict[str, Any], runs: list[dict[str, Any]]) -> float:
-    """`run`'s throughput over its round's reference run (the first budget of its precision)."""
-    same = [r for r in runs if r["precision"] == run["precision"] and r.get("round", 0) == run.get("round", 0)]
-    return run["throughput_rps"] / same[0]["throughput_rps"]
 
 
 def _checks(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,11 +20,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .gpu_check_models import CheckModels
-from .latency.model import synthetic_assignment
-from .latency.options import MIXED_PROMPTS
-from .latency.timing import interleaved, summarize
-from .latency.torch_cuda import TorchPlacement
+from .models import CheckModels
+from ..latency.model import synthetic_assignment
+from ..latency.options import MIXED_PROMPTS
+from ..latency.timing import interleaved, summarize
+from ..latency.torch_cuda import TorchPlacement
 
 __all__ = ["run_end_to_end"]
 
@@ -104,7 +104,7 @@ def run_end_to_end(models: CheckModels, placement: TorchPlacement, prompt_counts
     says the budget is spent (recorded as a row with ``skipped``)."""
     import torch
 
-    from .gpu_check_models import build_vae_decoder
+    from .models import build_vae_decoder
 
     dtype = getattr(torch, placement.dtype)
     device = torch.device(placement.device)

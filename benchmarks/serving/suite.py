@@ -1,6 +1,6 @@
 """``aptp-bench serve``: the routed mixture, the dense model and the static model under load.
 
-For one export, open-loop Poisson traffic (`aptp.benchmarks.loadgen`: seeded arrivals, bounded
+For one export, open-loop Poisson traffic (`aptp.benchmarks.serving.loadgen`: seeded arrivals, bounded
 in count and time) at several rates is sent to an in-process `GenerationServer` serving
 - the routed mixture (router in front, one batch list per expert),
 - the dense model (every request on the dense UNet, all requests share batches),
@@ -9,7 +9,7 @@ in count and time) at several rates is sent to an in-process `GenerationServer` 
 with the same arrivals for all three at each rate and the three interleaved per rate, so
 background load hits them alike. Per run: throughput, p50/p95/p99 latency, batches formed per
 expert; per model, the highest rate whose p95 stays within the SLO. The Ray Serve app of the
-same export then runs in a loopback-only network namespace (`aptp.benchmarks.serve_ray`):
+same export then runs in a loopback-only network namespace (`aptp.benchmarks.serving.ray_run`):
 its images against in-process ones, its per-request overhead against `GenerationServer` at low
 load, and the same rates for the routed and dense models.
 
@@ -163,7 +163,7 @@ def _ray_run(root: Path, config: Mapping[str, Any], out: Path, timeout_s: float)
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, "-m",
-               "aptp.benchmarks.serve_ray", str(config_path)]
+               "aptp.benchmarks.serving.ray_run", str(config_path)]
     log_path = out / "serve_ray.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -184,11 +184,11 @@ def run_serve_bench(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     from aptp.runtime import AptpPipeline, GenerationServer
     from aptp.runtime.artifacts import ModelFile, load_artifacts
 
-    from . import serve_report
-    from .latency.backends import torch_status
-    from .latency.model import load_model, load_torch, macs_ratios, route_prompts, static_baseline
-    from .latency.options import MIXED_PROMPTS
-    from .latency.timing import machine_info, now_iso
+    from . import report as serve_report
+    from ..latency.backends import torch_status
+    from ..latency.model import load_model, load_torch, macs_ratios, route_prompts, static_baseline
+    from ..latency.options import MIXED_PROMPTS
+    from ..machine import machine_info, now_iso
 
     options = options or ServeBenchOptions()
     options.check()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Fetch the wheels benchmarks/gpu_check.sh installs offline on a GPU machine without a package
+# Fetch the wheels benchmarks/gpu_check/run.sh installs offline on a GPU machine without a package
 # registry (run this where the registry is reachable; the wheels go to .whl/, which travels with
 # the working tree). Versions are the ones installed here; pure-Python wheels work on any
 # Python, the few binary ones (tokenizers, regex, PyYAML, safetensors) only for the Python
 # version given as $1 (default: this one's, e.g. 3.11); without them the check still runs if the
 # GPU machine already has those packages. About 20 MB.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 py_version="${1:-$(python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
 mkdir -p .whl
 # What `import diffusers, accelerate` and the check import beyond torch and numpy (transformers

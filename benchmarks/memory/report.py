@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .memory import peak_over_budget, pinned_rss, throughput_vs_reference
-from .report import _machine_lines, write_report_files
+from ..machine import machine_lines
+from ..report_files import write_report_files
+from .ratios import peak_over_budget, pinned_rss, throughput_vs_reference
 
 __all__ = ["write_memory_reports", "memory_markdown", "memory_plot"]
 
@@ -31,7 +32,7 @@ def memory_markdown(results: Mapping[str, Any]) -> str:
     arrivals = "backlog" if not s["arrival_gap_s"] else f"mean gap {s['arrival_gap_s']} s"
     lines = [
         f"# Memory: {Path(results['artifacts']).name}", "",
-        *_machine_lines(results["machine"], {**s, "repeats": s.get("step_repeats"), "warmup": s.get("step_warmup"),
+        *machine_lines(results["machine"], {**s, "repeats": s.get("step_repeats"), "warmup": s.get("step_warmup"),
                                               "interleaved": True, "statistic": "step latency: median"}),
         f"- Workload: {s['requests']} requests, seed {s['seed']}, experts assigned {s['assignment']}, shuffled "
         f"arrivals ({arrivals}); "

@@ -4,16 +4,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-__all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_json", "write_report_files", "write_reports"]
+from ..machine import machine_lines
+from ..report_files import write_report_files
 
-logger = logging.getLogger(__name__)
+__all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
 
 JSON_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
@@ -38,23 +37,6 @@ def _variant_order(name: str) -> tuple[int, int]:
     return (3, int(name.split("_")[1]) if "_" in name else 0)
 
 
-def _machine_lines(machine: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
-    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
-    gpu = machine.get("gpu")
-    load = machine.get("load_average") or []
-    after = machine.get("load_average_after") or []
-    return [
-        f"- Machine: {machine.get('cpu_model')}, {machine.get('logical_cores')} logical cores, "
-        f"{machine.get('memory_gib')} GiB; GPU: {gpu['name'] + ' (CUDA ' + str(gpu['cuda']) + ')' if gpu else 'none'}",
-        f"- Software: Python {machine.get('python')}, {versions}",
-        f"- Threads: {settings.get('threads')} (onnxruntime intra-op, torch); repeats {settings.get('repeats')}, "
-        f"warm-up {settings.get('warmup')}, interleaved round-robin ({settings.get('interleaved')}); "
-        f"{settings.get('statistic')}",
-        f"- Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in load)}; after: "
-        f"{', '.join(f'{x:.2f}' for x in after)}",
-    ]
-
-
 def markdown(results: Mapping[str, Any]) -> str:
     """The Markdown report: model, machine, one UNet-step table per backend and resolution,
     end-to-end throughput, overheads, gaps with their profiles, and the checks."""
@@ -66,7 +48,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     if synthetic:
         lines.append(f"- **Synthetic**: {synthetic.get('config')} config with {synthetic.get('weights')}; routing "
                      f"{synthetic.get('routing')}")
-    lines += _machine_lines(results["machine"], settings)
+    lines += machine_lines(results["machine"], settings)
     lines.append(f"- Created {results['created']}; batch = {settings.get('batch_meaning')}")
     for note in results.get("notes", []):
         lines.append(f"- Note: {note}")
@@ -210,35 +192,3 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
     """Write the three reports into `directory`; returns their paths by kind."""
     return write_report_files(results, directory, (JSON_FILE, MARKDOWN_FILE, PLOT_FILE), markdown, plot)
-
-
-def write_report_files(results: Mapping[str, Any], directory: str | os.PathLike, names: tuple[str, str, str],
-                       render_markdown: Callable[[Mapping[str, Any]], str],
-                       render_plot: Callable[[Mapping[str, Any], Path], Any]) -> dict[str, Path]:
-    """Every suite's report set: `results` as JSON (atomic), Markdown and a plot in `directory`,
-    under the (json, markdown, plot) file `names`; returns their paths by kind."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = dict(zip(("json", "markdown", "plot"), (directory / name for name in names)))
-    write_json(results, paths["json"])
-    paths["markdown"].write_text(render_markdown(results))
-    render_plot(results, paths["plot"])
-    logger.info("reports written to %s", directory)
-    return paths
-
-
-def write_json(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """`results` as indented JSON at `path`, through a temp file and a rename (never half-written)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_json_default))
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,8 +1,8 @@
 """The Ray half of ``aptp-bench serve``; runs inside a loopback-only network namespace.
 
-    unshare -n sh -c 'ip link set lo up && exec python -m aptp.benchmarks.serve_ray CONFIG.json'
+    unshare -n sh -c 'ip link set lo up && exec python -m aptp.benchmarks.serving.ray_run CONFIG.json'
 
-`aptp.benchmarks.serve` starts it that way (Ray binds every interface, and its replicas open
+`aptp.benchmarks.serving.suite` starts it that way (Ray binds every interface, and its replicas open
 internal servers: nothing may leave loopback). It starts a single-node Ray (no dashboard,
 usage stats off, a short temp dir of its own, removed afterwards), serves the export with
 `aptp.runtime.ray_serve` on 127.0.0.1, and measures, over HTTP:
@@ -101,7 +101,7 @@ def main(config_path: str) -> int:
     import ray
     from ray import serve
 
-    from aptp.benchmarks.loadgen import poisson_arrivals, run_open_loop, summarize_load
+    from .loadgen import poisson_arrivals, run_open_loop, summarize_load
     from aptp.runtime import AptpPipeline
     from aptp.runtime.ray_serve import ServeOptions, build_app
 

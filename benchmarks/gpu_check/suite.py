@@ -1,6 +1,6 @@
 """One prepared GPU check: everything aptp's GPU path needs measured in one run, in one folder.
 
-    bash benchmarks/gpu_check.sh OUT [--dry-run]      (installs carried wheels, builds, then:)
+    bash benchmarks/gpu_check/run.sh OUT [--dry-run]      (installs carried wheels, builds, then:)
     aptp-bench gpu-check --output-dir OUT [--dry-run] [--budget-s 330]
 
 Steps, each recorded in ``OUT/gpu_check.json`` (a failing step is recorded and the rest go on):
@@ -39,45 +39,18 @@ from typing import Any, Callable, Sequence
 from aptp.errors import ConfigError
 from aptp.outputs import GPU_CHECK, claim_in_place
 
-__all__ = ["GPU_CHECK_FORMAT", "GpuCheckOptions", "main_gpu_check", "run_gpu_check"]
+__all__ = ["GPU_CHECK_FORMAT", "GpuCheckOptions", "run_gpu_check"]
 
 logger = logging.getLogger(__name__)
 
 GPU_CHECK_FORMAT = "aptp-gpu-check"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 RATIO_GOAL = 0.10  # the issue's goal: expert latency ratio within 10% of its MACs ratio at batch >= 4
 ROUTED_GOAL = 0.9  # routed throughput at least 0.9x static with 32 mixed prompts
 
 
 class GpuCheckOptions(argparse.Namespace):
-    """Parsed options (see `parser`)."""
-
-
-def parser(prog: str = "aptp-bench gpu-check") -> argparse.ArgumentParser:
-    from .cli import _int_list, _Parser
-
-    p = _Parser(prog=prog, description="The prepared GPU check: CUDA extension, CUDA tests, UNet-step latency "
-                "ratios vs MACs ratios and routed end-to-end throughput, all under --output-dir.")
-    p.add_argument("--output-dir", type=Path, required=True, metavar="DIR", help="where everything is written")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU in float32 (CI)")
-    p.add_argument("--unet-config", default="sd21", help="benchmark UNet config (sd21) for a real run")
-    p.add_argument("--resolutions", type=_int_list, metavar="LIST", help="pixels (512,768; dry run 64,128)")
-    p.add_argument("--batch-sizes", type=_int_list, metavar="LIST", help="rows per UNet call (1,2,4,8; dry 1,2)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per cell (10; dry run 2)")
-    p.add_argument("--e2e-prompts", type=_int_list, metavar="LIST", help="mixed prompts per request (8,32; dry 4,8)")
-    p.add_argument("--e2e-steps", type=int, default=None, help="sampler steps end to end (25; dry run 2)")
-    p.add_argument("--e2e-resolution", type=int, default=None, help="end-to-end pixels (512; dry run 64)")
-    p.add_argument("--e2e-repeats", type=int, default=None, help="timed requests per variant (2)")
-    p.add_argument("--max-batch", type=int, default=8, help="prompts per UNet call end to end (8)")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="skip the CUDA-graph column")
-    p.add_argument("--onnx", choices=("auto", "always", "never"), default="auto",
-                   help="onnxruntime columns: auto = where a GPU provider activates (dry run: CPU provider)")
-    p.add_argument("--no-tests", dest="tests", action="store_false", help="skip the CUDA pytest step")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting new cells after this many seconds (330; dry run 1800)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch, onnxruntime)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
+    """Parsed options (see `aptp.benchmarks.gpu_check.cli.parser`)."""
 
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -119,7 +92,7 @@ def environment() -> dict[str, Any]:
     """Machine, GPU, library versions, onnxruntime's listed providers, TensorRT status."""
     from aptp.runtime.engine import tensorrt_available
 
-    from .latency.timing import machine_info
+    from ..machine import machine_info
 
     info: dict[str, Any] = {"machine": machine_info()}
     with contextlib.suppress(Exception):
@@ -161,7 +134,7 @@ def cuda_tests(out: Path, ort_cuda: bool) -> dict[str, Any]:
         import pytest  # noqa: F401
     except ImportError as err:
         return {"ran": False, "reason": f"pytest is not importable here ({err}): carry its wheels in .whl/ "
-                                        "(benchmarks/gpu_check_wheels.sh)"}
+                                        "(benchmarks/gpu_check/fetch_wheels.sh)"}
     selection = [str(REPO / "tests" / "test_kernels.py")]
     args = ["-k", "cuda"]
     if ort_cuda:  # the on-device loop needs onnxruntime's CUDA provider (and builds the tiny export)
@@ -195,7 +168,7 @@ def _grid(models: Any, steps_for: Callable[[str, Any], Any], column: str, resolu
     (resolution, batch) cell, interleaved."""
     import statistics
 
-    from .latency.timing import interleaved, summarize
+    from ..latency.timing import interleaved, summarize
 
     chosen = {name: m for name, m in models.variants().items() if variants is None or name in {"dense", *variants}}
     steps = {name: steps_for(name, module) for name, module in chosen.items()}
@@ -238,7 +211,7 @@ def _onnx_column(models: Any, work: Path, device: str, backend: str, threads: in
     from aptp.export.onnx_configs import UNetOnnxConfig
     from aptp.export.onnx_export import export_onnx
 
-    from .latency.backends import ort_step
+    from ..latency.backends import ort_step
 
     precision = "fp16" if device == "cuda" else "fp32"
     latent = int(resolutions[0]) // models.vae_factor
@@ -277,8 +250,8 @@ def _ort_plan(args: argparse.Namespace, env: dict[str, Any]) -> list[tuple[str, 
 
 def run_gpu_check(args: argparse.Namespace) -> dict[str, Any]:
     """Run every step into ``args.output_dir``; returns what ``gpu_check.json`` holds."""
-    from .latency.timing import now_iso
-    from .latency.torch_cuda import TorchPlacement, torch_cuda_step
+    from ..machine import now_iso
+    from ..latency.torch_cuda import TorchPlacement, torch_cuda_step
 
     args = _defaults(args)
     out = Path(args.output_dir).expanduser().absolute()
@@ -312,7 +285,7 @@ def run_gpu_check(args: argparse.Namespace) -> dict[str, Any]:
         results["cuda_tests"] = _step(results, "cuda_tests", lambda: cuda_tests(out, ort_cuda))
     _write(results, out)
 
-    from .gpu_check_models import build_check_models, check_config
+    from .models import build_check_models, check_config
 
     config = check_config(args.unet_config, args.dry_run)
     resolutions = sorted({*map(int, args.resolutions), int(args.e2e_resolution)})
@@ -333,7 +306,7 @@ def run_gpu_check(args: argparse.Namespace) -> dict[str, Any]:
     results["unet_step"] += rows or []
     _write(results, out)
 
-    from .gpu_check_e2e import run_end_to_end
+    from .e2e import run_end_to_end
 
     e2e = _step(results, "end_to_end", lambda: run_end_to_end(
         models, placement, args.e2e_prompts, int(args.e2e_resolution), args.e2e_steps, 7.5, args.max_batch,
@@ -403,34 +376,10 @@ def checks(results: dict[str, Any]) -> dict[str, Any]:
 
 def _write(results: dict[str, Any], out: Path) -> None:
     """``gpu_check.json`` and ``summary.md``, each written to a temp file then renamed."""
-    from .gpu_check_report import summary_markdown
+    from .report import summary_markdown
 
     for name, text in (("gpu_check.json", json.dumps(results, indent=2, default=str)),
                        ("summary.md", summary_markdown(results))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
-
-
-def main_gpu_check(argv: Sequence[str]) -> int:
-    """``aptp-bench gpu-check``: 0 when every step ran, 1 when a step failed (see the report)."""
-    args = parser().parse_args(list(argv))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = run_gpu_check(args)
-    failed = [name for name, step in results["steps"].items() if step.get("status") == "failed"]
-    print(f"wrote {Path(args.output_dir) / 'gpu_check.json'} and summary.md "
-          f"({'dry run, ' if results['dry_run'] else ''}{len(results['unet_step'])} UNet-step rows, "
-          f"{len(results['end_to_end'])} end-to-end rows)")
-    for name, value in (results.get("checks") or {}).items():
-        print(f"  {name}: {value if not isinstance(value, float) else f'{value:.3f}'}")
-    if failed:
-        print(f"  failed steps: {', '.join(failed)} (errors in gpu_check.json)")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    from aptp.cli import run_command
-
-    sys.exit(run_command("aptp-bench gpu-check", lambda: main_gpu_check(sys.argv[1:])))

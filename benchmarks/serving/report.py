@@ -135,7 +135,7 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
     """Write the three reports into `directory` (the JSON through a temp file and a rename)."""
-    from .report import write_report_files
+    from ..report_files import write_report_files
 
     results["machine"]["load_average_after"] = list(os.getloadavg())  # type: ignore[index]
     return write_report_files(results, directory, (JSON_FILE, MARKDOWN_FILE, PLOT_FILE), markdown, plot)

@@ -1,6 +1,6 @@
 """Time the dense ONNX UNet and every expert under onnxruntime (CPU), side by side in one run.
 
-    python benchmarks/onnx_expert_speed.py --artifacts A [--repeats 20] [--warmup 3] [--batch 2]
+    python -m aptp.benchmarks.latency.expert_speed --artifacts A [--repeats 20] [--warmup 3] [--batch 2]
                                            [--threads N] [--resolution PX] [--json FILE]
 
 All sessions are loaded first; after each model's warm-up calls, the timed calls go round-robin
