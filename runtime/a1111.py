@@ -28,7 +28,7 @@ from aptp.errors import RuntimeInputError, shown
 
 from .artifacts import DENSE
 from .pipeline import AptpPipeline, GenerationOptions, GenerationResult
-from .scheduler import canonical_sampler
+from .sampler_library import canonical_sampler
 from .serve_http import HttpError, load_json
 from .tokenize import check_text
 
@@ -209,8 +209,11 @@ def expert_details(pipe: AptpPipeline) -> list[dict[str, Any]]:
 
 def samplers(pipe: AptpPipeline) -> list[dict[str, Any]]:
     """``GET /sdapi/v1/samplers``."""
-    return [{"name": a1111, "aliases": [aptp, *_ALIASES.get(aptp, [])], "options": {}}
-            for a1111, aptp in sampler_names(pipe).items()]
+    listed: dict[str, list[str]] = {}  # aptp name -> its A1111 names, the first one listed
+    for a1111, aptp in sampler_names(pipe).items():
+        listed.setdefault(aptp, []).append(a1111)
+    return [{"name": names[0], "aliases": [*names[1:], aptp, *_ALIASES.get(aptp, [])], "options": {}}
+            for aptp, names in listed.items()]
 
 
 def defaults(pipe: AptpPipeline) -> dict[str, Any]:

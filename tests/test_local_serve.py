@@ -205,7 +205,9 @@ def test_oversized_body_is_413(client):
 
 def test_listing_routes_describe_the_export(client, pipe):
     samplers = client.get("/sdapi/v1/samplers").json()
-    assert [s["name"] for s in samplers] == ["Euler", "DDIM", "DPM++ 2M"]  # the export runs no PNDM
+    # One entry per sampler the export runs; "PNDM" is an alias of A1111's "PLMS".
+    assert [s["name"] for s in samplers] == ["Euler", "DDIM", "DPM++ 2M", "PLMS"]
+    assert "PNDM" in samplers[-1]["aliases"] and "pndm" in samplers[-1]["aliases"]
     (model,) = client.get("/sdapi/v1/sd-models").json()
     assert model["sha256"] == pipe.manifest_sha256 and model["title"].endswith(f"[{pipe.manifest_sha256[:10]}]")
     experts = {e["expert"]: e for e in model["aptp"]["experts"]}
@@ -284,7 +286,7 @@ def test_webuiapi_client_gets_images_with_aptp_routing(server, pipe):
     for image, expected, aptp in zip(result.images, want, result.info["aptp"]["images"]):
         assert np.array_equal(np.asarray(image.convert("RGB")), expected.image)
         assert aptp["expert"] == expected.expert == 0
-    assert [s["name"] for s in api.get_samplers()] == ["Euler", "DDIM", "DPM++ 2M"]
+    assert [s["name"] for s in api.get_samplers()] == ["Euler", "DDIM", "DPM++ 2M", "PLMS"]
     with pytest.raises(RuntimeError, match="422"):  # webuiapi's own default sampler is ancestral
         webuiapi.WebUIApi(host="127.0.0.1", port=server.port).txt2img(prompt="a car", width=64, height=64)
 
