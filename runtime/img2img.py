@@ -37,7 +37,7 @@ import numpy as np
 
 from aptp.errors import ArtifactError, RuntimeInputError, shown
 
-from .init_images import ImageInput, latent_mask, read_image, read_mask, resize_rgb, to_model_pixels
+from .init_images import MAX_IMAGE_PIXELS, ImageInput, latent_mask, read_image, read_mask, resize_rgb, to_model_pixels
 from .samplers import add_noise_levels, build_table
 from .scheduler import SamplerLibrary, SchedulerTable, canonical_sampler
 
@@ -230,7 +230,12 @@ def check_image_requests(init_image: Any, mask_image: Any, mask_blur: Any, count
         raise RuntimeInputError(f"the init images have several sizes {sorted(sizes)}; pass height and width to "
                                 "resize them to one")
     h0, w0 = read_images[0].size
-    height, width = height or h0, width or w0
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
+            raise RuntimeInputError(f"{name} must be a positive number of pixels, got {shown(value)}")
+    height, width = int(height or h0), int(width or w0)
+    if height * width > MAX_IMAGE_PIXELS:  # before resizing: the export's size check comes later
+        raise RuntimeInputError(f"{width}x{height} is more pixels than this runtime reads ({MAX_IMAGE_PIXELS})")
     out = [ImageRequest(resize_rgb(image, height, width),
                         None if mask is None else resize_rgb(mask, height, width), blur)
            for image, mask in zip(read_images, read_masks)]

@@ -128,6 +128,8 @@ def read_image(source: Any, what: str = "init image") -> ImageInput:
     Raises:
         RuntimeInputError: unreadable, empty, too large, transparent, or of another type or shape.
     """
+    if isinstance(source, ImageInput):  # read already (the CLI reads before loading the export)
+        return source
     image, digest = _load(source, what)
     pixels = _rgb_array(image, what)
     return ImageInput(pixels, digest or hashlib.sha256(pixels.tobytes()).hexdigest())
@@ -139,6 +141,8 @@ def read_mask(source: Any, what: str = "mask") -> ImageInput:
     Raises:
         RuntimeInputError: as `read_image`.
     """
+    if isinstance(source, ImageInput):
+        return source
     image, digest = _load(source, what)
     if isinstance(image, np.ndarray):
         if image.dtype == np.bool_:
@@ -158,9 +162,9 @@ def read_mask(source: Any, what: str = "mask") -> ImageInput:
     return ImageInput(pixels, digest or hashlib.sha256(pixels.tobytes()).hexdigest())
 
 
-def resize_rgb(image: ImageInput, height: int, width: int, mask: bool = False) -> ImageInput:
-    """`image` at ``height x width`` (Lanczos, diffusers' default resample); the hash stays the
-    input's (it names what the user gave)."""
+def resize_rgb(image: ImageInput, height: int, width: int) -> ImageInput:
+    """`image` (RGB or a mask) at ``height x width`` (Lanczos, diffusers' default resample); the
+    hash stays the input's (it names what the user gave)."""
     from PIL import Image
 
     if image.size == (height, width):

@@ -248,3 +248,109 @@ def test_a_request_gives_the_same_image_alone_or_batched(pipe):
         alone = pipe([prompt], seeds=[seed], init_image=source, mask_image=m, **kwargs)[0]
         np.testing.assert_allclose(batched[i].latents, alone.latents, rtol=0, atol=1e-5)
     assert batched[1].init_image.mask is None and batched[0].init_image.mask is not None
+
+
+# ---- surfaces: CLI, server, HTTP, PNG chunks ---------------------------------------------------
+
+
+def test_cli_writes_img2img_and_inpainting_pngs_with_their_hashes(export_dir, tmp_path, capsys):
+    import hashlib
+
+    from aptp.runtime.cli import main
+    from aptp.runtime.images import read_png_parameters
+
+    init, mask = _png(tmp_path, init_picture(), "init.png"), _png(tmp_path, centre_mask(), "mask.png", "L")
+    base = ["--artifacts", str(export_dir), "--prompt", FOOD_PROMPTS[0], "--threads", "1", "--seed", "3",
+            "--steps", "4", "--init-image", str(init)]
+    assert main([*base, "--strength", "0.5", "--output", str(tmp_path / "a.png")]) == 0
+    assert main([*base, "--mask", str(mask), "--mask-blur", "2", "--output", str(tmp_path / "b.png")]) == 0
+    a, b = read_png_parameters(tmp_path / "a.png"), read_png_parameters(tmp_path / "b.png")
+    assert a["strength"] == "0.5" and a["init_image_sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
+    assert "mask_sha256" not in a and a["steps"] == "4"
+    assert b["strength"] == "1.0" and b["mask_sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    assert b["mask_blur"] == "2.0"
+    assert main(["--show-params", str(tmp_path / "b.png")]) == 0
+    assert "mask_sha256: " in capsys.readouterr().out
+
+
+def test_cli_bad_image_flags_are_one_line_and_write_nothing(export_dir, tmp_path, capsys):
+    from aptp.runtime.cli import main
+
+    init = _png(tmp_path, init_picture(), "init.png")
+    small_mask = _png(tmp_path, np.zeros((32, 32), np.uint8), "small.png", "L")
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"nope")
+    out = tmp_path / "out" / "o.png"
+    base = ["--artifacts", str(export_dir), "--prompt", FOOD_PROMPTS[0], "--threads", "1", "--output", str(out)]
+    cases = [
+        (["--init-image", str(garbage)], "not an image PIL can read"),
+        (["--init-image", str(tmp_path / "missing.png")], "cannot read"),
+        (["--init-image", str(init), "--strength", "0"], "strength must be"),
+        (["--init-image", str(init), "--strength", "1.5"], "strength must be"),
+        (["--init-image", str(init), "--strength", "half"], "--strength must be a number"),
+        (["--init-image", str(init), "--mask", str(small_mask)], "mask_image is 32x32"),
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--init-image", str(init), "--mask-blur", "2"], "--mask-blur needs --mask"),
+    ]
+    for flags, message in cases:
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (flags, err)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_server_batches_img2img_requests_apart_from_text_to_image(pipe):
+    from aptp.runtime.serving import GenerationServer
+
+    image = init_picture()
+    alone = pipe([VEHICLE_PROMPTS[0]], seeds=[11], init_image=image, strength=0.6, steps=4)[0]
+    with GenerationServer(pipe, max_batch=4, max_wait=0.2) as server:
+        futures = [server.submit(VEHICLE_PROMPTS[0], seed=11, init_image=image, strength=0.6, steps=4),
+                   server.submit(VEHICLE_PROMPTS[1], seed=12, init_image=image, strength=0.6, steps=4),
+                   server.submit(VEHICLE_PROMPTS[2], seed=13, steps=4)]
+        results = [f.result(timeout=120) for f in futures]
+        with pytest.raises(RuntimeInputError, match="strength must be"):
+            server.submit(VEHICLE_PROMPTS[0], init_image=image, strength=2)
+    assert [r.batch_size for r in results] == [2, 2, 1]  # the text-to-image request ran on its own
+    np.testing.assert_allclose(results[0].latents, alone.latents, rtol=0, atol=1e-5)
+    assert results[0].strength == 0.6 and results[2].strength is None and results[2].init_image is None
+
+
+def test_http_native_and_a1111_img2img(export_dir):
+    import base64
+    import io
+
+    httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install 'aptp[test]')")
+    pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'aptp[serve]')")
+    from PIL import Image
+
+    from aptp.runtime.local_serve import LocalOptions, LocalServer
+    from aptp.runtime.serve_http import encode_png
+
+    init = base64.b64encode(encode_png(init_picture())).decode()
+    mask = base64.b64encode(encode_png(np.dstack([centre_mask()] * 3))).decode()
+    server = LocalServer.start(str(export_dir), options=LocalOptions(threads=1, max_wait=0.05), timeout=300)
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as c:
+            native = c.post("/?format=json", json={"prompt": FOOD_PROMPTS[0], "seed": 5, "steps": 4,
+                                                   "init_image": init, "strength": 0.5})
+            assert native.status_code == 200, native.text
+            assert Image.open(io.BytesIO(base64.b64decode(native.json()["image_png_base64"]))).size == (SIZE, SIZE)
+            body = {"prompt": FOOD_PROMPTS[0], "seed": 5, "steps": 4, "init_images": [f"data:image/png;base64,{init}"],
+                    "denoising_strength": 0.5, "mask": mask, "mask_blur": 0, "batch_size": 2}
+            a1111 = c.post("/sdapi/v1/img2img", json=body)
+            assert a1111.status_code == 200, a1111.text
+            assert len(a1111.json()["images"]) == 2 and a1111.json()["parameters"]["denoising_strength"] == 0.5
+            bad = [({**body, "denoising_strength": 0}, "strength must be"),
+                   ({**body, "init_images": ["!!"]}, "not valid base64"),
+                   ({**body, "init_images": [init, init]}, "one base64 image"),
+                   ({**body, "inpaint_full_res": True}, "inpaint_full_res"),
+                   ({**body, "mask": base64.b64encode(encode_png(np.zeros((8, 8, 3), np.uint8))).decode()},
+                    "mask_image is 8x8")]
+            for request, message in bad:
+                response = c.post("/sdapi/v1/img2img", json=request)
+                assert response.status_code == 422 and message in response.json()["detail"], response.text
+            refused = c.post("/", json={"prompt": FOOD_PROMPTS[0], "init_image": "!!"})
+            assert refused.status_code == 400 and "not valid base64" in refused.json()["error"]
+    finally:
+        server.stop()
