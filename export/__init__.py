@@ -11,7 +11,7 @@ the runtime reads manifests with it):
     write_manifest(root, manifest) -> dict
     export_onnx / validate_onnx / export_and_validate / compare_onnx
     OnnxConfig and one config per kind: UNetOnnxConfig, TextEncoderOnnxConfig,
-        VaeDecoderOnnxConfig, VaeEncoderOnnxConfig, RouterEncoderOnnxConfig, RouterHeadOnnxConfig
+        VaeDecoderOnnxConfig, VaeEncoderOnnxConfig, VaePosteriorOnnxConfig, RouterEncoderOnnxConfig, RouterHeadOnnxConfig
     Engine, tensorrt_status, aligned_group_count, pad_group_norm_widths   TensorRT
     write_pipeline_dir                                              diffusers ONNX pipeline dirs
     build_scheduler_table                                           scheduler coefficient tables
@@ -45,6 +45,7 @@ _EXPORTS = {
     "UNetOnnxConfig": ".onnx_configs",
     "VaeDecoderOnnxConfig": ".onnx_configs",
     "VaeEncoderOnnxConfig": ".onnx_configs",
+    "VaePosteriorOnnxConfig": ".onnx_configs",
     "Engine": ".tensorrt",
     "aligned_group_count": ".tensorrt",
     "pad_group_norm_widths": ".tensorrt",

@@ -16,6 +16,7 @@ Export directory layout::
     text_encoder/model.onnx       input_ids (int32) -> last_hidden_state
     tokenizer/                    the diffusion model's tokenizer (tokenizer.json)
     vae_decoder/model.onnx        latent_sample (final latents, unscaled) -> sample in [-1, 1]
+    vae_encoder/model.onnx        sample in [-1, 1] -> latent_mean, latent_std (scaled; img2img)
     router/encoder.onnx           input_ids, attention_mask -> sentence_embedding
     router/head.onnx              sentence_embedding -> scores (B, K); route = argmax (for a
                                   checkpoint from aptp-import: the authors' rule, kind "authors")
@@ -51,6 +52,7 @@ from .onnx_configs import (
     UNetOnnxConfig,
     VaeDecoderOnnxConfig,
     VaeEncoderOnnxConfig,
+    VaePosteriorOnnxConfig,
 )
 from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD,
@@ -455,6 +457,21 @@ def export_vae_decoder(ctx: _Context) -> dict[str, Any]:
             "output_range": [-1.0, 1.0]}
 
 
+def export_vae_encoder(ctx: _Context) -> dict[str, Any]:
+    """VAE encoder posterior (mean, std) with ``scaling_factor`` folded in, for img2img and
+    inpainting: the runtime draws the sample ``mean + std * eps`` from the request's seed."""
+    vae = ctx.components.vae
+    config = VaePosteriorOnnxConfig.from_vae(vae, ctx.latent_height, ctx.latent_width,
+                                             float(vae.config.scaling_factor), precision=ctx.options.precision)
+    graph = export_and_validate(vae, config, ctx.staging / "vae_encoder" / "model.onnx",
+                                external_data_threshold=ctx.options.external_data_threshold)
+    graph.session = None
+    ctx.graphs["vae_encoder"] = graph
+    ctx.io["vae_encoder"] = config.io_spec()
+    return {"file": ctx.rel(graph.path), "max_abs_error": graph.max_abs_error, "applies_scaling_factor": True,
+            "outputs": ["latent_mean", "latent_std"], "input_range": [-1.0, 1.0]}
+
+
 def export_router(ctx: _Context) -> dict[str, Any]:
     """Router encoder (transformer + pooling + L2 norm) and head (+ code lookup) graphs."""
     from aptp.train import checkpoint as ckpt
@@ -615,6 +632,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         dense = export_dense(ctx) if options.dense else None
         text_encoder, tokenizer = export_text_encoder(ctx)
         vae_decoder = export_vae_decoder(ctx)
+        vae_encoder = export_vae_encoder(ctx)
         router = export_release_router(ctx) if is_release_checkpoint(checkpoint) else export_router(ctx)
         pipelines = None
         if options.pipeline_dirs:
@@ -642,6 +660,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             "experts": experts,
             "dense": dense,
             "vae_decoder": vae_decoder,
+            "vae_encoder": vae_encoder,
             "scheduler": scheduler_table,
             "samplers": samplers,
             "guidance_scale": float(options.guidance_scale),

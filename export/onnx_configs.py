@@ -11,6 +11,7 @@ Kinds (registered in `ONNX_CONFIGS`):
     text_encoder    input_ids (int32, as diffusers' ONNX pipeline feeds it) -> last_hidden_state
     vae_decoder     latent_sample -> sample; the latent scale is folded into the graph
     vae_encoder     sample -> latent_sample (pipeline directories only)
+    vae_posterior   sample -> latent_mean, latent_std: the encoder's posterior, for img2img
     router_encoder  input_ids, attention_mask -> sentence_embedding (pooled, L2-normalised)
     router_head     sentence_embedding -> scores (B, K): group-weighted cosine to the K codes
     release_router_head  the same I/O for an imported release: the authors' rule (row-0 noise)
@@ -39,6 +40,7 @@ __all__ = [
     "UNetOnnxConfig",
     "VaeDecoderOnnxConfig",
     "VaeEncoderOnnxConfig",
+    "VaePosteriorOnnxConfig",
     "register_onnx_config",
 ]
 
@@ -489,6 +491,37 @@ class VaeEncoderOnnxConfig(VaeDecoderOnnxConfig):
 
     def wrap(self, model):
         return _VaeEncoderWrapper(model, self.latent_scale)
+
+
+class _VaePosteriorWrapper(nn.Module):
+    def __init__(self, vae: nn.Module, latent_scale: float):
+        super().__init__()
+        self.vae = vae
+        self.latent_scale = float(latent_scale)
+
+    def forward(self, sample):
+        # diffusers' DiagonalGaussianDistribution: logvar clamped to [-30, 20], std = exp(logvar / 2).
+        posterior = self.vae.encode(sample, return_dict=False)[0]
+        return posterior.mean * self.latent_scale, posterior.std * self.latent_scale
+
+
+@register_onnx_config
+class VaePosteriorOnnxConfig(VaeEncoderOnnxConfig):
+    """The VAE encoder's posterior (image in [-1, 1] -> mean and std, both times `latent_scale`).
+
+    aptp's own export folds ``scaling_factor`` in, so ``latent_mean + latent_std * eps`` is
+    exactly what diffusers' img2img draws (``retrieve_latents(..., sample_mode="sample")`` times
+    ``scaling_factor``); the runtime draws ``eps`` from the request's seed. The posterior is
+    exported, not a sample, so the graph stays deterministic and the randomness stays the
+    runtime's. dims, validation shapes and patches as `VaeEncoderOnnxConfig`.
+    """
+
+    NAME = "vae_posterior"
+    OUTPUT_SHAPES = {"latent_mean": ("batch", "latent_channels", "height", "width"),
+                     "latent_std": ("batch", "latent_channels", "height", "width")}
+
+    def wrap(self, model):
+        return _VaePosteriorWrapper(model, self.latent_scale)
 
 
 class _RouterEncoderWrapper(nn.Module):

@@ -3,6 +3,8 @@
     POST /sdapi/v1/txt2img   {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler_name",
                               "width", "height", "batch_size", "n_iter"}
         -> {"images": [base64 PNG...], "parameters": {...}, "info": "<JSON string>"}
+    POST /sdapi/v1/img2img   the same fields plus "init_images" (one base64 image), "denoising_strength",
+                              "mask" (base64, white repaints), "mask_blur" (default 4), "inpainting_mask_invert"
     GET  /sdapi/v1/samplers, /sdapi/v1/sd-models, /sdapi/v1/options (POST: what aptp can honour)
 
 ``info`` holds A1111's usual keys (``all_seeds``, ``infotexts``...) and aptp's per image under
@@ -140,7 +142,14 @@ def parse_txt2img(body: bytes, pipe: AptpPipeline) -> tuple[Txt2ImgRequest, Gene
     data = load_json(body, status=422)
     if not isinstance(data, dict):
         raise _unprocessable(f"request body must be a JSON object, got a JSON {type(data).__name__}")
-    for key, off in _UNSUPPORTED.items():
+    return parse_fields(data, pipe, _UNSUPPORTED)
+
+
+def parse_fields(data: dict[str, Any], pipe: AptpPipeline, unsupported: Mapping[str, Any],
+                 **image_options: Any) -> tuple[Txt2ImgRequest, GenerationOptions]:
+    """txt2img's fields of a request object; `image_options` (strength, inpaint, height, width
+    of an img2img request) go to the options check. Raises `HttpError` 422."""
+    for key, off in unsupported.items():
         value = data.get(key, off)
         if value not in (off, None) and value != off:
             raise _unprocessable(f"'{key}' is not supported by aptp-serve (leave it out or set it to {json.dumps(off)})")
@@ -163,15 +172,15 @@ def parse_txt2img(body: bytes, pipe: AptpPipeline) -> tuple[Txt2ImgRequest, Gene
     if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, numbers.Real)):
         raise _unprocessable(f"'cfg_scale' must be a number, got {shown(cfg)}")
     steps = _integer(data, "steps", None, 1, 10_000)
-    width = _integer(data, "width", None, 1, 1 << 20)
-    height = _integer(data, "height", None, 1, 1 << 20)
+    width = _integer(data, "width", image_options.pop("width", None), 1, 1 << 20)
+    height = _integer(data, "height", image_options.pop("height", None), 1, 1 << 20)
     send = data.get("send_images", True)
     if not isinstance(send, bool):
         raise _unprocessable(f"'send_images' must be true or false, got {shown(send)}")
     a1111_sampler, sampler = _sampler(data, pipe)
     try:
         opts = pipe.options(guidance_scale=cfg, num_inference_steps=steps, height=height, width=width,
-                            scheduler=sampler)
+                            scheduler=sampler, **image_options)
     except RuntimeInputError as err:
         raise _unprocessable(str(err)) from None
     request = Txt2ImgRequest(prompt=prompt, negative_prompt=negative, seed=drawn, seed_requested=seed,

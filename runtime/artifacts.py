@@ -122,6 +122,8 @@ class ExportArtifacts:
     scheduler: SchedulerTable
     guidance_scale: float
     max_batch: int
+    #: The VAE encoder's posterior graph (img2img, inpainting); ``None`` for an export made before it.
+    vae_encoder: ModelFile | None = None
 
     def unet(self, key: int | str) -> ModelFile:
         """The UNet of expert `key` (an int code) or of the dense model (``"dense"``)."""
@@ -145,6 +147,7 @@ class ExportArtifacts:
     def external_weights(self, graph: str | os.PathLike) -> list[tuple[Path, str | None]]:
         """``[(path, sha256)]`` of the external weight file of the ONNX `graph`, if it has one."""
         models = [self.text_encoder, self.router_encoder, self.router_head, self.vae_decoder,
+                  *([self.vae_encoder] if self.vae_encoder is not None else []),
                   *self.experts.values(), *([self.dense] if self.dense is not None else [])]
         models += [m.int8 for m in models if m.int8 is not None]
         return [(m.external_data, self.sha256(m.external_data)) for m in models
@@ -356,6 +359,8 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True, trusted_key: An
         scheduler=table,
         guidance_scale=r.number(manifest, "guidance_scale", limit="guidance_scale"),
         max_batch=r.integer(manifest, "max_batch", limit="max_batch"),
+        vae_encoder=(r.model(r.section(manifest, "vae_encoder"), "vae_encoder")
+                     if manifest.get("vae_encoder") is not None else None),
     )
     if artifacts.min_size is not None and artifacts.max_size is not None and artifacts.min_size > artifacts.max_size:
         raise r.fail("image.min_size", f"is {artifacts.min_size}, above image.max_size={artifacts.max_size}")

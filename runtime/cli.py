@@ -9,11 +9,15 @@
                   --negative-prompt "blurry" --output out.png
     aptp-generate --show-params out.png
 
+    aptp-generate --artifacts exports/tiny --prompt "a red car" --init-image in.png --strength 0.6 --output o.png
+    aptp-generate --artifacts exports/tiny --prompt "a red car" --init-image in.png --mask mask.png --output o.png
+
 With several prompts the images are numbered: ``out_0.png``, ``out_1.png``... and ``--grid``
 also writes them as one contact sheet, ``out_grid.png``. A prompts file is UTF-8 text with one
 prompt per line (blank lines are skipped). Prompt ``i`` uses seed ``--seed + i``. Every PNG
 carries its generation parameters in text chunks (`aptp.runtime.images`); ``--show-params``
-prints them. Bad input (any `AptpError`) prints one line, ``aptp-generate: error: <message>``,
+prints them. ``--init-image`` runs img2img (``--mask``: inpainting, white repaints; see
+``docs/img2img.md``); the images are read before the export loads. Bad input (any `AptpError`) prints one line, ``aptp-generate: error: <message>``,
 and exits 2. Torch-free: this module imports only the runtime.
 """
 
@@ -165,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", help="image height in pixels (default: the export's)")
     parser.add_argument("--width", help="image width in pixels (default: the export's)")
     parser.add_argument("--expert", help="run every prompt on this code, or 'dense', instead of routing")
+    parser.add_argument("--init-image", metavar="IMAGE", help="img2img: start from this image (PNG, JPEG...); its "
+                        "size is the default --height/--width, else it is resized")
+    parser.add_argument("--strength", help="img2img: how much of the init image is repainted, in (0, 1] "
+                        "(default 0.8; 1.0 with --mask)")
+    parser.add_argument("--mask", metavar="IMAGE", help="inpainting: white repaints, black keeps; the init image's size")
+    parser.add_argument("--mask-blur", help="inpainting: Gaussian blur radius of the mask in pixels (default 0)")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", default=None,
@@ -206,6 +216,41 @@ class StepBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _number(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise RuntimeInputError(f"{flag} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise RuntimeInputError(f"{flag} must be a finite number, got {text!r}")
+    return value
+
+
+def _image_options(args: argparse.Namespace) -> dict[str, object]:
+    """The img2img keyword arguments of the flags, images read and checked now."""
+    from .init_images import read_image, read_mask
+
+    if args.init_image is None:
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask), ("--mask-blur", args.mask_blur)):
+            if value is not None:
+                raise RuntimeInputError(f"{flag} needs --init-image (the picture to start from)")
+        return {}
+    from .img2img import check_mask_blur, check_strength
+
+    strength = _number(args.strength, "--strength")
+    options: dict[str, object] = {"strength": None if strength is None else check_strength(strength)}
+    if args.mask is not None:
+        blur = _number(args.mask_blur, "--mask-blur")
+        options["mask_blur"] = None if blur is None else check_mask_blur(blur)
+        options["mask_image"] = read_mask(args.mask, "--mask")
+    elif args.mask_blur is not None:
+        raise RuntimeInputError("--mask-blur needs --mask")
+    options["init_image"] = read_image(args.init_image, "--init-image")
+    return options
 
 
 def _ms(seconds: float) -> str:
@@ -257,6 +302,7 @@ def run(args: argparse.Namespace) -> list[Path] | int:
     paths = numbered_paths(args.output, len(prompts))
     grid = Path(args.output).with_name(f"{Path(args.output).stem}_grid.png") if args.grid else None
     check_output_paths([*paths, *([grid] if grid else [])])
+    edit = _image_options(args)  # read before the export loads: a bad image fails at once
     seed = _seed(args.seed, len(prompts))
     threads = None if args.threads is None else _threads(args.threads)
     parse_memory_budget(args.memory_budget, "--memory-budget")  # a bad budget fails before the export loads
@@ -271,6 +317,7 @@ def run(args: argparse.Namespace) -> list[Path] | int:
         expert=None if args.expert is None else _expert(args.expert),
         scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
+        **edit,
     )
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     bar = StepBar() if show else None

@@ -51,7 +51,8 @@ def _timesteps(table: SchedulerTable, i: int, rows: int) -> np.ndarray:
 
 
 def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: SchedulerTable,
-            guidance_scale: float, callback: StepCallback | None = None) -> np.ndarray:
+            guidance_scale: float, callback: StepCallback | None = None,
+            blend: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
     """Run the whole sampling loop on the host; returns the final latents (float32, new array).
 
     Args:
@@ -61,6 +62,8 @@ def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: S
         table: the sampler.
         guidance_scale: classifier-free guidance scale.
         callback: ``callback(step, total)`` after each step (None: nothing is called).
+        blend: ``blend(i, x)`` after model call ``i``'s step, updating ``x`` in place
+            (inpainting puts the known region back: `aptp.runtime.img2img`).
     """
     x = np.array(latents, dtype=np.float32, order="C", copy=True)
     batch = x.shape[0]
@@ -90,6 +93,8 @@ def denoise(unet: Engine, latents: np.ndarray, text_states: np.ndarray, table: S
         if table.history_depth:
             _add_older(x, older, table.older_coefficients(i))
             older = [prev_m_before, *older][: table.history_depth]
+        if blend is not None:
+            blend(i, x)
         if callback is not None:
             callback(i + 1, table.num_calls)  # UNet calls: PLMS makes one more than its steps
     return x

@@ -3,6 +3,7 @@
     POST /                     aptp's own contract (`aptp.runtime.serve_http`): PNG or JSON
     GET  /                     the page (`aptp/runtime/web/page.html`, with page.js and page.css)
     POST /sdapi/v1/txt2img     the AUTOMATIC1111 API subset (`aptp.runtime.a1111`)
+    POST /sdapi/v1/img2img     its img2img and inpainting (`aptp.runtime.a1111_img2img`; local mode)
     GET  /sdapi/v1/samplers, /sdapi/v1/sd-models, /sdapi/v1/options, /sdapi/v1/progress, /sdapi/v1/scripts
     POST /sdapi/v1/options, /sdapi/v1/interrupt
 
@@ -71,6 +72,8 @@ class Service:
         status_of: HTTP status and message of an exception `generate` raised.
         step_progress: whether `generate` passes the step callback to the sampling loop
             (local mode); otherwise progress counts finished images.
+        img2img: whether `generate` takes an ``image=`` (`img2img.ImageRequest`) keyword
+            (local mode); otherwise img2img requests are refused in one line.
     """
 
     pipe: AptpPipeline
@@ -78,6 +81,7 @@ class Service:
     status_of: Callable[[BaseException], tuple[int, str]] = default_status
     step_progress: bool = True
     board: ProgressBoard = field(default_factory=ProgressBoard)
+    img2img: bool = False
 
 
 def _json(body: Any, status: int = 200) -> Any:
@@ -123,15 +127,18 @@ async def _native(request: Any, service: Service) -> Any:
     try:
         fmt = response_format(request.query_params, request.headers.get("accept"))
         parsed = parse_request(await request.body())
+        image, height, width, strength, inpaint = native_image(parsed, service)
         opts = service.pipe.options(guidance_scale=parsed.guidance_scale, num_inference_steps=parsed.steps,
-                                    expert=parsed.expert, height=parsed.height, width=parsed.width)
+                                    expert=parsed.expert, height=height, width=width, strength=strength,
+                                    inpaint=inpaint)
         (seed,) = service.pipe.check_seeds(None if parsed.seed is None else [parsed.seed], 1)
     except HttpError as err:
         return _json({"error": str(err)}, err.status)
     except AptpError as err:
         return _json({"error": str(err)}, 400)
     try:
-        result = await service.generate(parsed.prompt, seed, opts, None, None)
+        extra = {} if image is None else {"image": image}
+        result = await service.generate(parsed.prompt, seed, opts, None, None, **extra)
     except Exception as err:  # noqa: BLE001 - one request fails; the server keeps serving
         status, message = service.status_of(err)
         logger.warning("request failed (%d): %s", status, message)
@@ -150,8 +157,8 @@ _GET = {"samplers": a1111.samplers, "sd-models": a1111.sd_models, "options": a11
 async def _a1111(request: Any, route: str, method: str, service: Service) -> Any:
     pipe = service.pipe
     try:
-        if route == "txt2img" and method == "POST":
-            return await _txt2img(await request.body(), service)
+        if route in ("txt2img", "img2img") and method == "POST":
+            return await _txt2img(await request.body(), service, route)
         if route in _GET and method == "GET":
             return _json(_GET[route](pipe))
         if route == "scripts" and method == "GET":
@@ -164,7 +171,7 @@ async def _a1111(request: Any, route: str, method: str, service: Service) -> Any
         if route == "interrupt" and method == "POST":
             service.board.interrupt()
             return _json(None)
-        known = {"txt2img", "scripts", "progress", "interrupt", *_GET}
+        known = {"txt2img", "img2img", "scripts", "progress", "interrupt", *_GET}
         if route in known:
             return _a1111_error(405, f"{method} is not allowed on /sdapi/v1/{route}")
         return _a1111_error(404, f"/sdapi/v1/{route} is not part of the A1111 API subset aptp-serve supports: "
@@ -173,9 +180,33 @@ async def _a1111(request: Any, route: str, method: str, service: Service) -> Any
         return _a1111_error(err.status, str(err))
 
 
-async def _txt2img(body: bytes, service: Service) -> Any:
+def native_image(parsed: Any, service: Service) -> tuple[Any, Any, Any, float | None, bool]:
+    """``(image, height, width, strength, inpaint)`` of a native request (image None: text-to-image)."""
+    from .img2img import image_arguments
+    from .serve_http import decode_base64_image
+
+    if parsed.init_image is None and parsed.mask is None and parsed.strength is None and parsed.mask_blur is None:
+        return None, parsed.height, parsed.width, None, False
+    if not service.img2img:
+        raise HttpError(400, "img2img and inpainting are served by aptp-serve's local mode only (not --ray)")
+    init = None if parsed.init_image is None else decode_base64_image(parsed.init_image, "init_image")
+    mask = None if parsed.mask is None else decode_base64_image(parsed.mask, "mask")
+    images, height, width, strength, inpaint = image_arguments(service.pipe.artifacts, init, mask, parsed.mask_blur,
+                                                               parsed.strength, 1, parsed.height, parsed.width)
+    return images[0], height, width, strength, inpaint
+
+
+async def _txt2img(body: bytes, service: Service, route: str = "txt2img") -> Any:
     clock = time.perf_counter()
-    req, opts = a1111.parse_txt2img(body, service.pipe)
+    extra: dict[str, Any] = {}
+    if route == "img2img":
+        from .a1111_img2img import parse_img2img
+
+        if not service.img2img:
+            raise HttpError(501, "img2img is served by aptp-serve's local mode only (not --ray)")
+        req, opts, extra["image"] = parse_img2img(body, service.pipe)
+    else:
+        req, opts = a1111.parse_txt2img(body, service.pipe)
     job = service.board.start(req.images, req.steps)
 
     async def one(index: int, seed: int) -> dict[str, Any]:
@@ -183,7 +214,7 @@ async def _txt2img(body: bytes, service: Service) -> Any:
             raise GenerationInterrupted("interrupted before it started")
         callback = job.callback(index) if service.step_progress else None
         try:
-            return await service.generate(req.prompt, seed, opts, req.negative_prompt or None, callback)
+            return await service.generate(req.prompt, seed, opts, req.negative_prompt or None, callback, **extra)
         finally:
             job.image_done(index)
 
@@ -194,7 +225,7 @@ async def _txt2img(body: bytes, service: Service) -> Any:
     failures = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, GenerationInterrupted)]
     if failures:
         status, message = service.status_of(failures[0])
-        logger.warning("txt2img failed (%d): %s", status, message)
+        logger.warning("%s failed (%d): %s", route, status, message)
         return _a1111_error(422 if status == 400 else status, message)
     results = [o for o in outcomes if not isinstance(o, BaseException)]
     interrupted = len(outcomes) - len(results)

@@ -8,7 +8,9 @@ Every PNG that ``aptp-generate`` or ``GenerationResult.save`` writes carries its
 parameters as PNG text chunks (one ``iTXt`` chunk per key, UTF-8): ``prompt``,
 ``negative_prompt``, ``seed``, ``steps``, ``sampler``, ``guidance_scale``, ``width``, ``height``,
 ``expert``, ``manifest_sha256`` (the sha256 of the export's ``manifest.json``) and
-``generator`` (``aptp <version>``). Read them back with `read_png_parameters`, with
+``generator`` (``aptp <version>``); an img2img or inpainting result adds ``strength``,
+``init_image_sha256`` and, when masked, ``mask_sha256`` and ``mask_blur`` (see
+``docs/img2img.md``). Read them back with `read_png_parameters`, with
 ``aptp-generate --show-params out.png``, or with Pillow alone::
 
     from PIL import Image
@@ -32,6 +34,7 @@ from aptp.errors import RuntimeInputError
 from aptp.readers import read_user_file
 
 __all__ = [
+    "IMAGE_PARAMETER_KEYS",
     "PARAMETER_KEYS",
     "contact_sheet",
     "generation_parameters",
@@ -43,7 +46,10 @@ __all__ = [
 
 #: The text chunks a generated PNG carries, in the order they are written.
 PARAMETER_KEYS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "guidance_scale", "width", "height",
-                  "expert", "manifest_sha256", "generator")
+                  "expert", "manifest_sha256", "strength", "init_image_sha256", "mask_sha256", "mask_blur",
+                  "generator")
+#: Keys written only for img2img / inpainting results.
+IMAGE_PARAMETER_KEYS = ("strength", "init_image_sha256", "mask_sha256", "mask_blur")
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -59,7 +65,7 @@ def generation_parameters(result: Any) -> dict[str, str]:
     """The text chunks of one `GenerationResult` (every value a string; absent ones empty)."""
     from aptp import __version__
 
-    return {
+    params = {
         "prompt": result.prompt,
         "negative_prompt": result.negative_prompt or "",
         "seed": str(result.seed),
@@ -70,8 +76,16 @@ def generation_parameters(result: Any) -> dict[str, str]:
         "height": str(result.height),
         "expert": str(result.expert),
         "manifest_sha256": result.manifest_sha256,
-        "generator": f"aptp {__version__}",
     }
+    init = getattr(result, "init_image", None)
+    if init is not None:  # img2img / inpainting (`aptp.runtime.img2img.ImageRequest`)
+        params["strength"] = repr(float(result.strength))
+        params["init_image_sha256"] = init.image.sha256
+        if init.mask is not None:
+            params["mask_sha256"] = init.mask.sha256
+            params["mask_blur"] = repr(float(init.mask_blur))
+    params["generator"] = f"aptp {__version__}"
+    return params
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike, parameters: Mapping[str, str] | None = None) -> Path:

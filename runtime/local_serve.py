@@ -69,15 +69,18 @@ def local_service(artifacts: str, options: LocalOptions = LocalOptions()) -> tup
                               max_queue=options.max_queue, max_wait_s=options.max_wait_s)
 
     async def generate(prompt: str, seed: int, opts: GenerationOptions, negative: str | None,
-                       callback: ProgressCallback | None) -> dict[str, Any]:
+                       callback: ProgressCallback | None, image: Any = None) -> dict[str, Any]:
+        edit = {} if image is None else {"init_image": image.image, "mask_image": image.mask,
+                                         "mask_blur": image.mask_blur if image.mask is not None else None,
+                                         "strength": opts.strength}
         future = server.submit(prompt, seed=seed, guidance_scale=opts.guidance_scale,
                                num_inference_steps=opts.num_inference_steps, expert=opts.expert,
                                height=opts.height, width=opts.width, scheduler=opts.scheduler,
-                               negative_prompt=negative, callback=callback)
+                               negative_prompt=negative, callback=callback, **edit)
         result = await asyncio.wrap_future(future)
         return result_dict(result, await asyncio.to_thread(encode_png, result.image))
 
-    return Service(pipe=pipe, generate=generate), server
+    return Service(pipe=pipe, generate=generate, img2img=True), server
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -44,7 +44,7 @@ import numpy as np
 
 from aptp.errors import ArtifactError, RuntimeInputError, shown
 
-from . import kernels
+from . import img2img, kernels
 from .artifacts import DENSE, ExportArtifacts, ModelFile, load_artifacts
 from .denoise import StepCallback, denoise, denoise_on_device, uses_guidance
 from .engine import (
@@ -111,6 +111,9 @@ class GenerationOptions:
     #: Sampler name (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, ``"pndm"``); requests with different samplers
     #: or step counts never share a batch.
     scheduler: str = ""
+    #: img2img strength in (0, 1] (None: text-to-image); `inpaint`: masked requests (`aptp.runtime.img2img`).
+    strength: float | None = None
+    inpaint: bool = False
 
 
 @dataclass
@@ -144,6 +147,9 @@ class GenerationResult:
     provider: str | None = None
     #: Prompts that shared this prompt's UNet calls (its expert group's chunk).
     batch_size: int = 1
+    #: img2img / inpainting: the strength and the init image, mask and blur (`img2img.ImageRequest`).
+    strength: float | None = None
+    init_image: Any = None
 
     def parameters(self) -> dict[str, str]:
         """What made this image, as the PNG text chunks `save` writes (`aptp.runtime.images`)."""
@@ -494,7 +500,7 @@ class AptpPipeline:
 
     def options(self, *, guidance_scale: Any = None, num_inference_steps: Any = None, expert: Any = None,
                 output_type: str = "np", height: Any = None, width: Any = None, scheduler: Any = None,
-                steps: Any = None) -> GenerationOptions:
+                steps: Any = None, strength: Any = None, inpaint: bool = False) -> GenerationOptions:
         """Check request options and fill in the export's defaults.
 
         ``scheduler`` names the sampler (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, ``"pndm"``
@@ -520,8 +526,11 @@ class AptpPipeline:
             expert = int(expert) if expert != DENSE else DENSE
         if output_type not in OUTPUT_TYPES:
             raise RuntimeInputError(f"output_type must be one of {OUTPUT_TYPES}, got {shown(output_type)}")
+        if strength is not None:  # the cut must keep a step at these steps
+            img2img.t_start(steps, img2img.check_strength(strength))
         return GenerationOptions(scale, steps, _check_size(height, "height", a.image_height, a),
-                                 _check_size(width, "width", a.image_width, a), expert, output_type, sampler)
+                                 _check_size(width, "width", a.image_width, a), expert, output_type, sampler,
+                                 None if strength is None else float(strength), bool(inpaint))
 
     def check_seeds(self, seeds: Any, count: int) -> list[int]:
         """`seeds` as `count` integers: an int ``s`` gives ``s, s+1, ...``; ``None`` draws fresh ones."""
@@ -552,7 +561,8 @@ class AptpPipeline:
                  expert: int | str | None = None, output_type: str = "np", height: int | None = None,
                  width: int | None = None, scheduler: str | None = None, steps: int | None = None,
                  negative_prompt: str | Sequence[str | None] | None = None,
-                 callback: ProgressCallback | None = None) -> list[GenerationResult]:
+                 callback: ProgressCallback | None = None, init_image: Any = None, strength: float | None = None,
+                 mask_image: Any = None, mask_blur: float | None = None) -> list[GenerationResult]:
         """Generate one image per prompt; results in the order of `prompts`.
 
         Args:
@@ -574,18 +584,26 @@ class AptpPipeline:
             callback: ``callback(step, total, expert)`` after each sampling step of each UNet
                 run (an expert group, in chunks of ``max_batch``); ``step`` restarts at 1 for
                 each run. An exception it raises ends the call.
+            init_image: img2img: an (H, W, 3) uint8 array, PIL image, image bytes or path, or one
+                per prompt; its size is the default height/width (else it is resized).
+            strength: how much of the init image is repainted, in (0, 1] (default 0.8; 1.0
+                with a mask). mask_image: inpainting: white repaints, black keeps (one or one
+                per prompt); mask_blur: its Gaussian blur radius in pixels. See ``docs/img2img.md``.
 
         Raises:
             RuntimeInputError: bad prompts or options (nothing is run).
             ArtifactError: a model file that onnxruntime cannot load or run.
         """
         prompts = check_prompts(prompts)
+        images, height, width, strength, inpaint = img2img.image_arguments(
+            self.artifacts, init_image, mask_image, mask_blur, strength, len(prompts), height, width)
         opts = self.options(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                             expert=expert, output_type=output_type, height=height, width=width,
-                            scheduler=scheduler, steps=steps)
+                            scheduler=scheduler, steps=steps, strength=strength, inpaint=inpaint)
         negatives = self.check_negative_prompts(negative_prompt, len(prompts))
         seed_list = self.check_seeds(seeds, len(prompts))
-        return self.generate(prompts, seed_list, opts, negative_prompts=negatives, callback=callback)
+        return self.generate(prompts, seed_list, opts, negative_prompts=negatives, callback=callback,
+                             init_images=images)
 
     def check_negative_prompts(self, negative_prompt: Any, count: int) -> list[str | None] | None:
         """`negative_prompt` as one entry per prompt (``None`` for none), or ``None`` if no prompt has one."""
@@ -594,14 +612,23 @@ class AptpPipeline:
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], options: GenerationOptions,
                  codes: np.ndarray | None = None,
                  negative_prompts: Sequence[str | None] | None = None,
-                 callback: ProgressCallback | None = None) -> list[GenerationResult]:
+                 callback: ProgressCallback | None = None,
+                 init_images: Sequence[img2img.ImageRequest] | None = None) -> list[GenerationResult]:
         """`__call__` on already checked prompts, seeds and options (the server's entry).
 
         `codes` (one per prompt) skips the router when the caller routed already;
         `negative_prompts` (one per prompt, ``None`` for the empty prompt) as checked by
-        `check_negative_prompts`; `callback` as in `__call__`.
+        `check_negative_prompts`; `callback` as in `__call__`; `init_images` (one per prompt, as
+        `img2img.image_arguments` checks them) exactly when ``options.strength`` is set.
         """
-        table = self.table(options)
+        schedule = None
+        if (init_images is None) != (options.strength is None) \
+                or (init_images is not None and len(init_images) != len(prompts)):
+            raise RuntimeInputError("img2img options need one init image per prompt, and init images need a strength")
+        if options.strength is not None:
+            schedule = img2img.strength_schedule(self.samplers, options.scheduler or self.scheduler.name,
+                                                 options.num_inference_steps, options.strength)
+        table = self.table(options) if schedule is None else schedule.table
         batch = len(prompts)
         timings = dict.fromkeys(STAGES, 0.0)
         clock = time.perf_counter()
@@ -632,8 +659,16 @@ class AptpPipeline:
             uncond = self._uncond_states()
         timings["text_encode"] = time.perf_counter() - clock
 
-        noise = np.stack([initial_noise(seed, self.latent_shape(options)) for seed in seeds])
-        latents = np.ascontiguousarray(table.initial_latents(noise), dtype=np.float32)
+        image_start = None
+        if schedule is not None and init_images is not None:
+            clock = time.perf_counter()
+            image_start = img2img.ImageStart.encode(self._vae_encoder(), init_images, seeds, schedule, self.latent_shape(options),
+                                              self.artifacts.vae_scale_factor, options.inpaint)
+            latents = image_start.latents
+            timings["encode_image"] = time.perf_counter() - clock
+        else:
+            noise = np.stack([initial_noise(seed, self.latent_shape(options)) for seed in seeds])
+            latents = np.ascontiguousarray(table.initial_latents(noise), dtype=np.float32)
         final = np.empty_like(latents)
         pixels: np.ndarray | None = None
         group_timings: dict[int, dict[str, float]] = {}
@@ -658,7 +693,8 @@ class AptpPipeline:
                 elif guided:
                     text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
                 step = None if callback is None else _step_callback(callback, key)
-                x = self._denoise(key, x, text, options.guidance_scale, table, step)
+                blend = None if image_start is None else image_start.blender(rows)
+                x = self._denoise(key, x, text, options.guidance_scale, table, step, blend)
                 chunk_size.update(dict.fromkeys(rows.tolist(), int(rows.size)))
                 kernels.scatter_rows(x, rows, final)
                 spent["denoise"] += time.perf_counter() - clock
@@ -686,19 +722,27 @@ class AptpPipeline:
                 latents=final[i], image=None if images is None else images[i], truncated=tokens.truncated[i],
                 timings={**timings, **group_timings[i]}, provider=group_provider[i],
                 negative_prompt=None if negative_prompts is None else negative_prompts[i],
-                scheduler=table.name, num_inference_steps=table.num_steps, guidance_scale=options.guidance_scale,
-                height=options.height, width=options.width, manifest_sha256=self.manifest_sha256,
-                batch_size=chunk_size[i],
+                scheduler=table.name, num_inference_steps=options.num_inference_steps,
+                guidance_scale=options.guidance_scale, height=options.height, width=options.width,
+                manifest_sha256=self.manifest_sha256, batch_size=chunk_size[i], strength=options.strength,
+                init_image=None if init_images is None else init_images[i],
             ))
         return results
 
+    def _vae_encoder(self) -> Engine:
+        with self._lock:  # created on first img2img use (`img2img.image_arguments` checked it exists)
+            if "vae_encoder" not in self._engines:
+                self._engines["vae_encoder"] = self._make_engine(self.artifacts.vae_encoder.onnx)
+            return self._engines["vae_encoder"]
+
     def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float,
-                 table: SchedulerTable, callback: StepCallback | None = None) -> np.ndarray:
+                 table: SchedulerTable, callback: StepCallback | None = None,
+                 blend: img2img.Blend | None = None) -> np.ndarray:
         with self.residency.use(key) as unet:  # pinned: never evicted while this group runs on it
-            if self.on_device_loop:
+            if self.on_device_loop and blend is None:  # inpainting blends on the host
                 with self._device_lock:
                     return denoise_on_device(unet, x, text, table, guidance_scale, callback=callback)
             try:
-                return denoise(unet, x, text, table, guidance_scale, callback)
+                return denoise(unet, x, text, table, guidance_scale, callback, blend)
             except ValueError as err:  # a graph whose shapes do not match its manifest entry
                 raise ArtifactError(f"expert {key}: {err}") from err

@@ -31,7 +31,8 @@ from aptp.errors import ArtifactError
 
 from .scheduler import MAX_OLDER_MODELS, TABLE_FORMAT, SchedulerTable
 
-__all__ = ["MAX_STEPS", "MIN_STEPS", "SAMPLER_CLASSES", "build_table", "check_config", "prediction_terms"]
+__all__ = ["MAX_STEPS", "MIN_STEPS", "SAMPLER_CLASSES", "add_noise_levels", "build_table", "check_config",
+           "prediction_terms"]
 
 #: The documented step range of per-request tables.
 MIN_STEPS = 1
@@ -168,7 +169,7 @@ def prediction_terms(prediction: str, alpha: float, sigma: float) -> tuple[float
     return 0.0, 1.0
 
 
-def _ddim(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
+def _ddim(config: Mapping[str, Any], n: int, ac: np.ndarray, start: int = 0) -> dict[str, Any]:
     timesteps = _ddim_timesteps(config, n)
     train = config["num_train_timesteps"]
     final = 1.0 if config.get("set_alpha_to_one", True) else float(ac[0])
@@ -191,7 +192,7 @@ def _ddim(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
             "coef_prev_sample": [0.0] * n, "coef_prev_model": [0.0] * n}
 
 
-def _euler(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
+def _euler(config: Mapping[str, Any], n: int, ac: np.ndarray, start: int = 0) -> dict[str, Any]:
     timesteps = _euler_timesteps(config, n)
     train_sigmas = _train_sigmas(ac)
     sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
@@ -216,7 +217,7 @@ def _euler(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
             "coef_prev_sample": [0.0] * n, "coef_prev_model": [0.0] * n}
 
 
-def _dpmpp_2m(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
+def _dpmpp_2m(config: Mapping[str, Any], n: int, ac: np.ndarray, start: int = 0) -> dict[str, Any]:
     timesteps = _dpm_timesteps(config, n, ac)
     train_sigmas = _train_sigmas(ac)
     sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
@@ -237,7 +238,8 @@ def _dpmpp_2m(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, An
         decay = math.exp(-h) if math.isfinite(h) else 0.0
         c0 = -alpha_t * (decay - 1.0)
         a0, b0 = x0[i]
-        first_order = i == 0 or (i == n - 1 and lower_final)
+        # diffusers counts lower-order steps from the first step it runs (img2img: `start`).
+        first_order = i == start or (i == n - 1 and lower_final)
         if first_order:
             out[i] = (sigma_t / sigma_s + c0 * a0, c0 * b0, 0.0, 0.0)
             continue
@@ -291,8 +293,9 @@ def _plms_calls(n_calls: int) -> list[tuple[dict[int, float], int]]:
     return out
 
 
-def _pndm(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
-    timesteps = _pndm_timesteps(config, n)
+def _pndm(config: Mapping[str, Any], n: int, ac: np.ndarray, start: int = 0) -> dict[str, Any]:
+    # img2img: diffusers slices the timesteps and its PLMS counter restarts at the first kept call.
+    timesteps = _pndm_timesteps(config, n)[start:]
     train = config["num_train_timesteps"]
     ratio = train // n  # diffusers steps by train // n whatever the spacing
     final = 1.0 if config.get("set_alpha_to_one", False) else float(ac[0])
@@ -320,7 +323,7 @@ def _pndm(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
     fields = {"timesteps": timesteps.tolist(), "init_noise_sigma": 1.0, "input_scale": [1.0] * calls,
               "coef_sample": coefs[:, 0].tolist(), "coef_model": coefs[:, 1].tolist(),
               "coef_prev_sample": coefs[:, 2].tolist(), "coef_prev_model": coefs[:, 3].tolist()}
-    if calls != n:
+    if calls != n - start:
         fields["model_calls"] = calls
     if depth:
         fields["coef_older_models"] = coefs[:, 4:].tolist()
@@ -330,8 +333,45 @@ def _pndm(config: Mapping[str, Any], n: int, ac: np.ndarray) -> dict[str, Any]:
 _BUILDERS = {"ddim": _ddim, "euler": _euler, "dpmpp_2m": _dpmpp_2m, "pndm": _pndm}
 
 
+def _cut(name: str, fields: dict[str, Any], start: int) -> dict[str, Any]:
+    """The rows from `start` on of a table whose rows depend on their own timestep only (the
+    history coefficients of the first kept row are already first order)."""
+    if start == 0 or name == "pndm":  # PNDM slices its own timesteps
+        return fields
+    return {k: (v[start:] if isinstance(v, list) else v) for k, v in fields.items()}
+
+
+def _sigmas(name: str, config: Mapping[str, Any], ac: np.ndarray, n: int) -> np.ndarray:
+    """The Karras-style sigmas of Euler's or DPM++'s `n` steps, float32 values as diffusers holds them."""
+    timesteps = _euler_timesteps(config, n) if name == "euler" else _dpm_timesteps(config, n, ac)
+    train_sigmas = _train_sigmas(ac)
+    return np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas).astype(np.float32).astype(np.float64)
+
+
+def add_noise_levels(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[float] | np.ndarray,
+                     num_inference_steps: int, start: int = 0) -> np.ndarray:
+    """``(calls, 2)``: per model call from `start` on, the ``(signal, noise)`` weights of diffusers'
+    ``scheduler.add_noise`` at that call's timestep: ``x = signal * x0 + noise * eps``.
+
+    DDIM and PNDM: ``sqrt(alphas_cumprod[t])``, ``sqrt(1 - alphas_cumprod[t])``; Euler:
+    ``1, sigma``; DPM++: ``alpha_t, sigma_t`` of its sigma (what img2img noises the start
+    with, and what inpainting re-noises the known region with after each call).
+    """
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    n = int(num_inference_steps)
+    if name in ("euler", "dpmpp_2m"):
+        sigmas = _sigmas(name, config, ac, n)[start:]
+        if name == "euler":
+            return np.stack([np.ones_like(sigmas), sigmas], axis=1)
+        alphas = 1.0 / np.sqrt(sigmas**2 + 1)
+        return np.stack([alphas, sigmas * alphas], axis=1)
+    timesteps = (_ddim_timesteps(config, n) if name == "ddim" else _pndm_timesteps(config, n))[start:]
+    a = ac[timesteps]
+    return np.stack([np.sqrt(a), np.sqrt(1.0 - a)], axis=1)
+
+
 def build_table(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[float] | np.ndarray,
-                num_inference_steps: int) -> SchedulerTable:
+                num_inference_steps: int, start: int = 0) -> SchedulerTable:
     """The `SchedulerTable` of sampler `name` for `num_inference_steps` steps.
 
     Args:
@@ -341,6 +381,9 @@ def build_table(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[f
         alphas_cumprod: the noise schedule, one value per training timestep.
         num_inference_steps: any integer in ``[1, num_train_timesteps]`` (the runtime's request
             range is narrower: `MIN_STEPS`..`MAX_STEPS` unless the export says otherwise).
+        start: img2img's cut (diffusers' ``t_start``): the table runs the steps from `start` on,
+            as diffusers' img2img does after ``get_timesteps``; its ``num_inference_steps`` is
+            the number kept, ``num_inference_steps - start``.
 
     Raises:
         ArtifactError: an unsupported config or a malformed schedule.
@@ -362,13 +405,15 @@ def build_table(name: str, config: Mapping[str, Any], alphas_cumprod: Sequence[f
             or not 1 <= num_inference_steps <= train:
         raise ValueError(f"num_inference_steps must be an integer in [1, {train}], got {num_inference_steps!r}")
     n = int(num_inference_steps)
-    fields = _BUILDERS[name](config, n, ac)
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < n:
+        raise ValueError(f"start must be an integer in [0, {n}), got {start!r}")
+    fields = _cut(name, _BUILDERS[name](config, n, ac, int(start)), int(start))
     return SchedulerTable.from_dict({
         "format": TABLE_FORMAT,
         "scheduler": SAMPLER_CLASSES[name],
         "name": name,
         "prediction_type": config["prediction_type"],
-        "num_inference_steps": n,
+        "num_inference_steps": n - int(start),
         **fields,
         "config": dict(config),
     }, source=f"{name} table for {n} steps")

@@ -6,7 +6,9 @@
         -> 200 {"prompt", "seed", "expert", "batch_size", "truncated", "timings", "image_png_base64"}
     bad request -> 4xx {"error": "<one line naming what is wrong>"}
 
-Optional fields: ``expert`` (a code or ``"dense"``: skip the router), ``height``, ``width``.
+Optional fields: ``expert`` (a code or ``"dense"``: skip the router), ``height``, ``width``;
+img2img: ``init_image`` (base64 PNG/JPEG, a ``data:`` URL too), ``strength``, and for inpainting
+``mask`` (base64, white repaints) and ``mask_blur`` (see ``docs/img2img.md``).
 ``seed`` may be omitted (the server draws one and reports it). Numbers are checked by the
 pipeline's own option checks, so HTTP clients get the same messages as Python callers.
 """
@@ -25,13 +27,16 @@ from aptp.errors import RuntimeInputError
 
 from .tokenize import check_text
 
-__all__ = ["FIELDS", "MAX_BODY_BYTES", "HttpError", "ServeRequest", "encode_png", "load_json", "parse_request",
-           "response_format", "result_json"]
+__all__ = ["FIELDS", "MAX_BODY_BYTES", "MAX_IMAGE_BODY_BYTES", "HttpError", "ServeRequest", "decode_base64_image",
+           "encode_png", "load_json", "parse_request", "response_format", "result_json"]
 
 #: Fields a request may carry; anything else is refused (a typo must not be silently ignored).
-FIELDS = ("prompt", "seed", "guidance_scale", "steps", "expert", "height", "width")
+FIELDS = ("prompt", "seed", "guidance_scale", "steps", "expert", "height", "width", "init_image", "strength", "mask",
+          "mask_blur")
 #: Largest request body accepted (a prompt is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
+#: Largest body of a request that may carry images (native POST /, A1111 img2img): base64 PNGs.
+MAX_IMAGE_BODY_BYTES = 48 * 2**20
 FORMATS = ("png", "json")
 
 
@@ -54,17 +59,38 @@ class ServeRequest:
     expert: Any = None
     height: Any = None
     width: Any = None
+    init_image: Any = None
+    strength: Any = None
+    mask: Any = None
+    mask_blur: Any = None
 
 
-def load_json(body: bytes, status: int = 400) -> Any:
+def decode_base64_image(value: Any, field: str, status: int = 400) -> bytes:
+    """The bytes of a base64 image field (a ``data:image/...;base64,`` prefix is accepted).
+
+    Raises:
+        HttpError: `status` for a value that is not a base64 string.
+    """
+    import binascii
+
+    if not isinstance(value, str):
+        raise HttpError(status, f"'{field}' must be a base64 string (PNG or JPEG), got a JSON {type(value).__name__}")
+    text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(status, f"'{field}' is not valid base64; send the image file's bytes base64-encoded") from None
+
+
+def load_json(body: bytes, status: int = 400, limit: int = MAX_BODY_BYTES) -> Any:
     """The JSON value of a request body (both contracts, native and A1111, read bodies here).
 
     Raises:
         HttpError: 413 for a body over `MAX_BODY_BYTES`; `status` for a body that is empty, not
             UTF-8 JSON, nested too deeply, or holding a number Python cannot read.
     """
-    if len(body) > MAX_BODY_BYTES:
-        raise HttpError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    if len(body) > limit:
+        raise HttpError(413, f"request body is {len(body)} bytes; the limit is {limit}")
     if not body.strip():
         raise HttpError(status, 'empty request body: send a JSON object such as {"prompt": "a red car", "seed": 0}')
     try:
@@ -91,9 +117,11 @@ def parse_request(body: bytes) -> ServeRequest:
             JSON object (or nests too deeply, or holds an unreadable number), an unknown field,
             or a missing ``prompt`` or one that is not valid text.
     """
-    data = load_json(body)
+    data = load_json(body, limit=MAX_IMAGE_BODY_BYTES)
     if not isinstance(data, dict):
         raise HttpError(400, f"request body must be a JSON object with a 'prompt', got a JSON {type(data).__name__}")
+    if len(body) > MAX_BODY_BYTES and data.get("init_image") is None:
+        raise HttpError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES} without an init_image")
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise HttpError(400, f"unknown field(s) {unknown}; allowed: {list(FIELDS)}")

@@ -51,6 +51,7 @@ import numpy as np
 
 from aptp.errors import AptpError, RuntimeInputError, shown
 
+from .img2img import ImageRequest, image_arguments
 from .isolation import run_isolated
 from .pipeline import AptpPipeline, GenerationOptions, GenerationResult, ProgressCallback
 from .tokenize import check_prompts
@@ -79,6 +80,7 @@ class _Request:
     route_time: float = 0.0
     negative_prompt: str | None = None
     callback: ProgressCallback | None = None
+    image: ImageRequest | None = None  # img2img / inpainting
 
 
 _STOP = object()
@@ -136,13 +138,17 @@ class GenerationServer:
                num_inference_steps: int | None = None, expert: int | str | None = None,
                output_type: str = "np", height: int | None = None, width: int | None = None,
                scheduler: str | None = None, steps: int | None = None,
-               negative_prompt: str | None = None, callback: ProgressCallback | None = None) -> Future:
+               negative_prompt: str | None = None, callback: ProgressCallback | None = None,
+               init_image: Any = None, strength: float | None = None, mask_image: Any = None,
+               mask_blur: float | None = None) -> Future:
         """Queue one request; the future resolves to its `GenerationResult`.
 
         Options are `AptpPipeline.__call__`'s. `callback(step, total, expert)` reports this
         request's sampling steps from the worker thread; an exception it raises fails this
         request only (the others of its batch are re-run without it). Requests batch together only when every option
         (sampler and step count included) is equal; negative prompts may differ within a batch.
+        img2img requests (`init_image`, `strength`, `mask_image`, `mask_blur` as in the pipeline)
+        batch with requests of the same strength and masking, each with its own image.
 
         Raises:
             RuntimeInputError: a bad prompt or option (checked here, before queueing).
@@ -150,15 +156,17 @@ class GenerationServer:
             ServerClosedError: the server is closing.
         """
         (prompt,) = check_prompts([prompt])
+        images, height, width, strength, inpaint = image_arguments(
+            self.pipeline.artifacts, init_image, mask_image, mask_blur, strength, 1, height, width)
         options = self.pipeline.options(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                         expert=expert, output_type=output_type, height=height, width=width,
-                                        scheduler=scheduler, steps=steps)
+                                        scheduler=scheduler, steps=steps, strength=strength, inpaint=inpaint)
         negatives = self.pipeline.check_negative_prompts(negative_prompt, 1)
         (seed,) = self.pipeline.check_seeds(None if seed is None else [seed], 1)
         if callback is not None and not callable(callback):
             raise RuntimeInputError(f"callback must be callable, got {shown(callback)}")
         request = _Request(prompt, seed, options, Future(), negative_prompt=None if negatives is None else negatives[0],
-                           callback=callback)
+                           callback=callback, image=None if images is None else images[0])
         with self._lock:
             if self._closing:
                 raise ServerClosedError("the generation server is closed; create a new one")
@@ -338,6 +346,8 @@ class GenerationServer:
             negatives = [r.negative_prompt for r in requests]
             # Only passed when used, so a pipeline wrapper without the argument still serves.
             extra: dict[str, Any] = {"negative_prompts": negatives} if any(negatives) else {}
+            if options.strength is not None:  # equal options: every request of the batch has an image
+                extra["init_images"] = [r.image for r in requests]
             callbacks = [r.callback for r in requests if r.callback is not None]
             if callbacks:
                 extra["callback"] = _fan_out(callbacks)

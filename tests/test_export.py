@@ -163,6 +163,7 @@ def test_manifest_schema_and_files(exported, tiny_pipeline):
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(m["files"]) == on_disk
     for rel in ("router/encoder.onnx", "router/head.onnx", "text_encoder/model.onnx", "vae_decoder/model.onnx",
+                "vae_encoder/model.onnx",
                 "experts/expert_0/arch_spec.json", "experts/expert_1/diffusion_pytorch_model.safetensors"):
         assert rel in m["files"]
     expected = build_scheduler_table("euler", DDIMScheduler.load_config(str(tiny_pipeline), subfolder="scheduler"), 4)
@@ -227,6 +228,23 @@ def test_text_encoder_and_vae_decoder_graphs(exported, components):
         want = components.vae.decode(latents / m["vae"]["scaling_factor"]).sample.numpy()
     assert image.shape == (2, 3, 64, 64)
     assert np.abs(image - want).max() < 1e-3
+
+
+def test_vae_encoder_graph_is_the_scaled_posterior(exported, components):
+    """img2img's encoder: the posterior's mean and std times scaling_factor, checked at export."""
+    m, root = exported.manifest, exported.root
+    entry = m["vae_encoder"]
+    assert entry["file"] == "vae_encoder/model.onnx" and entry["applies_scaling_factor"] is True
+    assert 0 <= entry["max_abs_error"] < 1e-3 and m["files"][entry["file"]]
+    assert list(m["io"]["vae_encoder"]["outputs"]) == ["latent_mean", "latent_std"]
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    mean, std = _session(root / entry["file"]).run(None, {"sample": image.numpy()})
+    with torch.no_grad():
+        posterior = components.vae.encode(image).latent_dist
+    scale = m["vae"]["scaling_factor"]
+    assert mean.shape == std.shape == (2, 4, 16, 16) and std.min() > 0
+    assert np.abs(mean - scale * posterior.mean.numpy()).max() < 1e-4
+    assert np.abs(std - scale * posterior.std.numpy()).max() < 1e-4
 
 
 def test_tensorrt_request_without_tensorrt_warns_and_exports_onnx(exported):
@@ -369,8 +387,8 @@ _DIMS = {"batch": 2, "steps": 2, "in_channels": 4, "out_channels": 4, "height": 
 def test_every_registered_onnx_config_declares_consistent_io():
     from aptp.export.onnx_configs import ONNX_CONFIGS
 
-    assert set(ONNX_CONFIGS) == {"unet", "text_encoder", "vae_decoder", "vae_encoder", "router_encoder", "router_head",
-                                 "release_router_head"}
+    assert set(ONNX_CONFIGS) == {"unet", "text_encoder", "vae_decoder", "vae_encoder", "vae_posterior",
+                                 "router_encoder", "router_head", "release_router_head"}
     for name, cls in ONNX_CONFIGS.items():
         config = cls(_DIMS)
         assert config.DEFAULT_ONNX_OPSET == 18 and config.ATOL_FOR_VALIDATION == 1e-3

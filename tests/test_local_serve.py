@@ -228,7 +228,8 @@ def test_options_post_accepts_what_aptp_does_and_refuses_the_rest(client):
 
 
 def test_unknown_routes_and_methods_are_one_line_4xx(client):
-    assert client.get("/sdapi/v1/img2img").status_code == 404
+    assert client.get("/sdapi/v1/extra-single-image").status_code == 404
+    assert client.get("/sdapi/v1/img2img").status_code == 405  # POST only (img2img exists)
     assert client.get("/sdapi/v1/txt2img").status_code == 405
     assert client.get("/nothing").status_code == 404
     for response in (client.get("/sdapi/v1/img2img"), client.put("/")):
