@@ -428,8 +428,8 @@ class AptpPipeline:
         if self.shape_sessions and self.device == "cpu":
             a = self.artifacts
             return ShapeSessionEngine(entry.onnx, self.device, threads=self.threads, backend=self.backend,
-                                      sha256=a.sha256(entry.onnx), external_data=a.external_weights(entry.onnx),
-                                      max_sessions=self.shape_sessions)
+                                      sha256=a.sha256(entry.onnx), max_sessions=self.shape_sessions,
+                                      external_data=a.external_weights(entry.onnx))
         return self._make_engine(entry.onnx, entry.tensorrt)
 
     def _unet_file_bytes(self, key: int | str) -> int:

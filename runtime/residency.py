@@ -283,7 +283,8 @@ class ResidencyManager:
         # Working-memory measurement: every acquire, load and eviction bumps _activity; a use
         # measures cleanly when _activity did not move between its acquire and its release.
         self._activity = 0
-        self._use_start: dict[Any, tuple[int, int | None, int | None, int]] = {}  # key -> (activity, rss, device, extra)
+        # key -> (activity, rss, device, the engine's extra_bytes) when a clean use started
+        self._use_start: dict[Any, tuple[int, int | None, int | None, int]] = {}
         self._growth: dict[Any, int] = {}  # working memory gained by each resident session this residence
         self._measured_uses: dict[Any, int] = {}  # clean uses measured this residence
         self._floor: int | None = None  # process RSS just before the first load (no UNet resident)
