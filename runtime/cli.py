@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-budget", metavar="SIZE",
                         help="memory the UNet sessions may take together, e.g. 3GiB, 512MiB, 2GB or bytes; they are "
                         "loaded on demand and evicted least recently used (default: unlimited)")
+    parser.add_argument("--shape-sessions", type=int, default=0, metavar="N",
+                        help="CPU: up to N extra sessions per UNet specialised to the shapes it runs (each holds a "
+                        "copy of its weights; default 0, off: gains were within noise, see BENCHMARKS.md)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                         help="UNet precision: int8 runs the UNets aptp-export --quantize int8 wrote "
                         "(default: the export's)")
@@ -308,7 +311,8 @@ def run(args: argparse.Namespace) -> list[Path] | int:
     parse_memory_budget(args.memory_budget, "--memory-budget")  # a bad budget fails before the export loads
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
                                     device=args.device, threads=threads, trusted_key=args.trusted_key,
-                                    memory_budget=args.memory_budget, precision=args.precision)
+                                    memory_budget=args.memory_budget, precision=args.precision,
+                                    shape_sessions=args.shape_sessions)
     options = dict(
         num_inference_steps=None if args.steps is None else _integer(args.steps, "--steps"),
         height=None if args.height is None else _integer(args.height, "--height"),

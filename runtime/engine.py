@@ -392,14 +392,18 @@ class OnnxRuntimeEngine(Engine):
                 self._create_session()
 
     def _create_session(self) -> None:
+        self._adopt(*self._build_session())
+
+    def _build_session(self, dims: Mapping[str, int] | None = None) -> tuple[Any, list[Any]]:
+        """A new session on the verified files, and the providers it was asked for. `dims` fixes
+        symbolic dimensions by name (onnxruntime's free dimension overrides)."""
         ort = import_onnxruntime()
 
         if not self.path.is_file():
             raise ArtifactError(f"ONNX graph {self.path} does not exist; re-export")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = self._session_options(ort)
+        for name, value in (dims or {}).items():
+            options.add_free_dimension_override_by_name(name, int(value))
         providers = onnxruntime_providers(self.device, self.backend, self.device_id)
         model = read_verified(self.path, self.sha256, "ONNX graph")
         session = None
@@ -419,6 +423,17 @@ class OnnxRuntimeEngine(Engine):
                 options.add_external_initializers_from_files_in_memory(
                     [p.name for p, _ in self.external_data], weights, [len(w) for w in weights])
             session = self._new_session(ort, model, options, providers)
+        return session, providers
+
+    def _session_options(self, ort: Any) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return options
+
+    def _adopt(self, session: Any, providers: list[Any]) -> None:
+        """Check the providers `session` activated and make it the engine's session."""
         # What runs is what the session activated, not what was listed (see check_active_providers).
         self.providers = list(session.get_providers())
         self.provider = check_active_providers(providers, self.providers, device=self.device, backend=self.backend,
@@ -461,13 +476,15 @@ class OnnxRuntimeEngine(Engine):
         self._missing_inputs(feed)
         if not self.buffers:
             arrays = {name: np.ascontiguousarray(value, dtype=self._inputs[name]) for name, value in feed.items()}
-            try:
-                outputs = self.session.run(None, arrays)
-            except Exception as err:
-                raise ArtifactError(f"onnxruntime failed running {self.path}: {err}") from err
-            return dict(zip(self._outputs, outputs))
+            return dict(zip(self._outputs, self._run_host(arrays)))
         with self._lock:
             return self._infer_bound(feed)
+
+    def _run_host(self, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(None, arrays)
+        except Exception as err:
+            raise ArtifactError(f"onnxruntime failed running {self.path}: {err}") from err
 
     def _infer_bound(self, feed: Mapping[str, Any]) -> dict[str, DeviceTensor]:
         binding = self.session.io_binding()

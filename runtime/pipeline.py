@@ -59,6 +59,7 @@ from .engine import (
 )
 from .images import to_uint8
 from .residency import MemoryProbe, ResidencyManager, parse_memory_budget
+from .shape_sessions import ShapeSessionEngine, check_shape_sessions
 from .router import Router
 from .sampler_library import SamplerLibrary
 from .scheduler import SchedulerTable
@@ -322,14 +323,19 @@ class AptpPipeline:
             Router, text encoder and VAE decoder are always resident and not counted.
         precision: ``"int8"`` runs the int8 UNets that ``aptp-export --quantize int8`` wrote;
             ``None`` (or the export's own ``fp32``/``fp16``) runs the exported UNets.
+        shape_sessions: on CPU, up to this many extra sessions per UNet specialised to the shapes
+            it is called with (`aptp.runtime.shape_sessions`); each holds its own copy of the
+            weights, charged to the memory budget. 0 (default): off; measured gains were within
+            noise (BENCHMARKS.md).
     """
 
     def __init__(self, artifacts: ExportArtifacts, *, backend: str = "auto", device: str = "cpu",
                  device_id: int = 0, threads: int | None = None,
                  scheduler: SchedulerTable | Mapping[str, Any] | None = None, preload: bool = False,
                  max_batch: int | None = None, memory_budget: int | str | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, shape_sessions: int = 0):
         self.artifacts = artifacts
+        self.shape_sessions = check_shape_sessions(shape_sessions)
         self.precision = _check_precision(precision, artifacts)
         self.memory_budget = parse_memory_budget(memory_budget)
         self.device = device
@@ -426,6 +432,11 @@ class AptpPipeline:
 
     def _new_unet_engine(self, key: int | str) -> Engine:
         entry = self.unet_file(key)
+        if self.shape_sessions and self.device == "cpu":
+            a = self.artifacts
+            return ShapeSessionEngine(entry.onnx, self.device, threads=self.threads, backend=self.backend,
+                                      sha256=a.sha256(entry.onnx), max_sessions=self.shape_sessions,
+                                      external_data=a.external_weights(entry.onnx))
         return self._make_engine(entry.onnx, entry.tensorrt)
 
     def _unet_file_bytes(self, key: int | str) -> int:

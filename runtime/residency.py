@@ -233,6 +233,7 @@ class SessionRecord:
     loads: int = 0
     evictions: int = 0
     load_seconds: float = 0.0
+    extra_bytes: int = 0  # what the engine's shape-specialised sessions add now (`shape_sessions`)
 
     @property
     def load_bytes(self) -> int | None:
@@ -245,11 +246,11 @@ class SessionRecord:
     def measured_bytes(self) -> int | None:
         """What the last load added plus the working memory measured while running."""
         load = self.load_bytes
-        return None if load is None else load + (self.run_bytes or 0)
+        return None if load is None else load + (self.run_bytes or 0) + self.extra_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return {"file_bytes": self.file_bytes, "rss_bytes": self.rss_bytes, "device_bytes": self.device_bytes,
-                "run_bytes": self.run_bytes, "measured_bytes": self.measured_bytes,
+                "run_bytes": self.run_bytes, "extra_bytes": self.extra_bytes, "measured_bytes": self.measured_bytes,
                 "load_peak_bytes": self.load_peak_bytes,
                 "loads": self.loads, "evictions": self.evictions,
                 "load_seconds": round(self.load_seconds, 4)}
@@ -289,7 +290,8 @@ class ResidencyManager:
         # Working-memory measurement: every acquire, load and eviction bumps _activity; a use
         # measures cleanly when _activity did not move between its acquire and its release.
         self._activity = 0
-        self._use_start: dict[Any, tuple[int, int | None, int | None]] = {}  # key -> (activity, rss, device)
+        # key -> (activity, rss, device, the engine's extra_bytes) when a clean use started
+        self._use_start: dict[Any, tuple[int, int | None, int | None, int]] = {}
         self._growth: dict[Any, int] = {}  # working memory gained by each resident session this residence
         self._measured_uses: dict[Any, int] = {}  # clean uses measured this residence
         self._floor: int | None = None  # process RSS just before the first load (no UNet resident)
@@ -315,7 +317,8 @@ class ResidencyManager:
         if work is None:
             work = max([r.run_bytes for r in self._records.values() if r.run_bytes is not None], default=0)
         if record.load_bytes is not None:
-            return max(1, record.file_bytes, record.load_bytes + work), "measured when it was last loaded"
+            return max(1, record.file_bytes, record.load_bytes + work + record.extra_bytes), \
+                "measured when it was last loaded"
         ratios = [r.load_bytes / r.file_bytes for r in self._records.values()
                   if r.load_bytes is not None and r.file_bytes > 0]
         ratio = max([1.0, *ratios])
@@ -442,6 +445,7 @@ class ResidencyManager:
         with self._cond:
             self._unpin(key)
             self._end_use(key)
+            self._charge_extra(key)
             self._cond.notify_all()
 
     def preload(self, keys: list[Any]) -> list[Any]:
@@ -498,9 +502,26 @@ class ResidencyManager:
         self._activity += 1
         if (len(self._pins) == 1 and self._pins[key] == 1 and not self._loading
                 and self._measured_uses.get(key, MEASURED_USES) < MEASURED_USES):
-            self._use_start[key] = (self._activity, self.probe.rss(), self.probe.device_used())
+            self._use_start[key] = (self._activity, self.probe.rss(), self.probe.device_used(),
+                                    self._engine_extra(key))
         else:
             self._use_start.clear()  # overlapping uses: none of them measures cleanly
+
+    def _engine_extra(self, key: Any) -> int:
+        return int(getattr(self._resident.get(key), "extra_bytes", 0) or 0)
+
+    def _charge_extra(self, key: Any) -> None:
+        """Charge what the engine's extra sessions (`aptp.runtime.shape_sessions`) hold now,
+        measured by the engine around each creation; recharged whenever it changes."""
+        if key not in self._resident:
+            return
+        extra, record = self._engine_extra(key), self._records[key]
+        if extra == record.extra_bytes:
+            return
+        record.extra_bytes = extra
+        self._charged[key] = self._estimate(key)[0]
+        self._fit_recharged(key, f"holds {format_bytes(extra)} of shape-specialised sessions")
+        self._note_peak()
 
     def _end_use(self, key: Any) -> None:
         start = self._use_start.pop(key, None)
@@ -510,6 +531,7 @@ class ResidencyManager:
         rss, device = self.probe.rss(), self.probe.device_used()
         gained = sum(max(0, now - then) for now, then in ((rss, start[1]), (device, start[2]))
                      if now is not None and then is not None)
+        gained -= max(0, self._engine_extra(key) - start[3])  # charged as extra_bytes, not working memory
         if gained <= 0:
             return
         self._growth[key] = self._growth.get(key, 0) + gained
@@ -582,6 +604,7 @@ class ResidencyManager:
         self._activity += 1
         self._growth.pop(key, None)
         self._measured_uses.pop(key, None)
+        self._records[key].extra_bytes = 0  # the unloaded engine dropped its specialised sessions
         charged = self._charged.pop(key, 0)
         self._records[key].evictions += 1
         self.evictions += 1
