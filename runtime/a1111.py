@@ -34,8 +34,8 @@ from .sampler_library import canonical_sampler
 from .serve_http import HttpError, load_json
 from .tokenize import check_text
 
-__all__ = ["A1111_SAMPLERS", "MAX_IMAGES", "Txt2ImgRequest", "model_title", "options", "parse_txt2img",
-           "samplers", "sd_models", "set_options", "txt2img_response"]
+__all__ = ["A1111_SAMPLERS", "MAX_IMAGES", "UNSUPPORTED_FIELDS", "Txt2ImgRequest", "model_title", "options",
+           "parse_txt2img", "samplers", "sd_models", "set_options", "txt2img_response", "unprocessable"]
 
 #: A1111's sampler names -> aptp's (those an export lists are offered; PNDM only where exported).
 A1111_SAMPLERS = {"Euler": "euler", "DDIM": "ddim", "DPM++ 2M": "dpmpp_2m", "PLMS": "pndm", "PNDM": "pndm"}
@@ -45,13 +45,16 @@ MAX_IMAGES = 32
 MAX_BATCH_SIZE = 16
 _MAX_SEED = 2**63
 #: Known A1111 fields aptp cannot honour, with the value that means "off".
-_UNSUPPORTED = {"enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0,
+#: A1111 fields aptp cannot honour, with the value that means "off": any other value is a 422
+#: rather than silently ignored (shared by txt2img and img2img).
+UNSUPPORTED_FIELDS = {"enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0,
                 "styles": [], "script_name": None, "script_args": [], "alwayson_scripts": {},
                 "override_settings": {}, "refiner_checkpoint": None, "init_images": None}
 _SCHEDULERS_OK = (None, "", "automatic", "Automatic")
 
 
-def _unprocessable(message: str) -> HttpError:
+def unprocessable(message: str) -> HttpError:
+    """A 422 with one line: a field of the right name but the wrong type or range."""
     return HttpError(422, message)
 
 
@@ -86,9 +89,9 @@ def _integer(data: Mapping[str, Any], key: str, default: int | None, low: int, h
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _unprocessable(f"'{key}' must be an integer, got {shown(value)}")
+        raise unprocessable(f"'{key}' must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        raise _unprocessable(f"'{key}' must be in [{low}, {high}], got {shown(value)}")
+        raise unprocessable(f"'{key}' must be in [{low}, {high}], got {shown(value)}")
     return value
 
 
@@ -97,11 +100,11 @@ def _text(data: Mapping[str, Any], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _unprocessable(f"'{key}' must be a string, got a JSON {type(value).__name__}")
+        raise unprocessable(f"'{key}' must be a string, got a JSON {type(value).__name__}")
     try:
         check_text(value, f"'{key}'", allow_blank=True)
     except RuntimeInputError as err:
-        raise _unprocessable(str(err)) from None
+        raise unprocessable(str(err)) from None
     return value
 
 
@@ -121,14 +124,14 @@ def _sampler(data: Mapping[str, Any], pipe: AptpPipeline) -> tuple[str, str]:
     if value is None:
         return next((a for a, b in names.items() if b == default), default), default
     if not isinstance(value, str):
-        raise _unprocessable(f"'sampler_name' must be a string, got {shown(value)}")
+        raise unprocessable(f"'sampler_name' must be a string, got {shown(value)}")
     if value in names:
         return value, names[value]
     key = canonical_sampler(value)
     for a1111, aptp in names.items():
         if key in (aptp, canonical_sampler(a1111), *_ALIASES.get(aptp, [])):
             return a1111, aptp
-    raise _unprocessable(f"sampler {shown(value)} is not one aptp runs for this export; use one of {list(names)} "
+    raise unprocessable(f"sampler {shown(value)} is not one aptp runs for this export; use one of {list(names)} "
                          "(ancestral and Karras variants are not available)")
 
 
@@ -141,8 +144,8 @@ def parse_txt2img(body: bytes, pipe: AptpPipeline) -> tuple[Txt2ImgRequest, Gene
     """
     data = load_json(body, status=422)
     if not isinstance(data, dict):
-        raise _unprocessable(f"request body must be a JSON object, got a JSON {type(data).__name__}")
-    return parse_fields(data, pipe, _UNSUPPORTED)
+        raise unprocessable(f"request body must be a JSON object, got a JSON {type(data).__name__}")
+    return parse_fields(data, pipe, UNSUPPORTED_FIELDS)
 
 
 def parse_fields(data: dict[str, Any], pipe: AptpPipeline, unsupported: Mapping[str, Any],
@@ -152,37 +155,37 @@ def parse_fields(data: dict[str, Any], pipe: AptpPipeline, unsupported: Mapping[
     for key, off in unsupported.items():
         value = data.get(key, off)
         if value not in (off, None) and value != off:
-            raise _unprocessable(f"'{key}' is not supported by aptp-serve (leave it out or set it to {json.dumps(off)})")
+            raise unprocessable(f"'{key}' is not supported by aptp-serve (leave it out or set it to {json.dumps(off)})")
     if data.get("scheduler") not in _SCHEDULERS_OK:
-        raise _unprocessable(f"'scheduler' {shown(data.get('scheduler'))} is not supported: aptp's samplers use the "
+        raise unprocessable(f"'scheduler' {shown(data.get('scheduler'))} is not supported: aptp's samplers use the "
                              "export's own noise schedule ('Automatic')")
     prompt = _text(data, "prompt")
     if not prompt.strip():
-        raise _unprocessable("'prompt' is empty: every image needs some text to condition on (and to route)")
+        raise unprocessable("'prompt' is empty: every image needs some text to condition on (and to route)")
     negative = _text(data, "negative_prompt")
     batch_size = _integer(data, "batch_size", 1, 1, MAX_BATCH_SIZE)
     n_iter = _integer(data, "n_iter", 1, 1, MAX_IMAGES)
     if batch_size * n_iter > MAX_IMAGES:
-        raise _unprocessable(f"batch_size x n_iter is {batch_size * n_iter}; at most {MAX_IMAGES} images per request")
+        raise unprocessable(f"batch_size x n_iter is {batch_size * n_iter}; at most {MAX_IMAGES} images per request")
     seed = data.get("seed", -1)
     if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed < _MAX_SEED - batch_size * n_iter:
-        raise _unprocessable(f"'seed' must be -1 (random) or an integer in [0, 2**63 - images), got {shown(seed)}")
+        raise unprocessable(f"'seed' must be -1 (random) or an integer in [0, 2**63 - images), got {shown(seed)}")
     drawn = secrets.randbelow(2**32) if seed == -1 else seed  # A1111 draws 32-bit seeds
     cfg = data.get("cfg_scale")
     if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, numbers.Real)):
-        raise _unprocessable(f"'cfg_scale' must be a number, got {shown(cfg)}")
+        raise unprocessable(f"'cfg_scale' must be a number, got {shown(cfg)}")
     steps = _integer(data, "steps", None, 1, 10_000)
     width = _integer(data, "width", image_options.pop("width", None), 1, 1 << 20)
     height = _integer(data, "height", image_options.pop("height", None), 1, 1 << 20)
     send = data.get("send_images", True)
     if not isinstance(send, bool):
-        raise _unprocessable(f"'send_images' must be true or false, got {shown(send)}")
+        raise unprocessable(f"'send_images' must be true or false, got {shown(send)}")
     a1111_sampler, sampler = _sampler(data, pipe)
     try:
         opts = pipe.options(guidance_scale=cfg, num_inference_steps=steps, height=height, width=width,
                             scheduler=sampler, **image_options)
     except RuntimeInputError as err:
-        raise _unprocessable(str(err)) from None
+        raise unprocessable(str(err)) from None
     request = Txt2ImgRequest(prompt=prompt, negative_prompt=negative, seed=drawn, seed_requested=seed,
                              steps=opts.num_inference_steps, cfg_scale=opts.guidance_scale, sampler_name=a1111_sampler,
                              width=opts.width, height=opts.height, batch_size=batch_size, n_iter=n_iter,
@@ -262,16 +265,16 @@ def set_options(body: bytes, pipe: AptpPipeline) -> None:
     """
     data = load_json(body, status=422)
     if not isinstance(data, dict):
-        raise _unprocessable(f"request body must be a JSON object, got a JSON {type(data).__name__}")
+        raise unprocessable(f"request body must be a JSON object, got a JSON {type(data).__name__}")
     current = options(pipe)
     accepted = {"sd_model_checkpoint": {current["sd_model_checkpoint"], model_name(pipe), pipe.manifest_sha256[:10]},
                 "samples_format": {"png"}, "CLIP_stop_at_last_layers": {1}, "eta_noise_seed_delta": {0}}
     for key, value in data.items():
         if key not in accepted:
-            raise _unprocessable(f"option {shown(key)} cannot be set on aptp-serve; settable (to their current "
+            raise unprocessable(f"option {shown(key)} cannot be set on aptp-serve; settable (to their current "
                                  f"values only): {sorted(accepted)}")
         if isinstance(value, bool) or not isinstance(value, (str, int)) or value not in accepted[key]:
-            raise _unprocessable(f"option {key!r} cannot be {shown(value)} on aptp-serve: it serves "
+            raise unprocessable(f"option {key!r} cannot be {shown(value)} on aptp-serve: it serves "
                                  f"{current[key]!r} only")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from aptp.errors import RuntimeInputError, shown
 
-from .a1111 import _UNSUPPORTED, Txt2ImgRequest, _unprocessable, parse_fields
+from .a1111 import UNSUPPORTED_FIELDS, Txt2ImgRequest, unprocessable, parse_fields
 from .img2img import ImageRequest, image_arguments
 from .pipeline import AptpPipeline, GenerationOptions
 from .serve_http import MAX_IMAGE_BODY_BYTES, decode_base64_image, load_json
@@ -52,34 +52,34 @@ def parse_img2img(body: bytes, pipe: AptpPipeline) -> tuple[Img2ImgRequest, Gene
     """
     data = load_json(body, status=422, limit=MAX_IMAGE_BODY_BYTES)
     if not isinstance(data, dict):
-        raise _unprocessable(f"request body must be a JSON object, got a JSON {type(data).__name__}")
+        raise unprocessable(f"request body must be a JSON object, got a JSON {type(data).__name__}")
     for key, accepted in _IMG2IMG_FIXED.items():
         if data.get(key) not in accepted:
-            raise _unprocessable(f"'{key}' {shown(data.get(key))} is not supported by aptp-serve (leave it out or "
+            raise unprocessable(f"'{key}' {shown(data.get(key))} is not supported by aptp-serve (leave it out or "
                                  f"set it to {accepted[0]!r})")
     images = data.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
-        raise _unprocessable("'init_images' must be a list of one base64 image (aptp-serve takes one init image "
+        raise unprocessable("'init_images' must be a list of one base64 image (aptp-serve takes one init image "
                              "per request)")
     init = decode_base64_image(images[0], "init_images[0]", 422)
     mask = None if data.get("mask") is None else decode_base64_image(data["mask"], "mask", 422)
     invert = data.get("inpainting_mask_invert", 0)
     if invert not in (0, 1) or isinstance(invert, bool):
-        raise _unprocessable(f"'inpainting_mask_invert' must be 0 or 1, got {shown(invert)}")
+        raise unprocessable(f"'inpainting_mask_invert' must be 0 or 1, got {shown(invert)}")
     strength = data.get("denoising_strength", A1111_STRENGTH)
     blur = data.get("mask_blur", A1111_MASK_BLUR) if mask is not None else None
     try:
         (request,), height, width, strength, inpaint = image_arguments(
             pipe.artifacts, init, mask, blur, strength, 1, data.get("height"), data.get("width"))
     except RuntimeInputError as err:
-        raise _unprocessable(str(err)) from None
+        raise unprocessable(str(err)) from None
     if invert and request.mask is not None:
         from .init_images import ImageInput
 
         request = ImageRequest(request.image, ImageInput(255 - request.mask.pixels, request.mask.sha256),
                                request.mask_blur)
     rest = {k: v for k, v in data.items() if k not in _IMG2IMG_FIELDS}
-    unsupported = {k: v for k, v in _UNSUPPORTED.items() if k != "init_images"}
+    unsupported = {k: v for k, v in UNSUPPORTED_FIELDS.items() if k != "init_images"}
     req, opts = parse_fields({**rest, "height": height, "width": width}, pipe, unsupported, strength=strength,
                              inpaint=inpaint)
     fields = {k: getattr(req, k) for k in Txt2ImgRequest.__dataclass_fields__}

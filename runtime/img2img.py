@@ -39,7 +39,8 @@ from aptp.errors import ArtifactError, RuntimeInputError, shown
 
 from .init_images import MAX_IMAGE_PIXELS, ImageInput, latent_mask, read_image, read_mask, resize_rgb, to_model_pixels
 from .samplers import add_noise_levels, build_table
-from .scheduler import SamplerLibrary, SchedulerTable, canonical_sampler
+from .sampler_library import SamplerLibrary, canonical_sampler
+from .scheduler import SchedulerTable
 
 __all__ = ["DEFAULT_STRENGTH", "ImageRequest", "ImageStart", "StrengthSchedule", "check_image_requests",
            "check_mask_blur", "check_strength", "image_arguments", "request_noise", "strength_schedule", "t_start"]

@@ -65,6 +65,7 @@ from aptp.errors import RuntimeInputError, shown
 
 __all__ = [
     "MemoryProbe",
+    "release_free_heap",
     "ResidencyManager",
     "SessionRecord",
     "format_bytes",
@@ -210,7 +211,7 @@ class MemoryProbe:
         return self._cudart
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``): after an eviction the
     session's weights are free, but without this RSS can keep them and mislead the budget."""
     try:
@@ -610,7 +611,7 @@ class ResidencyManager:
         self.evictions += 1
         self.events.append((time.monotonic(), "evict", key, charged))
         logger.info("evicted %s (%s)", self._describe(key), format_bytes(charged))
-        _release_free_heap()
+        release_free_heap()
 
     # ---- loading (outside self._cond, one at a time) --------------------------------------
 
@@ -622,7 +623,7 @@ class ResidencyManager:
             clock = time.perf_counter()
             engine.load()
             seconds = time.perf_counter() - clock
-            _release_free_heap()  # what the load freed (verified bytes, parsing copies) is not the session's
+            release_free_heap()  # what the load freed (verified bytes, parsing copies) is not the session's
             rss1, dev1 = self.probe.rss(), self.probe.device_used()
             peak = self.probe.peak_rss() if peak_known else None
         with self._cond:

@@ -157,7 +157,7 @@ class GenerationServer:
         """
         (prompt,) = check_prompts([prompt])
         images, height, width, strength, inpaint = image_arguments(
-            self.pipeline.artifacts, init_image, mask_image, mask_blur, strength, 1, height, width)
+            getattr(self.pipeline, "artifacts", None), init_image, mask_image, mask_blur, strength, 1, height, width)
         options = self.pipeline.options(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                         expert=expert, output_type=output_type, height=height, width=width,
                                         scheduler=scheduler, steps=steps, strength=strength, inpaint=inpaint)

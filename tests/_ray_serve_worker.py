@@ -140,7 +140,21 @@ def scenario_a1111(out_dir: Path, prompts: list[str]) -> dict:
            "bad_sampler": post(json.dumps({"prompt": "a car", "sampler_name": "Euler a"}).encode(), "sdapi/v1/txt2img")}
     for name, path in (("sd_models", "sdapi/v1/sd-models"), ("progress", "sdapi/v1/progress"), ("page", "")):
         out[name] = post(b"", path, method="GET")
+    out["webuiapi"] = _webuiapi_run(out_dir, prompts[0])
     return out
+
+
+def _webuiapi_run(out_dir: Path, prompt: str) -> dict:
+    """The webuiapi client (a real A1111 client from PyPI) against the Ray router."""
+    try:
+        import webuiapi
+    except ImportError as err:
+        return {"skipped": f"webuiapi is not installed ({err})"}
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=PORT, sampler="DDIM")
+    result = api.txt2img(prompt=prompt, seed=100, steps=4, width=64, height=64)
+    path = out_dir / "webuiapi.png"
+    result.images[0].save(path)
+    return {"png_path": str(path), "aptp": result.info["aptp"]["images"][0], "seeds": result.info["all_seeds"]}
 
 
 def scenario_kill(out_dir: Path, prompts: list[str]) -> dict:

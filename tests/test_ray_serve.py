@@ -265,6 +265,11 @@ def test_a1111_api_and_page_answer_on_the_ray_router(served, reference):
     assert {e["expert"] for e in json.loads(a1111["sd_models"]["body"])[0]["aptp"]["experts"]} == {0, 1, "dense"}
     assert json.loads(a1111["progress"]["body"])["progress"] == 0
     assert a1111["page"]["status"] == 200 and a1111["page"]["csp"].startswith("default-src 'self'")
+    client = a1111["webuiapi"]  # the webuiapi client from PyPI, through the same router
+    if "skipped" in client:
+        pytest.skip(client["skipped"])
+    assert client["seeds"] == [100] and client["aptp"]["expert"] == want_expert
+    assert "macs_ratio" in client["aptp"]
 
 
 @pytest.mark.slow

@@ -83,3 +83,30 @@ def test_bench_serve_bad_input_is_one_line_exit_2(capsys, tmp_path):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("aptp-bench serve: error:") or
                                    line.startswith("aptp-bench: error:") for line in lines)
+
+
+def test_the_local_mode_run_serves_the_same_images_and_reports_its_overhead(tmp_path_factory):
+    """`aptp-bench serve`'s local-mode run against the tiny export: aptp-serve's default server in
+    this process, loopback only, stopped afterwards (its port is free again)."""
+    import socket
+
+    pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'aptp[local]')")
+    from aptp.benchmarks.serving.local_run import run_local_http
+    from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS, tiny_export
+
+    export = tiny_export(tmp_path_factory.mktemp("runtime"))
+    prompts = [*VEHICLE_PROMPTS, *FOOD_PROMPTS]
+    result = run_local_http(export, {"prompts": prompts, "seeds": list(range(100, 100 + len(prompts))),
+                                     "codes": None, "rates": [4.0], "count": 3, "max_seconds": 5.0, "drain_s": 120.0,
+                                     "slo_s": 60.0, "seed": 0, "max_wait_s": 0.02, "threads": 1,
+                                     "overhead_requests": 2})
+    assert result["url"].startswith("http://127.0.0.1:")
+    assert result["identity"]["identical_images"] == result["identity"]["requests"] == 2
+    assert result["identity"]["same_expert"] == 2
+    over = result["overhead"]
+    assert len(over["http_s"]) == len(over["direct_s"]) == 2 and over["overhead_ratio"] > 0
+    assert [(r["server"], r["variant"]) for r in result["runs"]] == [("local", "routed"), ("local", "dense")]
+    assert all(r["completed"] == r["requests"] == 3 for r in result["runs"])
+    port = int(result["url"].rsplit(":", 1)[1])
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", port))  # nothing listens there any more: the server was stopped

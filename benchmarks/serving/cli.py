@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0, help="arrival seed (0)")
     p.add_argument("--no-static", dest="static", action="store_false", help="skip the static model")
     p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray Serve app")
+    p.add_argument("--no-local", dest="local", action="store_false",
+                   help="skip the local mode (aptp-serve's default HTTP server, in this process)")
     p.add_argument("--static-dir", type=Path, metavar="DIR", help="cache of the static model's ONNX graph")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -48,7 +50,8 @@ def main(argv: Sequence[str]) -> int:
     options = ServeBenchOptions(rates=args.rates, rate_factors=args.rate_factors, count=args.count,
                                 max_seconds=args.max_seconds, drain_s=args.drain, slo_s=args.slo,
                                 slo_factor=args.slo_factor, max_wait_s=args.max_wait, threads=args.threads,
-                                seed=args.seed, static=args.static, ray=args.ray, static_dir=args.static_dir)
+                                seed=args.seed, static=args.static, ray=args.ray, local=args.local,
+                                static_dir=args.static_dir)
     options.check()
     check_artifacts(args.artifacts)
     results = run_serve_bench(args.artifacts, args.output_dir, options)

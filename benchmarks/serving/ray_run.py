@@ -35,9 +35,12 @@ PORT = 8347
 APP = "aptp-bench"
 
 
-def post(body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One HTTP request to the app; raises on a non-200 answer."""
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/", data=json.dumps(body).encode(), method="POST",
+URL = f"http://127.0.0.1:{PORT}"
+
+
+def post(body: dict[str, Any], timeout: float, url: str = URL) -> dict[str, Any]:
+    """One HTTP request to aptp's ``POST /`` at `url`; raises on a non-200 answer."""
+    req = urllib.request.Request(f"{url}/", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -49,24 +52,26 @@ def post(body: dict[str, Any], timeout: float) -> dict[str, Any]:
         raise RuntimeError(f"HTTP {err.code}: {err.read().decode('utf-8', 'replace')}") from None
 
 
-def http_sender(pool: ThreadPoolExecutor, prompts, seeds, codes, expert, timeout: float) -> Callable[[int], Future]:
+def http_sender(pool: ThreadPoolExecutor, prompts, seeds, codes, expert, timeout: float,
+                url: str = URL) -> Callable[[int], Future]:
     def send(i: int) -> Future:
         body: dict[str, Any] = {"prompt": prompts[i], "seed": int(seeds[i])}
         forced = expert if expert is not None else (None if codes is None else int(codes[i]))
         if forced is not None:
             body["expert"] = forced
-        return pool.submit(lambda: {k: v for k, v in post(body, timeout).items() if k != "png"})
+        return pool.submit(lambda: {k: v for k, v in post(body, timeout, url).items() if k != "png"})
     return send
 
 
-def _identity(pipe, prompts, seeds, codes, n: int, timeout: float) -> dict[str, Any]:
+def identity(pipe, prompts, seeds, codes, n: int, timeout: float, url: str = URL) -> dict[str, Any]:
+    """Images and experts of `n` requests over HTTP against the same requests in-process."""
     from PIL import Image
 
     diffs, same_expert = [], 0
     for i in range(n):
         expert = None if codes is None else int(codes[i])
         body = {"prompt": prompts[i], "seed": int(seeds[i]), **({} if expert is None else {"expert": expert})}
-        got = post(body, timeout)
+        got = post(body, timeout, url)
         want = pipe([prompts[i]], seeds=[int(seeds[i])], expert=expert)[0]
         pixels = np.asarray(Image.open(io.BytesIO(got["png"])).convert("RGB")).astype(int)
         diffs.append(int(np.abs(pixels - want.image.astype(int)).max()))
@@ -122,7 +127,7 @@ def main(config_path: str) -> int:
         result["replica_threads"] = options.threads
         pipe = AptpPipeline.from_export(config["artifacts"], verify=False, threads=int(config["threads"]))
         n = min(int(config["overhead_requests"]), len(prompts))
-        result["identity"] = _identity(pipe, prompts, seeds, codes, n, timeout)
+        result["identity"] = identity(pipe, prompts, seeds, codes, n, timeout)
         result["overhead"] = _overhead(pipe, prompts, seeds, codes, n, float(config["max_wait_s"]), timeout)
         pipe.close()
         runs = []

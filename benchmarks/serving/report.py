@@ -35,6 +35,11 @@ def checks(results: Mapping[str, Any]) -> dict[str, Any]:
         "ray_identity_requests": (ray.get("identity") or {}).get("requests"),
         "ray_overhead_s": (ray.get("overhead") or {}).get("overhead_s"),
         "ray_vs_server_sustained": _ratio(sustained.get("ray/routed"), sustained.get(f"{local}/routed")),
+        # Results made before the local mode existed carry no "local" entry: their checks stay as they were.
+        **({"local_identical_images": (results["local"].get("identity") or {}).get("identical_images"),
+            "local_overhead_s": (results["local"].get("overhead") or {}).get("overhead_s"),
+            "local_vs_ray_sustained": _ratio(sustained.get("local/routed"), sustained.get("ray/routed"))}
+           if results.get("local") else {}),
     }
 
 
@@ -98,6 +103,18 @@ def markdown(results: Mapping[str, Any]) -> str:
                   f"GenerationServer {_f(over.get('server_median_s'), '{:.3f}')} s per request (median of "
                   f"{over.get('requests')}): overhead {_f((over.get('overhead_s') or 0) * 1e3, '{:.0f}')} ms "
                   f"({_f(over.get('overhead_ratio'))}x)"]
+    local = results.get("local")
+    if local:
+        ident, over = local.get("identity", {}), local.get("overhead", {})
+        lines += ["", f"Local mode (aptp-serve's default: uvicorn + GenerationServer in one process, {local.get('url')}, "
+                  f"startup {_f(local.get('startup_s'), '{:.1f}')} s):", "",
+                  f"- images identical to in-process: {ident.get('identical_images')}/{ident.get('requests')} "
+                  f"(max pixel difference {ident.get('max_abs_pixel_diff')})",
+                  f"- low load, one request at a time: HTTP {_f(over.get('http_median_s'), '{:.3f}')} s vs the "
+                  f"pipeline called directly {_f(over.get('direct_median_s'), '{:.3f}')} s (median of "
+                  f"{over.get('requests')}): overhead {_f((over.get('overhead_s') or 0) * 1e3, '{:.0f}')} ms "
+                  f"({_f(over.get('overhead_ratio'))}x)",
+                  f"- routed sustained rate, local vs Ray: {_f(c.get('local_vs_ray_sustained'))}x"]
     for note in results.get("notes", []):
         lines.append(f"- note: {note}")
     return "\n".join(lines) + "\n"

@@ -64,6 +64,7 @@ class ServeBenchOptions:
     seed: int = 0
     static: bool = True
     ray: bool = True
+    local: bool = True
     ray_overhead_requests: int = 8
     static_dir: str | os.PathLike | None = None
 
@@ -261,9 +262,20 @@ def run_serve_bench(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
                               "max_wait_s": options.max_wait_s, "threads": options.threads,
                               "overhead_requests": options.ray_overhead_requests}, out, timeout_s=900)
         runs += ray.pop("runs", [])
+    local = None
+    if options.local:
+        from .local_run import run_local_http
+
+        local = run_local_http(root, {"prompts": prompts, "seeds": seeds,
+                                      "codes": codes.tolist() if model.synthetic else None, "rates": rates,
+                                      "count": options.count, "max_seconds": options.max_seconds,
+                                      "drain_s": options.drain_s, "slo_s": slo, "seed": options.seed,
+                                      "max_wait_s": options.max_wait_s, "threads": options.threads,
+                                      "overhead_requests": options.ray_overhead_requests})
+        runs += local.pop("runs", [])
     sustained = {f"{run_server}/{v}": highest_sustained([x for x in runs if x["variant"] == v
                                                             and x["server"] == run_server])
-                 for run_server in ("GenerationServer", "ray") for v in VARIANTS
+                 for run_server in ("GenerationServer", "ray", "local") for v in VARIANTS
                  if any(x["variant"] == v and x["server"] == run_server for x in runs)}
     results = {
         "format": RESULTS_FORMAT, "version": 1, "created": now_iso(), "artifacts": str(root),
@@ -277,7 +289,7 @@ def run_serve_bench(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
                      "threads": options.threads, "seed": options.seed, "calibration": calibration,
                      "slo_rule": "p95 latency (scheduled arrival to completion) within the SLO and every request "
                                  "completed"},
-        "runs": runs, "sustained_rate": sustained, "ray": ray, "notes": notes,
+        "runs": runs, "sustained_rate": sustained, "ray": ray, **({"local": local} if local else {}), "notes": notes,
         "elapsed_s": time.monotonic() - started,
     }
     results["checks"] = serve_report.checks(results)
