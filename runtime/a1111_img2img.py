@@ -16,7 +16,6 @@ diffusers' inpaint pipeline does) and the original pixels are not pasted back ov
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from aptp.errors import RuntimeInputError, shown
 

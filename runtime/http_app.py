@@ -30,7 +30,7 @@ from typing import Any
 from aptp.errors import AptpError
 
 from . import a1111
-from .pipeline import AptpPipeline, GenerationOptions, ProgressCallback
+from .pipeline import AptpPipeline, GenerationOptions
 from .progress import GenerationInterrupted, ProgressBoard
 from .serve_http import HttpError, parse_request, response_format, result_json
 

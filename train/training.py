@@ -149,7 +149,7 @@ def load_state(accelerator: Accelerator, path: Path) -> None:
                 raise ArtifactError(f"cannot resume from {path}: {rng_file.name} holds no random states; remove that "
                                     "state folder to resume from an earlier one")
         accelerator.load_state(str(path))
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         raise ArtifactError(f"cannot resume from {path}: a file there is not a plain training state (it was refused, "
                             "not executed: only tensors and plain values are read); "
                             "remove that state folder to resume from an earlier one") from None

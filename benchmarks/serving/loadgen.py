@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Outcome", "poisson_arrivals", "run_open_loop", "summarize_load"]
+__all__ = ["Outcome", "interleaved_times", "poisson_arrivals", "run_open_loop", "summarize_load"]
 
 
 def poisson_arrivals(rate: float, count: int, seed: int, max_seconds: float) -> np.ndarray:
@@ -158,3 +158,16 @@ def highest_sustained(runs: Sequence[Mapping[str, Any]]) -> float | None:
             break
         best = run["offered_rate"]
     return best
+
+
+def interleaved_times(first: Callable[[int], Any], second: Callable[[int], Any], n: int
+                      ) -> tuple[list[float], list[float]]:
+    """Seconds of ``first(i)`` and ``second(i)`` for i in 0..n, one after the other, their order
+    alternating so load drift hits both alike; round 0 warms both up and is dropped."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(n + 1):
+        for k in ((0, 1) if i % 2 else (1, 0)):
+            clock = time.perf_counter()
+            (first, second)[k](i)
+            times[k].append(time.perf_counter() - clock)
+    return times[0][1:], times[1][1:]

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .loadgen import poisson_arrivals, run_open_loop, summarize_load
+from .loadgen import interleaved_times, poisson_arrivals, run_open_loop, summarize_load
 from .ray_run import http_sender, identity, post
 
 __all__ = ["run_local_http"]
@@ -25,18 +25,18 @@ __all__ = ["run_local_http"]
 
 def _overhead(pipe: Any, url: str, prompts: Sequence[str], seeds: Sequence[int], codes: Sequence[int] | None,
               n: int, timeout: float) -> dict[str, Any]:
-    http_s, direct_s = [], []
-    for i in range(n + 1):  # the first round warms both up
-        expert = None if codes is None else int(codes[i % len(codes)])
-        prompt, seed = prompts[i % len(prompts)], int(seeds[i % len(seeds)])
-        for target in (("http", "direct") if i % 2 else ("direct", "http")):
-            clock = time.perf_counter()
-            if target == "http":
-                post({"prompt": prompt, "seed": seed, **({} if expert is None else {"expert": expert})}, timeout, url)
-            else:
-                pipe([prompt], seeds=[seed], expert=expert)
-            (http_s if target == "http" else direct_s).append(time.perf_counter() - clock)
-    http_s, direct_s = http_s[1:], direct_s[1:]
+    def request(i: int) -> tuple[str, int, int | None]:
+        return prompts[i % len(prompts)], int(seeds[i % len(seeds)]), None if codes is None else int(codes[i % len(codes)])
+
+    def via_http(i: int) -> None:
+        prompt, seed, expert = request(i)
+        post({"prompt": prompt, "seed": seed, **({} if expert is None else {"expert": expert})}, timeout, url)
+
+    def direct(i: int) -> None:
+        prompt, seed, expert = request(i)
+        pipe([prompt], seeds=[seed], expert=expert)
+
+    http_s, direct_s = interleaved_times(via_http, direct, n)
     return {"requests": n, "http_median_s": statistics.median(http_s), "direct_median_s": statistics.median(direct_s),
             "overhead_s": statistics.median(http_s) - statistics.median(direct_s),
             "overhead_ratio": statistics.median(http_s) / statistics.median(direct_s), "http_s": http_s,

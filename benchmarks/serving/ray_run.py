@@ -83,19 +83,21 @@ def identity(pipe, prompts, seeds, codes, n: int, timeout: float, url: str = URL
 def _overhead(pipe, prompts, seeds, codes, n: int, max_wait: float, timeout: float) -> dict[str, Any]:
     from aptp.runtime import GenerationServer
 
-    ray_s, local_s = [], []
+    from .loadgen import interleaved_times
+
+    def request(i: int) -> tuple[str, int, Any]:
+        return prompts[i % len(prompts)], int(seeds[i % len(seeds)]), None if codes is None else int(codes[i % len(codes)])
+
+    def via_ray(i: int) -> None:
+        prompt, seed, expert = request(i)
+        post({"prompt": prompt, "seed": seed, **({} if expert is None else {"expert": expert})}, timeout)
+
     with GenerationServer(pipe, max_wait=max_wait) as server:
-        for i in range(n + 1):  # the first round warms both up
-            expert = None if codes is None else int(codes[i % len(codes)])
-            body = {"prompt": prompts[i % len(prompts)], "seed": int(seeds[i % len(seeds)])}
-            for target in (("ray", "local") if i % 2 else ("local", "ray")):
-                clock = time.perf_counter()
-                if target == "ray":
-                    post({**body, **({} if expert is None else {"expert": expert})}, timeout)
-                else:
-                    server.generate(body["prompt"], seed=body["seed"], expert=expert, timeout=timeout)
-                (ray_s if target == "ray" else local_s).append(time.perf_counter() - clock)
-    ray_s, local_s = ray_s[1:], local_s[1:]
+        def via_server(i: int) -> None:
+            prompt, seed, expert = request(i)
+            server.generate(prompt, seed=seed, expert=expert, timeout=timeout)
+
+        ray_s, local_s = interleaved_times(via_ray, via_server, n)
     return {"requests": n, "ray_median_s": statistics.median(ray_s), "server_median_s": statistics.median(local_s),
             "overhead_s": statistics.median(ray_s) - statistics.median(local_s),
             "overhead_ratio": statistics.median(ray_s) / statistics.median(local_s), "ray_s": ray_s,
