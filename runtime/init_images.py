@@ -189,3 +189,14 @@ def latent_mask(mask: ImageInput, factor: int, blur: float = 0.0) -> np.ndarray:
     values = pixels.astype(np.float32) / np.float32(255.0)
     binary = (values >= 0.5).astype(np.float32)
     return np.ascontiguousarray(binary[::factor, ::factor][: pixels.shape[0] // factor, : pixels.shape[1] // factor])
+
+
+def pixel_mask(mask: ImageInput, blur: float = 0.0) -> np.ndarray:
+    """``(H, W)`` float32 in [0, 1]: how much of each output pixel is the repainted image (1)
+    rather than the init image (0); soft only where `blur` softens the mask's edge."""
+    pixels = mask.pixels
+    if blur > 0:
+        from PIL import Image, ImageFilter
+
+        pixels = np.asarray(Image.fromarray(pixels, "L").filter(ImageFilter.GaussianBlur(blur)))
+    return pixels.astype(np.float32) / np.float32(255.0)

@@ -573,7 +573,8 @@ class AptpPipeline:
                  width: int | None = None, scheduler: str | None = None, steps: int | None = None,
                  negative_prompt: str | Sequence[str | None] | None = None,
                  callback: ProgressCallback | None = None, init_image: Any = None, strength: float | None = None,
-                 mask_image: Any = None, mask_blur: float | None = None) -> list[GenerationResult]:
+                 mask_image: Any = None, mask_blur: float | None = None,
+                 keep_unmasked: bool = True) -> list[GenerationResult]:
         """Generate one image per prompt; results in the order of `prompts`.
 
         Args:
@@ -599,7 +600,10 @@ class AptpPipeline:
                 per prompt; its size is the default height/width (else it is resized).
             strength: how much of the init image is repainted, in (0, 1] (default 0.8; 1.0
                 with a mask). mask_image: inpainting: white repaints, black keeps (one or one
-                per prompt); mask_blur: its Gaussian blur radius in pixels. See ``docs/img2img.md``.
+                per prompt); mask_blur: its Gaussian blur radius in pixels. keep_unmasked: put the
+                init pixels back where the mask keeps them (as A1111 does); ``False`` gives
+                diffusers' inpainting output, whose kept pixels move with the decoder. See
+                ``docs/img2img.md``.
 
         Raises:
             RuntimeInputError: bad prompts or options (nothing is run).
@@ -614,7 +618,7 @@ class AptpPipeline:
         negatives = self.check_negative_prompts(negative_prompt, len(prompts))
         seed_list = self.check_seeds(seeds, len(prompts))
         return self.generate(prompts, seed_list, opts, negative_prompts=negatives, callback=callback,
-                             init_images=images)
+                             init_images=images, keep_unmasked=keep_unmasked)
 
     def check_negative_prompts(self, negative_prompt: Any, count: int) -> list[str | None] | None:
         """`negative_prompt` as one entry per prompt (``None`` for none), or ``None`` if no prompt has one."""
@@ -624,7 +628,8 @@ class AptpPipeline:
                  codes: np.ndarray | None = None,
                  negative_prompts: Sequence[str | None] | None = None,
                  callback: ProgressCallback | None = None,
-                 init_images: Sequence[img2img.ImageRequest] | None = None) -> list[GenerationResult]:
+                 init_images: Sequence[img2img.ImageRequest] | None = None,
+                 keep_unmasked: bool = True) -> list[GenerationResult]:
         """`__call__` on already checked prompts, seeds and options (the server's entry).
 
         `codes` (one per prompt) skips the router when the caller routed already;
@@ -724,6 +729,8 @@ class AptpPipeline:
             logger.info("expert %s: %d prompt(s), %d %s steps, %.3f s", key, group.size, table.num_steps,
                         table.name, spent["denoise"] + spent["decode"])
 
+        if pixels is not None and init_images is not None and options.inpaint and keep_unmasked:
+            img2img.keep_unmasked_pixels(pixels, init_images)
         images = to_uint8(pixels) if pixels is not None else None
         results = []
         for i, prompt in enumerate(prompts):
