@@ -10,15 +10,13 @@ namespace: it binds loopback only.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .loadgen import interleaved_times, poisson_arrivals, run_open_loop, summarize_load
-from .ray_run import http_sender, identity, post
+from .loadgen import interleaved_times
+from .ray_run import http_rate_runs, identity, post
 
 __all__ = ["run_local_http"]
 
@@ -61,19 +59,7 @@ def run_local_http(root: Path, config: Mapping[str, Any]) -> dict[str, Any]:
         n = min(int(config["overhead_requests"]), len(prompts))
         result["identity"] = identity(pipe, prompts, seeds, codes, n, timeout, server.url)
         result["overhead"] = _overhead(pipe, server.url, prompts, seeds, codes, n, timeout)
-        runs = []
-        with ThreadPoolExecutor(int(config["count"])) as pool:
-            for r, rate in enumerate(config["rates"]):
-                arrivals = poisson_arrivals(rate, int(config["count"]), int(config["seed"]) + r,
-                                            float(config["max_seconds"]))
-                for variant, expert in (("routed", None), ("dense", "dense"))[:: 1 if r % 2 == 0 else -1]:
-                    send = http_sender(pool, prompts, seeds, codes if expert is None else None, expert, timeout,
-                                       server.url)
-                    outcomes = run_open_loop(send, arrivals, timeout)
-                    runs.append({"server": "local", "variant": variant,
-                                 **summarize_load(outcomes, rate, float(config["slo_s"])),
-                                 "load_1min": os.getloadavg()[0]})
-        result["runs"] = runs
+        result["runs"] = http_rate_runs(dict(config), "local", server.url)
     finally:
         pipe.close()
         server.stop()

@@ -63,6 +63,26 @@ def http_sender(pool: ThreadPoolExecutor, prompts, seeds, codes, expert, timeout
     return send
 
 
+def http_rate_runs(config: dict[str, Any], server: str, url: str = URL) -> list[dict[str, Any]]:
+    """The suite's open-loop runs over HTTP at `url`: every rate of `config`, the routed and the
+    dense model on the same arrivals, their order alternating per rate; `server` labels the rows."""
+    from .loadgen import poisson_arrivals, run_open_loop, summarize_load
+
+    prompts, seeds, codes = config["prompts"], config["seeds"], config.get("codes")
+    runs = []
+    with ThreadPoolExecutor(int(config["count"])) as pool:
+        for r, rate in enumerate(config["rates"]):
+            arrivals = poisson_arrivals(rate, int(config["count"]), int(config["seed"]) + r,
+                                        float(config["max_seconds"]))
+            for variant, expert in (("routed", None), ("dense", "dense"))[:: 1 if r % 2 == 0 else -1]:
+                send = http_sender(pool, prompts, seeds, codes if expert is None else None, expert,
+                                   float(config["drain_s"]), url)
+                outcomes = run_open_loop(send, arrivals, float(config["drain_s"]))
+                runs.append({"server": server, "variant": variant,
+                             **summarize_load(outcomes, rate, float(config["slo_s"])), "load_1min": os.getloadavg()[0]})
+    return runs
+
+
 def identity(pipe, prompts, seeds, codes, n: int, timeout: float, url: str = URL) -> dict[str, Any]:
     """Images and experts of `n` requests over HTTP against the same requests in-process."""
     from PIL import Image
@@ -108,7 +128,6 @@ def main(config_path: str) -> int:
     import ray
     from ray import serve
 
-    from .loadgen import poisson_arrivals, run_open_loop, summarize_load
     from aptp.runtime import AptpPipeline
     from aptp.runtime.ray_serve import ServeOptions, build_app
 
@@ -132,18 +151,7 @@ def main(config_path: str) -> int:
         result["identity"] = identity(pipe, prompts, seeds, codes, n, timeout)
         result["overhead"] = _overhead(pipe, prompts, seeds, codes, n, float(config["max_wait_s"]), timeout)
         pipe.close()
-        runs = []
-        with ThreadPoolExecutor(int(config["count"])) as pool:
-            for r, rate in enumerate(config["rates"]):
-                arrivals = poisson_arrivals(rate, int(config["count"]), int(config["seed"]) + r,
-                                            float(config["max_seconds"]))
-                for variant, expert in (("routed", None), ("dense", "dense"))[:: 1 if r % 2 == 0 else -1]:
-                    send = http_sender(pool, prompts, seeds, codes if expert is None else None, expert, timeout)
-                    outcomes = run_open_loop(send, arrivals, float(config["drain_s"]))
-                    runs.append({"server": "ray", "variant": variant,
-                                 **summarize_load(outcomes, rate, float(config["slo_s"])),
-                                 "load_1min": os.getloadavg()[0]})
-        result["runs"] = runs
+        result["runs"] = http_rate_runs(config, "ray")
     finally:
         try:
             serve.shutdown()
