@@ -22,6 +22,7 @@ import pytest
 
 from aptp.errors import ArtifactError, RuntimeInputError
 from aptp.runtime import AptpPipeline, SchedulerTable, initial_noise, kernels, load_artifacts
+from aptp.runtime import denoise as denoise_module
 from aptp.runtime.cli import main as cli_main
 from aptp.runtime.cli import read_prompts_file
 from aptp.runtime.engine import OnnxRuntimeEngine
@@ -394,10 +395,9 @@ class _HostBackedCudaEngine:
         return {"out_sample": self.buffers["out_sample"]}
 
 
-def test_on_device_loop_logic_with_host_backed_buffers(pipe, monkeypatch):
-    """The GPU loop's buffer plumbing (row views, the unguided half batch, history) run on host
-    memory with the numpy twins standing in for the CUDA kernels: it must equal `denoise`."""
-    from aptp.runtime import denoise as denoise_module
+def use_host_backed_gpu_loop(monkeypatch, device_tensor=_HostBackedDeviceTensor) -> None:
+    """Let `denoise_on_device` run on host memory: `device_tensor` for its device buffers, the
+    numpy twins for the CUDA kernels, no synchronisation (shared by the GPU-loop tests)."""
 
     def cfg_input_cuda(x, scale, out, stream=0):
         kernels.cfg_input_numpy(_host_view(x), scale, _host_view(out))
@@ -406,10 +406,16 @@ def test_on_device_loop_logic_with_host_backed_buffers(pipe, monkeypatch):
         kernels.guided_step_numpy(_host_view(x), _host_view(mu), _host_view(mc), s, _host_view(px),
                                   _host_view(pm), coefs)
 
-    monkeypatch.setattr(denoise_module, "DeviceTensor", _HostBackedDeviceTensor)
+    monkeypatch.setattr(denoise_module, "DeviceTensor", device_tensor)
     monkeypatch.setattr(denoise_module, "_synchronize", lambda: None)
     monkeypatch.setattr(kernels, "cfg_input_cuda", cfg_input_cuda)
     monkeypatch.setattr(kernels, "guided_step_cuda", guided_step_cuda)
+
+
+def test_on_device_loop_logic_with_host_backed_buffers(pipe, monkeypatch):
+    """The GPU loop's buffer plumbing (row views, the unguided half batch, history) run on host
+    memory with the numpy twins standing in for the CUDA kernels: it must equal `denoise`."""
+    use_host_backed_gpu_loop(monkeypatch)
     unet = pipe.unet(1)
     fake = _HostBackedCudaEngine(unet)
     rng = np.random.default_rng(0)

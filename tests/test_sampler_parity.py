@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aptp.runtime import AptpPipeline, kernels
-from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS, shallow_copy
+from aptp.runtime import AptpPipeline
+from aptp.runtime import denoise as denoise_module
+from runtime_fixtures import FOOD_PROMPTS, VEHICLE_PROMPTS
 # The tiny export and its pipeline and torch components are test_runtime's fixtures (one export per session).
 from test_runtime import (  # noqa: F401
     ATOL,
-    _host_view,
     _HostBackedCudaEngine,
     _HostBackedDeviceTensor,
     components,
@@ -34,6 +34,7 @@ from test_runtime import (  # noqa: F401
     export_dir,
     expert_unet,
     pipe,
+    use_host_backed_gpu_loop,
 )
 
 # Steps per sampler: PNDM at the authors' 25 and at 4 (second- and third-order start only).
@@ -129,19 +130,7 @@ class _NaNDeviceTensor(_HostBackedDeviceTensor):
 def test_on_device_loop_keeps_the_plms_history(vpred_pipe, monkeypatch):
     """The GPU loop's PLMS history buffers (moved with the fused step kernel alone), run on host
     memory with the numpy twins for the CUDA kernels: it must equal the host loop."""
-    from aptp.runtime import denoise as denoise_module
-
-    def cfg_input_cuda(x, scale, out, stream=0):
-        kernels.cfg_input_numpy(_host_view(x), scale, _host_view(out))
-
-    def guided_step_cuda(x, mu, mc, s, px, pm, coefs, stream=0):
-        kernels.guided_step_numpy(_host_view(x), _host_view(mu), _host_view(mc), s, _host_view(px),
-                                  _host_view(pm), coefs)
-
-    monkeypatch.setattr(denoise_module, "DeviceTensor", _NaNDeviceTensor)
-    monkeypatch.setattr(denoise_module, "_synchronize", lambda: None)
-    monkeypatch.setattr(kernels, "cfg_input_cuda", cfg_input_cuda)
-    monkeypatch.setattr(kernels, "guided_step_cuda", guided_step_cuda)
+    use_host_backed_gpu_loop(monkeypatch, _NaNDeviceTensor)
     unet = vpred_pipe.unet(1)
     fake = _HostBackedCudaEngine(unet)
     rng = np.random.default_rng(3)
