@@ -7,9 +7,10 @@
 A batch of prompts is tokenised, routed (router encoder -> head -> argmax), encoded by the text
 encoder, and grouped by code (`kernels.group_by_code`). Each group gathers its latents and text
 states into one contiguous batch (`kernels.gather_rows`), runs the classifier-free-guided
-sampling loop on its expert's UNet (`aptp.runtime.denoise`), scatters its final latents back
-(`kernels.scatter_rows`) and is decoded by the VAE decoder. Results come back in the caller's
-order. ``expert=k`` or ``expert="dense"`` skips the router and runs every prompt on that UNet.
+sampling loop on its expert's UNet (`aptp.runtime.denoise`) and scatters its final latents back
+(`kernels.scatter_rows`); the groups run one after another, or several at once with ``workers``
+(`aptp.runtime.dispatch`). The VAE decoder then decodes the whole batch in chunks of
+``max_batch``. Results come back in the caller's order. ``expert=k`` or ``expert="dense"`` skips the router and runs every prompt on that UNet.
 
 Randomness: prompt ``i``'s initial noise is
 ``numpy.random.Generator(numpy.random.PCG64(seeds[i])).standard_normal((C, h, w), dtype=float32)``
@@ -17,7 +18,7 @@ times the sampler's ``init_noise_sigma``, drawn per prompt, so a request gives t
 alone or in any batch. ``seeds=None`` draws fresh seeds and reports them in the results.
 
 The text encoder and the router run once over the whole batch (they are shared by every
-expert); the loop and the decoder run per group. Sessions are created once per pipeline, on
+expert); the loop runs per group and the decoder once per ``max_batch`` prompts. Sessions are created once per pipeline, on
 first use (or all at construction with ``preload=True``), and reused. With ``memory_budget``
 the UNet sessions are owned by `aptp.runtime.residency.ResidencyManager` instead: loaded on
 demand, evicted least recently used to stay within the budget, never while a group runs on
@@ -44,7 +45,7 @@ import numpy as np
 
 from aptp.errors import ArtifactError, RuntimeInputError, shown
 
-from . import img2img, kernels
+from . import dispatch, img2img, kernels
 from .artifacts import DENSE, ExportArtifacts, ModelFile, load_artifacts
 from .denoise import StepCallback, denoise, denoise_on_device, uses_guidance
 from .engine import (
@@ -54,6 +55,7 @@ from .engine import (
     OnnxRuntimeEngine,
     TensorRTEngine,
     check_threads,
+    default_threads,
     onnxruntime_providers,
     tensorrt_available,
 )
@@ -87,10 +89,6 @@ _MAX_SEED = 2**63
 
 #: ``callback(step, total, expert)`` after each sampling step of a UNet run (see `AptpPipeline.__call__`).
 ProgressCallback = Callable[[int, int, Any], None]
-
-
-def _step_callback(callback: ProgressCallback, key: int | str) -> StepCallback:
-    return lambda step, total: callback(step, total, key)
 
 
 def initial_noise(seed: int, shape: Sequence[int]) -> np.ndarray:
@@ -327,14 +325,24 @@ class AptpPipeline:
             it is called with (`aptp.runtime.shape_sessions`); each holds its own copy of the
             weights, charged to the memory budget. 0 (default): off; measured gains were within
             noise (BENCHMARKS.md).
+        workers: UNet runs at once (`aptp.runtime.dispatch`): with ``workers > 1`` a request's
+            expert groups (halved when there are fewer than workers) run concurrently, each UNet
+            session with ``threads // workers`` intra-op threads; on 2 cores, 2 workers ran four
+            expert groups 1.1-1.5x faster. A request that is a single run (one prompt) then gets
+            fewer threads, so interactive single-prompt serving keeps the default 1 (one run
+            after another, each with every thread). CPU only.
     """
 
     def __init__(self, artifacts: ExportArtifacts, *, backend: str = "auto", device: str = "cpu",
                  device_id: int = 0, threads: int | None = None,
                  scheduler: SchedulerTable | Mapping[str, Any] | None = None, preload: bool = False,
                  max_batch: int | None = None, memory_budget: int | str | None = None,
-                 precision: str | None = None, shape_sessions: int = 0):
+                 precision: str | None = None, shape_sessions: int = 0, workers: int = 1):
         self.artifacts = artifacts
+        self.workers = dispatch.check_workers(workers)
+        if self.workers > 1 and device != "cpu":
+            raise RuntimeInputError(f"workers={self.workers} runs UNet groups concurrently on CPU cores; on "
+                                    f"device {device!r} use workers=1")
         self.shape_sessions = check_shape_sessions(shape_sessions)
         self.precision = _check_precision(precision, artifacts)
         self.memory_budget = parse_memory_budget(memory_budget)
@@ -343,6 +351,11 @@ class AptpPipeline:
         self.backend = resolve_backend(backend, device, artifacts)
         onnxruntime_providers(device, self.backend, self.device_id)  # CUDA without onnxruntime-gpu fails here
         self.threads = check_threads(threads)
+        # Concurrent runs split the cores between them (see `aptp.runtime.dispatch`).
+        self.unet_threads = self.threads if self.workers == 1 else \
+            max(1, (self.threads or default_threads()) // self.workers)
+        self._runs = dispatch.RunPool(self.workers)
+        self._callback_lock = threading.Lock()  # concurrent runs report progress one at a time
         self.max_batch = artifacts.max_batch if max_batch is None else max_batch
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise RuntimeInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -409,7 +422,7 @@ class AptpPipeline:
 
     # ---- engines -------------------------------------------------------------------------
 
-    def _make_engine(self, path: os.PathLike, plan: os.PathLike | None = None) -> Engine:
+    def _make_engine(self, path: os.PathLike, plan: os.PathLike | None = None, threads: int | None = None) -> Engine:
         # Engines hash the bytes they load against the manifest (verify-then-swap cannot work).
         a = self.artifacts
         if plan is not None and self.backend == "tensorrt":
@@ -417,7 +430,8 @@ class AptpPipeline:
         # Graphs without a plan under backend 'tensorrt' (text encoder, VAE, router) take
         # onnxruntime's best provider: TensorRT's if it activates, else CUDA.
         backend = "auto" if self.backend == "tensorrt" else self.backend
-        return OnnxRuntimeEngine(path, self.device, threads=self.threads, backend=backend,
+        return OnnxRuntimeEngine(path, self.device, threads=self.threads if threads is None else threads,
+                                 backend=backend,
                                  device_id=self.device_id, sha256=a.sha256(path), external_data=a.external_weights(path))
 
     def unet_file(self, key: int | str) -> ModelFile:
@@ -434,10 +448,10 @@ class AptpPipeline:
         entry = self.unet_file(key)
         if self.shape_sessions and self.device == "cpu":
             a = self.artifacts
-            return ShapeSessionEngine(entry.onnx, self.device, threads=self.threads, backend=self.backend,
+            return ShapeSessionEngine(entry.onnx, self.device, threads=self.unet_threads, backend=self.backend,
                                       sha256=a.sha256(entry.onnx), max_sessions=self.shape_sessions,
                                       external_data=a.external_weights(entry.onnx))
-        return self._make_engine(entry.onnx, entry.tensorrt)
+        return self._make_engine(entry.onnx, entry.tensorrt, threads=self.unet_threads)
 
     def _unet_file_bytes(self, key: int | str) -> int:
         entry = self.unet_file(key)
@@ -494,6 +508,7 @@ class AptpPipeline:
         with self._lock:
             for engine in self._engines.values():
                 engine.unload()
+        self._runs.shutdown()
         self.residency.clear()
 
     def __enter__(self) -> AptpPipeline:
@@ -686,48 +701,51 @@ class AptpPipeline:
             noise = np.stack([initial_noise(seed, self.latent_shape(options)) for seed in seeds])
             latents = np.ascontiguousarray(table.initial_latents(noise), dtype=np.float32)
         final = np.empty_like(latents)
-        pixels: np.ndarray | None = None
-        group_timings: dict[int, dict[str, float]] = {}
+        order, offsets = kernels.group_by_code(index, num_codes + 1)  # slot K is the dense model
+
+        def key_of(slot: int) -> int | str:
+            return DENSE if slot == num_codes else slot
+
+        def execute(run: dispatch.UnetRun, cancel: threading.Event) -> tuple[np.ndarray, str | None]:
+            key, rows = key_of(run.slot), run.rows
+            x = kernels.gather_rows(latents, rows)
+            text = kernels.gather_rows(cond, rows)
+            if per_row_uncond is not None:
+                text = np.concatenate([kernels.gather_rows(per_row_uncond, rows), text])
+            elif guided:
+                text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
+            step = self._step_hook(callback, key, cancel)
+            blend = None if image_start is None else image_start.blender(rows)
+            x = self._denoise(key, x, text, options.guidance_scale, table, step, blend)
+            return x, getattr(self.unet(key), "provider", None)
+
+        runs = dispatch.plan_runs(order, offsets, self.max_batch, self.workers, cost=lambda slot: self._unet_cost(
+            key_of(slot)))
+        denoised: dict[int, float] = {}
         group_provider: dict[int, str | None] = {}
         chunk_size: dict[int, int] = {}
-        order, offsets = kernels.group_by_code(index, num_codes + 1)  # slot K is the dense model
-        for slot in range(num_codes + 1):
-            group = order[offsets[slot]:offsets[slot + 1]]
-            if group.size == 0:
-                continue
-            key: int | str = DENSE if slot == num_codes else slot
-            spent = {"denoise": 0.0, "decode": 0.0}
-            # Chunks of max_batch prompts: the batch the export was built for (TensorRT profiles
-            # cover 2 * max_batch rows with guidance); each row's result does not depend on it.
-            for start in range(0, group.size, self.max_batch):
-                rows = group[start:start + self.max_batch]
-                clock = time.perf_counter()
-                x = kernels.gather_rows(latents, rows)
-                text = kernels.gather_rows(cond, rows)
-                if per_row_uncond is not None:
-                    text = np.concatenate([kernels.gather_rows(per_row_uncond, rows), text])
-                elif guided:
-                    text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
-                step = None if callback is None else _step_callback(callback, key)
-                blend = None if image_start is None else image_start.blender(rows)
-                x = self._denoise(key, x, text, options.guidance_scale, table, step, blend)
-                chunk_size.update(dict.fromkeys(rows.tolist(), int(rows.size)))
-                kernels.scatter_rows(x, rows, final)
-                spent["denoise"] += time.perf_counter() - clock
-                if options.output_type == "np":
-                    clock = time.perf_counter()
-                    decoded = self._engines["vae_decoder"].infer({"latent_sample": x})["sample"]
-                    decoded = np.ascontiguousarray(decoded, dtype=np.float32)
-                    if pixels is None:
-                        pixels = np.empty((batch, *decoded.shape[1:]), dtype=np.float32)
-                    kernels.scatter_rows(decoded, rows, pixels)
-                    spent["decode"] += time.perf_counter() - clock
-            provider = getattr(self.unet(key), "provider", None)
-            for row in group.tolist():
-                group_timings[row] = spent
+        for done in dispatch.run_all(runs, execute, self._runs.executor()):
+            (x, provider), rows = done.value, done.run.rows
+            kernels.scatter_rows(x, rows, final)
+            # A row's denoise time is its group's: every run of its expert (they may overlap).
+            denoised[done.run.slot] = denoised.get(done.run.slot, 0.0) + done.seconds
+            for row in rows.tolist():
                 group_provider[row] = provider
-            logger.info("expert %s: %d prompt(s), %d %s steps, %.3f s", key, group.size, table.num_steps,
-                        table.name, spent["denoise"] + spent["decode"])
+                chunk_size[row] = int(rows.size)
+            logger.info("expert %s: %d prompt(s), %d %s steps, %.3f s", key_of(done.run.slot), rows.size,
+                        table.num_steps, table.name, done.seconds)
+
+        pixels: np.ndarray | None = None
+        if options.output_type == "np":
+            # One decoder call per max_batch prompts of the request, whichever experts made them.
+            clock = time.perf_counter()
+            decoder = self._engines["vae_decoder"]
+            for start in range(0, batch, self.max_batch):
+                decoded = decoder.infer({"latent_sample": final[start:start + self.max_batch]})["sample"]
+                if pixels is None:
+                    pixels = np.empty((batch, *decoded.shape[1:]), dtype=np.float32)
+                pixels[start:start + len(decoded)] = decoded
+            timings["decode"] = time.perf_counter() - clock
 
         if pixels is not None and init_images is not None and options.inpaint and keep_unmasked:
             img2img.keep_unmasked_pixels(pixels, init_images)
@@ -738,7 +756,7 @@ class AptpPipeline:
             results.append(GenerationResult(
                 prompt=prompt, seed=int(seeds[i]), expert=DENSE if slot == num_codes else slot,
                 latents=final[i], image=None if images is None else images[i], truncated=tokens.truncated[i],
-                timings={**timings, **group_timings[i]}, provider=group_provider[i],
+                timings={**timings, "denoise": denoised[slot]}, provider=group_provider[i],
                 negative_prompt=None if negative_prompts is None else negative_prompts[i],
                 scheduler=table.name, num_inference_steps=options.num_inference_steps,
                 guidance_scale=options.guidance_scale, height=options.height, width=options.width,
@@ -752,6 +770,22 @@ class AptpPipeline:
             if "vae_encoder" not in self._engines:
                 self._engines["vae_encoder"] = self._make_engine(self.artifacts.vae_encoder.onnx)
             return self._engines["vae_encoder"]
+
+    def _step_hook(self, callback: ProgressCallback | None, key: int | str,
+                   cancel: threading.Event) -> StepCallback:
+        """After each step: stop if another run of the request failed, else report progress."""
+        def step(done: int, total: int) -> None:
+            if cancel.is_set():
+                raise dispatch.RunCancelled(f"expert {key}: stopped, another run of the request failed")
+            if callback is not None:
+                with self._callback_lock:
+                    callback(done, total, key)
+        return step
+
+    def _unet_cost(self, key: int | str) -> float:
+        """Relative cost of one row on UNet `key` (its MACs ratio; 1 if the export does not say)."""
+        ratio = getattr(self.artifacts.unet(key), "macs_ratio", None)
+        return float(ratio) if ratio else 1.0
 
     def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float,
                  table: SchedulerTable, callback: StepCallback | None = None,
