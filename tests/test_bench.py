@@ -35,7 +35,8 @@ def export_dir(tmp_path_factory) -> Path:
 def suite(export_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     options = LatencyOptions(backends=["onnxruntime", "torch"], batch_sizes=[1, 2], resolutions=[64, 32],
-                             repeats=2, warmup=0, threads=1, e2e_batch=3, e2e_repeats=1,
+                             repeats=2, warmup=0, calls_in_a_row=2, threads=1, e2e_batch=3, e2e_repeats=1,
+                             e2e_workers=[2],
                              profile_repeats=2, gap_threshold=0.0)  # every expert row counts as a gap: the profiler runs
     return run_latency(export_dir, out, options), out
 
@@ -71,8 +72,11 @@ def test_every_variant_backend_resolution_and_batch_is_timed(suite, export_dir):
                 assert set(rows) == variants, (backend, res, batch)
                 dense = rows["dense"]["median_s"]
                 for name, row in rows.items():
+                    # Two rounds of two calls in a row: the second of each is a sample, the first
+                    # (right after another model) gives the switch cost.
                     assert row["n"] == 2 and len(row["samples_s"]) == 2
                     assert row["median_s"] == pytest.approx(statistics.median(row["samples_s"]))
+                    assert row["switch_s"] == pytest.approx(row["first_call_median_s"] - row["median_s"])
                     assert row["latency_ratio"] == pytest.approx(row["median_s"] / dense)
                     assert row["latency_per_macs"] == pytest.approx(row["latency_ratio"] / row["macs_ratio"])
     # MACs ratios at the nominal resolution are the export's own.
@@ -97,7 +101,12 @@ def test_static_baseline_has_the_routed_mixture_macs(suite):
 def test_end_to_end_rows_and_overheads(suite):
     results, _ = suite
     rows = {r["variant"]: r for r in results["end_to_end"]}
-    assert set(rows) == {"routed", "dense", "static"}
+    assert set(rows) == {"routed", "dense", "static", "routed@2w", "dense@2w", "static@2w"}
+    assert rows["routed@2w"]["workers"] == 2 and rows["routed"]["workers"] == 1
+    for name in ("routed", "routed@2w"):
+        static = rows[name.replace("routed", "static")]["median_s"]
+        assert rows[name]["speed_vs_static"] == pytest.approx(static / rows[name]["median_s"])
+    assert results["checks"]["fastest_routed_workers"] in (1, 2)
     for row in rows.values():
         assert row["batch"] == 3 and row["images_per_s"] == pytest.approx(3 / row["median_s"])
         assert row["speedup_vs_dense"] == pytest.approx(rows["dense"]["median_s"] / row["median_s"])

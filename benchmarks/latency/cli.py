@@ -27,8 +27,11 @@ def parser() -> argparse.ArgumentParser:
                    help="UNet batch sizes (default: 1,2,4,8)")
     p.add_argument("--resolutions", type=int_list, metavar="LIST",
                    help="image sizes in pixels (default: the export's and half of it)")
-    p.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed calls per variant (10)")
+    p.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed rounds per variant (10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls per variant first (2)")
+    p.add_argument("--calls-in-a-row", type=positive_int, default=3, metavar="N",
+                   help="consecutive calls per variant and round, as a sampling loop makes them; the first is "
+                   "reported apart as the switch cost (3; 1: strict per-call interleaving)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op threads (default: all cores)")
     p.add_argument("--no-masked", dest="masked", action="store_false", help="skip the masked full UNet")
     p.add_argument("--masked-codes", type=lambda t: [int(v) for v in t.split(",") if v], metavar="LIST",
@@ -39,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-steps", type=positive_int, metavar="N",
                    help="sampler steps end to end (default: the export's table)")
     p.add_argument("--e2e-repeats", type=positive_int, default=3, metavar="N", help="timed requests per model (3)")
+    p.add_argument("--e2e-workers", type=int_list, metavar="LIST",
+                   help="concurrent UNet runs end to end, each count timed side by side (default: 1,2 where "
+                   "--threads allows 2, else 1)")
     p.add_argument("--gap-threshold", type=float, default=0.15, metavar="X",
                    help="relative latency/MACs gap that triggers a profile (0.15)")
     p.add_argument("--static-dir", type=Path, metavar="DIR",
@@ -60,10 +66,10 @@ def main(argv: Sequence[str]) -> int:
 
     options = LatencyOptions(
         backends=args.backends, batch_sizes=args.batch_sizes, resolutions=args.resolutions, repeats=args.repeats,
-        warmup=args.warmup, threads=args.threads, masked=args.masked, static=args.static, e2e=args.e2e,
+        warmup=args.warmup, calls_in_a_row=args.calls_in_a_row, threads=args.threads, masked=args.masked, static=args.static, e2e=args.e2e,
         e2e_batch=args.e2e_batch, e2e_steps=args.e2e_steps, e2e_repeats=args.e2e_repeats,
         gap_threshold=args.gap_threshold, static_dir=args.static_dir, pairwise=args.pairwise,
-        masked_codes=args.masked_codes, e2e_sequential=args.e2e_sequential,
+        masked_codes=args.masked_codes, e2e_sequential=args.e2e_sequential, e2e_workers=args.e2e_workers,
     )
     options.check()
     check_artifacts(args.artifacts)

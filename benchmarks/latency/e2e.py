@@ -44,35 +44,43 @@ def end_to_end(model: BenchModel, static: dict[str, Any] | None, options: Latenc
 
     artifacts = load_artifacts(model.root, verify=False)
     table = scheduler_for_steps(model, options.e2e_steps)
-    pipes = {"routed": AptpPipeline(artifacts, backend="onnxruntime", threads=threads, scheduler=table),
-             "dense": AptpPipeline(artifacts, backend="onnxruntime", threads=threads, scheduler=table)}
-    if static:
-        # The same pipeline with its dense slot holding the static model: same code path exactly.
-        swapped = dataclasses.replace(artifacts, dense=ModelFile(onnx=Path(static["onnx"]), macs_ratio=static["ratio"]))
-        pipes["static"] = AptpPipeline(swapped, backend="onnxruntime", threads=threads, scheduler=table)
+    # The static model rides in the dense slot of the same pipeline: same code path exactly.
+    swapped = None if not static else dataclasses.replace(
+        artifacts, dense=ModelFile(onnx=Path(static["onnx"]), macs_ratio=static["ratio"]))
+    pipes: dict[str, Any] = {}
+    for workers in workers_to_time(options, threads):
+        def make(export: Any, workers: int = workers) -> Any:
+            return AptpPipeline(export, backend="onnxruntime", threads=threads, scheduler=table, workers=workers)
+
+        pipes[variant_name("routed", workers)] = make(artifacts)
+        pipes[variant_name("dense", workers)] = make(artifacts)
+        if swapped is not None:
+            pipes[variant_name("static", workers)] = make(swapped)
     batch = list(prompts)
     seeds = list(range(len(batch)))
-    routed_opts = pipes["routed"].options(num_inference_steps=table.num_steps)
-    forced = {name: pipes[name].options(num_inference_steps=table.num_steps, expert=RT_DENSE)
-              for name in pipes if name != "routed"}
     route_times: list[float] = []
     stage_samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
-    def routed() -> None:
-        start = time.perf_counter()
-        router_codes = pipes["routed"].route(batch)  # the router always runs and is timed
-        route_times.append(time.perf_counter() - start)
-        use = codes if model.synthetic else router_codes
-        results = pipes["routed"].generate(batch, seeds, routed_opts, codes=use)
-        record_stages(stage_samples["routed"], results)
+    def routed_call(name: str) -> Callable[[], None]:
+        opts = pipes[name].options(num_inference_steps=table.num_steps)
 
-    def forced_call(name: str) -> Callable[[], None]:
         def call() -> None:
-            results = pipes[name].generate(batch, seeds, forced[name])
-            record_stages(stage_samples[name], results)
+            start = time.perf_counter()
+            router_codes = pipes[name].route(batch)  # the router always runs and is timed
+            if name == "routed":
+                route_times.append(time.perf_counter() - start)
+            use = codes if model.synthetic else router_codes
+            record_stages(stage_samples[name], pipes[name].generate(batch, seeds, opts, codes=use))
         return call
 
-    calls = {"routed": routed, **{name: forced_call(name) for name in forced}}
+    def forced_call(name: str) -> Callable[[], None]:
+        opts = pipes[name].options(num_inference_steps=table.num_steps, expert=RT_DENSE)
+
+        def call() -> None:
+            record_stages(stage_samples[name], pipes[name].generate(batch, seeds, opts))
+        return call
+
+    calls = {name: (routed_call if name.startswith("routed") else forced_call)(name) for name in pipes}
     try:
         if options.e2e_sequential:
             # Low memory: one model at a time (its sessions closed before the next is loaded).
@@ -100,13 +108,18 @@ def end_to_end(model: BenchModel, static: dict[str, Any] | None, options: Latenc
     rows = []
     for name, values in samples.items():
         stats = summarize(values)
+        kind, workers = name.split("@")[0], pipes[name].workers
+        static_name = variant_name("static", workers)
         row = {"backend": "onnxruntime", "resolution": model.nominal, "batch": len(batch), "steps": table.num_steps,
-               "max_batch_per_unet_call": pipes["dense"].max_batch,
+               "max_batch_per_unet_call": pipes[name].max_batch, "workers": workers,
+               "unet_threads": pipes[name].unet_threads,
                "order": "one model at a time" if options.e2e_sequential else "interleaved",
-               "guidance_scale": routed_opts.guidance_scale, "variant": name, **stats,
+               "guidance_scale": pipes[name].artifacts.guidance_scale, "variant": name, **stats,
                "images_per_s": len(batch) / stats["median_s"], "speedup_vs_dense": dense_median / stats["median_s"],
-               "macs_ratio": expected if name == "routed" else (1.0 if name == "dense" else static["ratio"]),
+               "macs_ratio": expected if kind == "routed" else (1.0 if kind == "dense" else static["ratio"]),
                "stages_median_s": {k: statistics.median(v) for k, v in stage_samples[name].items()}}
+        if kind == "routed" and static_name in samples:
+            row["speed_vs_static"] = statistics.median(samples[static_name]) / stats["median_s"]
         if name == "routed":
             route = statistics.median(route_times) if route_times else 0.0
             row.update({"routing": routing, "assignment": counts, "router_s": route, "dispatch_s": dispatch,
@@ -114,6 +127,19 @@ def end_to_end(model: BenchModel, static: dict[str, Any] | None, options: Latenc
                         "overhead_share": (route + dispatch) / stats["median_s"]})
         rows.append(row)
     return rows
+
+
+def variant_name(kind: str, workers: int) -> str:
+    """``routed``/``dense``/``static``, with ``@2w`` for two concurrent UNet runs and so on."""
+    return kind if workers == 1 else f"{kind}@{workers}w"
+
+
+def workers_to_time(options: LatencyOptions, threads: int) -> list[int]:
+    """The ``workers`` settings timed end to end: 1 (the reference every speedup is against) and
+    the options', else 2 where the threads allow it."""
+    if options.e2e_workers:
+        return sorted({1, *(int(w) for w in options.e2e_workers)})
+    return [1, 2] if threads >= 2 else [1]
 
 
 def record_stages(store: dict[str, list[float]], results: Sequence[Any]) -> None:

@@ -50,13 +50,19 @@ class LatencyOptions:
         backends: names from `ALL_BACKENDS`, or None for every default backend present.
         batch_sizes: UNet batch sizes (rows per UNet call; guidance doubles a request's rows).
         resolutions: image sizes in pixels; None: the export's nominal size and half of it.
-        repeats, warmup: timed and untimed calls per variant and configuration.
+        repeats, warmup: timed rounds and untimed calls per variant and configuration.
+        calls_in_a_row: consecutive calls per variant and round, as a sampling loop makes them
+            on one UNet; the first, right after another model ran, is reported apart (the
+            switch cost) and the others are the step latency. 1: strict per-call interleaving.
         threads: intra-op threads for every backend (None: all logical cores).
         masked: also time the masked full UNet (torch backends).
         static: also build, export and time the static pruned baseline (needs torch).
         e2e: also time end-to-end generation (onnxruntime backends).
         e2e_batch, e2e_steps, e2e_repeats: prompts per request, sampler steps (None: the
             export's table), timed requests per variant.
+        e2e_workers: concurrent UNet runs end to end (`AptpPipeline(workers=...)`); each count
+            gets its own routed/dense/static pipelines, timed side by side (None: 1, plus 2
+            where the threads allow it).
         gap_threshold: relative distance of latency ratio from MACs ratio that asks for a profile.
         profile_repeats: runs per session under the onnxruntime profiler.
         static_dir: where the static baseline's ONNX graph is cached (None: output_dir/static).
@@ -72,6 +78,7 @@ class LatencyOptions:
     resolutions: Sequence[int] | None = None
     repeats: int = 10
     warmup: int = 2
+    calls_in_a_row: int = 3
     threads: int | None = None
     masked: bool = True
     static: bool = True
@@ -85,10 +92,11 @@ class LatencyOptions:
     pairwise: bool = False
     masked_codes: Sequence[int] | None = None
     e2e_sequential: bool = False
+    e2e_workers: Sequence[int] | None = None
 
     def check(self) -> None:
         """Raise `ConfigError` for values no run can use."""
-        for name in ("repeats", "e2e_batch", "e2e_repeats", "profile_repeats"):
+        for name in ("repeats", "calls_in_a_row", "e2e_batch", "e2e_repeats", "profile_repeats"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if int(self.warmup) < 0:
@@ -101,6 +109,9 @@ class LatencyOptions:
             raise ConfigError(f"--resolutions must be positive pixel sizes, got {list(self.resolutions)}")
         if self.e2e_steps is not None and int(self.e2e_steps) < 1:
             raise ConfigError(f"--e2e-steps must be >= 1, got {self.e2e_steps}")
+        if self.e2e_workers is not None and (not self.e2e_workers or any(not 1 <= int(w) <= 64
+                                                                          for w in self.e2e_workers)):
+            raise ConfigError(f"--e2e-workers must be integers in [1, 64], got {list(self.e2e_workers)}")
         for code in self.masked_codes or ():
             if int(code) < 0:
                 raise ConfigError(f"--masked-codes must be expert codes (>= 0), got {code}")

@@ -87,12 +87,16 @@ def markdown(results: Mapping[str, Any]) -> str:
               "MACs ratio (see Gaps).", ""]
     fits = results.get("fixed_cost_fits") or []
     if fits:
+        switches = _switch_costs(results["unet_step"])
         lines += ["Fixed per-call cost, from a least-squares fit latency = fixed + slope x MACs ratio over the "
                   "sliced models (dense, experts, static) of each configuration: the share of a step that slicing "
-                  "cannot remove.", "", "| backend | px | batch | fixed ms | share of dense |", "|---|---|---|---|---|"]
+                  "cannot remove. Switch: what the first call after another model ran costs over a call in a row "
+                  f"(median over the models; {settings.get('calls_in_a_row', 1)} calls per turn).", "",
+                  "| backend | px | batch | fixed ms | share of dense | switch ms |", "|---|---|---|---|---|---|"]
         for f in fits:
+            switch = switches.get((f["backend"], f["resolution"], f["batch"]))
             lines.append(f"| {f['backend']} | {f['resolution']} | {f['batch']} | {1e3 * f['fixed_s']:.1f} | "
-                         f"{100 * f['fixed_share']:.0f}% |")
+                         f"{100 * f['fixed_share']:.0f}% | {'n/a' if switch is None else f'{1e3 * switch:+.1f}'} |")
         lines.append("")
 
     e2e = results.get("end_to_end") or []
@@ -104,13 +108,16 @@ def markdown(results: Mapping[str, Any]) -> str:
                   f"{first['guidance_scale']}, {first['resolution']} px, {first['backend']}; routing: "
                   f"{routing.get('method')}; assignment per expert: "
                   f"{next((r['assignment'] for r in e2e if r['variant'] == 'routed'), None)}.", "",
-                  "| model | MACs ratio | median s/request (IQR) | images/s | speedup vs dense | "
-                  "tokenise+route / text / denoise / decode (s) |", "|---|---|---|---|---|---|"]
+                  "`@Nw`: N expert groups at once (`--workers N`), each UNet with threads/N threads; denoise sums "
+                  "the groups' times, so it exceeds the wall time when they overlap.", "",
+                  "| model | MACs ratio | median s/request (IQR) | images/s | speedup vs dense | vs static | "
+                  "tokenise+route / text / denoise / decode (s) |", "|---|---|---|---|---|---|---|"]
         for r in e2e:
             st = r.get("stages_median_s", {})
             stages = " / ".join(_ratio(st.get(k), 3) for k in ("route", "text_encode", "denoise", "decode"))
+            vs_static = f"{r['speed_vs_static']:.2f}x" if r.get("speed_vs_static") is not None else ""
             lines.append(f"| {r['variant']} | {_ratio(r['macs_ratio'])} | {r['median_s']:.3f} ({r['iqr_s']:.3f}) | "
-                         f"{r['images_per_s']:.2f} | {r['speedup_vs_dense']:.2f}x | {stages} |")
+                         f"{r['images_per_s']:.2f} | {r['speedup_vs_dense']:.2f}x | {vs_static} | {stages} |")
         routed = next((r for r in e2e if r["variant"] == "routed"), None)
         if routed:
             lines += ["", f"Router (tokenise + encoder + head): {1e3 * routed['router_s']:.1f} ms "
@@ -140,12 +147,26 @@ def markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"- routed end-to-end speedup vs dense: {checks['routed_speedup_vs_dense']:.2f}x at MACs ratio "
                          f"{checks['routed_macs_ratio']:.3f} (>= 1.4x: {checks['routed_speedup_at_least_1.4']}); "
                          f"static: {_ratio(checks.get('static_speedup_vs_dense'), 2)}x")
+        versus = {w: v for w, v in (checks.get("routed_speed_vs_static") or {}).items() if v is not None}
+        if versus:
+            lines.append("- routed vs static at equal workers: " + ", ".join(
+                f"{v:.2f}x ({w} worker{'s' if w != '1' else ''})" for w, v in versus.items())
+                + f"; fastest routed setting on this machine: --workers {checks.get('fastest_routed_workers')}")
         lines.append("")
     backends = results.get("backends", {})
     skipped = [f"{name} ({info['reason']})" for name, info in backends.items() if not info.get("available")]
     if skipped:
         lines += [f"Backends not run: {'; '.join(skipped)}.", ""]
     return "\n".join(lines)
+
+
+def _switch_costs(rows: list[Mapping[str, Any]]) -> dict[tuple[str, int, int], float]:
+    """Per (backend, resolution, batch), the median switch cost over the models that report one."""
+    found: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get("switch_s") is not None:
+            found[(r["backend"], r["resolution"], r["batch"])].append(float(r["switch_s"]))
+    return {key: sorted(values)[len(values) // 2] for key, values in found.items()}
 
 
 def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -98,6 +98,7 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
                   "synthetic": model.synthetic},
         "machine": machine_info(),
         "settings": {"threads": threads, "repeats": options.repeats, "warmup": options.warmup,
+                     "calls_in_a_row": options.calls_in_a_row,
                      "batch_sizes": [int(b) for b in options.batch_sizes], "resolutions": resolutions,
                      "backends": backends, "interleaved": "pairwise with dense" if options.pairwise else "all variants", "gap_threshold": options.gap_threshold,
                      "statistic": "median and interquartile range over repeats",
@@ -134,8 +135,9 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
         factories = step_factories(backend, model, static, threads, options.masked and backend in TORCH_BACKENDS,
                                    options.masked_codes)
         providers: dict[str, str | None] = {}
+        first_calls: dict[tuple[int, int], dict[str, list[float]]] = {}
         try:
-            samples, reference = time_backend(backend, factories, configs, model, options, providers)
+            samples, reference = time_backend(backend, factories, configs, model, options, providers, first_calls)
         except RuntimeInputError as err:  # a GPU provider listed but not active: skipped, never mislabelled
             if backend == "onnxruntime":
                 raise
@@ -152,7 +154,7 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
         for res, batch in configs:
             ratios = {n: v["macs_ratio"] for n, v in results["variants"][str(res)].items()}
             rows = step_rows(backend, res, batch, samples[(res, batch)], ratios, options.gap_threshold,
-                             reference[(res, batch)])
+                             reference[(res, batch)], first_calls.get((res, batch)))
             for row in rows:
                 row["provider"] = providers.get(row["variant"])
             results["unet_step"] += rows
@@ -196,4 +198,8 @@ def _checks(results: Mapping[str, Any]) -> dict[str, Any]:
         "routed_macs_ratio": routed[0]["macs_ratio"] if routed else None,
         "routed_speedup_at_least_1.4": (routed[0]["speedup_vs_dense"] >= 1.4) if routed else None,
         "static_speedup_vs_dense": static[0]["speedup_vs_dense"] if static else None,
+        "routed_speed_vs_static": {str(r["workers"]): r.get("speed_vs_static")
+                                   for r in results["end_to_end"] if r["variant"].startswith("routed")},
+        "fastest_routed_workers": min(((r["median_s"], r["workers"]) for r in results["end_to_end"]
+                                       if r["variant"].startswith("routed")), default=(None, None))[1],
     }

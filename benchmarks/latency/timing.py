@@ -23,9 +23,14 @@ def summarize(samples: Sequence[float]) -> dict[str, Any]:
             "min_s": values[0], "max_s": values[-1], "n": len(values), "samples_s": list(samples)}
 
 
-def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Warm every call up, then time `repeats` rounds, each round running every call once in an
-    order rotated by one per round."""
+def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int, in_a_row: int = 1,
+                first: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Warm every call up, then time `repeats` rounds, each round running every call in an order
+    rotated by one per round.
+
+    With ``in_a_row > 1`` each turn makes that many consecutive calls, as a sampling loop does
+    on one UNet: the samples are the calls after the first, and the first call of each turn
+    (the one right after another model ran) goes to ``first[name]`` when `first` is given."""
     names = list(calls)
     for name in names:
         for _ in range(warmup):
@@ -34,7 +39,13 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: in
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            calls[name]()
-            samples[name].append(time.perf_counter() - start)
+            for i in range(in_a_row):
+                start = time.perf_counter()
+                calls[name]()
+                elapsed = time.perf_counter() - start
+                if i == 0 and in_a_row > 1:
+                    if first is not None:
+                        first.setdefault(name, []).append(elapsed)
+                else:
+                    samples[name].append(elapsed)
     return samples

@@ -62,28 +62,37 @@ def step_factories(backend: str, model: BenchModel, static: dict[str, Any] | Non
     return made
 
 
+Samples = dict[tuple[int, int], dict[str, list[float]]]
+
+
 def time_backend(backend: str, factories: Mapping[str, Callable[[], Step]], configs: Sequence[tuple[int, int]],
-                 model: BenchModel, options: LatencyOptions, providers: dict[str, str | None] | None = None
-                 ) -> tuple[dict[tuple[int, int], dict[str, list[float]]], dict[tuple[int, int], dict[str, float]]]:
+                 model: BenchModel, options: LatencyOptions, providers: dict[str, str | None] | None = None,
+                 first_calls: Samples | None = None) -> tuple[Samples, dict[tuple[int, int], dict[str, float]]]:
     """Samples per configuration and variant, and the dense median each variant is compared with.
 
-    Default: every variant loaded, all interleaved. ``pairwise``: dense stays loaded and each
-    other variant is loaded alone and interleaved with it (memory for two models); each ratio
-    is then against the dense timings of its own pair. `providers`, when given, receives what
-    ran each variant (`Step.provider`)."""
+    Default: every variant loaded, all interleaved, ``calls_in_a_row`` calls per turn (the
+    samples are the calls after the first; `first_calls`, when given, receives the first ones).
+    ``pairwise``: dense stays loaded and each other variant is loaded alone and interleaved with
+    it (memory for two models); each ratio is then against the dense timings of its own pair.
+    `providers`, when given, receives what ran each variant (`Step.provider`)."""
     providers = {} if providers is None else providers
-    samples: dict[tuple[int, int], dict[str, list[float]]] = {c: defaultdict(list) for c in configs}
+    samples: Samples = {c: defaultdict(list) for c in configs}
     reference: dict[tuple[int, int], dict[str, float]] = {c: {} for c in configs}
+    if first_calls is not None:
+        first_calls.update({c: defaultdict(list) for c in configs})
 
     def run(steps: Mapping[str, Step], label: str) -> None:
         for res, batch in tqdm(configs, desc=f"unet step [{backend}{label}]", leave=False):
             latent = res // model.vae_factor
             providers.update({name: step.provider for name, step in steps.items()})
             calls = {name: step.prepare(batch, latent, latent) for name, step in steps.items()}
-            got = interleaved(calls, options.repeats, options.warmup)
+            first: dict[str, list[float]] = {}
+            got = interleaved(calls, options.repeats, options.warmup, options.calls_in_a_row, first)
             dense = statistics.median(got[DENSE])
             for name, values in got.items():
                 samples[(res, batch)][name] += values
+                if first_calls is not None:
+                    first_calls[(res, batch)][name] += first.get(name, [])
                 if name != DENSE:
                     reference[(res, batch)][name] = dense
 
@@ -113,11 +122,16 @@ def time_backend(backend: str, factories: Mapping[str, Callable[[], Step]], conf
 
 def step_rows(backend: str, resolution: int, batch: int, samples: Mapping[str, list[float]],
               ratios: Mapping[str, float], threshold: float,
-              reference: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+              reference: Mapping[str, float] | None = None,
+              first_calls: Mapping[str, list[float]] | None = None) -> list[dict[str, Any]]:
     dense_all = statistics.median(samples[DENSE])
     rows = []
     for name, values in samples.items():
         stats = summarize(values)
+        first = (first_calls or {}).get(name)
+        if first:  # what the first call after another model costs over a call in a row
+            stats["first_call_median_s"] = statistics.median(first)
+            stats["switch_s"] = stats["first_call_median_s"] - stats["median_s"]
         macs_key = f"expert_{name.split('_')[1]}" if name.startswith(MASKED) else name
         macs_ratio = 1.0 if name.startswith(MASKED) else ratios.get(macs_key)
         dense = (reference or {}).get(name, dense_all)
