@@ -73,6 +73,18 @@ def _integer(text: str, flag: str) -> int:
         raise RuntimeInputError(f"{flag} must be a positive integer, got {text!r}") from None
 
 
+def _workers(text: str) -> int | str:
+    from .dispatch import check_workers
+
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = text  # check_workers names what is accepted
+    return check_workers(value, "--workers")
+
+
 def _guidance(text: str) -> float:
     try:
         value = float(text)
@@ -188,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape-sessions", type=int, default=0, metavar="N",
                         help="CPU: up to N extra sessions per UNet specialised to the shapes it runs (each holds a "
                         "copy of its weights; default 0, off: gains were within noise, see BENCHMARKS.md)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="CPU: run up to N expert groups at once, each UNet with threads/N threads (default 1: "
-                        "one after another; 2 ran four groups 1.1-1.5x faster on 2 cores, but a single prompt "
-                        "then gets fewer threads)")
+    parser.add_argument("--workers", default="auto", metavar="N|auto",
+                        help="CPU: UNet runs at once, each with threads/N threads: expert groups side by side, "
+                        "a single group's rows split between them (default auto: 2 with 2 or more threads; 1: "
+                        "one group after another with every thread)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                         help="UNet precision: int8 runs the UNets aptp-export --quantize int8 wrote "
                         "(default: the export's)")
@@ -292,7 +304,6 @@ def write_grid(path: Path, images: Sequence[tuple[object, dict[str, str]]]) -> P
 
 def run(args: argparse.Namespace) -> list[Path] | int:
     """Generate and save the images of parsed `args`; returns the paths written."""
-    from .dispatch import check_workers
     from .images import numbered_paths
     from .pipeline import STAGES, AptpPipeline
     from .residency import parse_memory_budget
@@ -314,11 +325,11 @@ def run(args: argparse.Namespace) -> list[Path] | int:
     seed = _seed(args.seed, len(prompts))
     threads = None if args.threads is None else _threads(args.threads)
     parse_memory_budget(args.memory_budget, "--memory-budget")  # a bad budget fails before the export loads
-    check_workers(args.workers, "--workers")
+    workers = _workers(args.workers)
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
                                     device=args.device, threads=threads, trusted_key=args.trusted_key,
                                     memory_budget=args.memory_budget, precision=args.precision,
-                                    shape_sessions=args.shape_sessions, workers=args.workers)
+                                    shape_sessions=args.shape_sessions, workers=workers)
     options = dict(
         num_inference_steps=None if args.steps is None else _integer(args.steps, "--steps"),
         height=None if args.height is None else _integer(args.height, "--height"),

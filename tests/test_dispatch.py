@@ -52,7 +52,7 @@ def test_concurrent_runs_start_with_the_costliest():
 
 def test_bad_worker_counts_are_refused():
     for bad in (0, -1, 65, 1.5, "2", True, None):
-        with pytest.raises(RuntimeInputError, match="workers must be an integer in"):
+        with pytest.raises(RuntimeInputError, match="workers must be an integer in .1, 64. or 'auto'"):
             check_workers(bad)
     assert check_workers(np.int64(3)) == 3
 
@@ -83,7 +83,7 @@ def test_run_all_raises_the_failure_and_cancels_the_other_runs():
 
 def test_concurrent_groups_give_the_same_images(export_dir):
     prompts = [VEHICLE_PROMPTS[0], FOOD_PROMPTS[0], VEHICLE_PROMPTS[1], FOOD_PROMPTS[1], FOOD_PROMPTS[2]]
-    with AptpPipeline.from_export(export_dir, threads=2) as serial, \
+    with AptpPipeline.from_export(export_dir, threads=2, workers=1) as serial, \
             AptpPipeline.from_export(export_dir, threads=2, workers=2) as concurrent:
         calls = []
         lock_free = threading.Lock()
@@ -117,6 +117,34 @@ def test_a_single_group_is_split_between_workers(export_dir):
     np.testing.assert_allclose(results[2].latents, alone[0].latents, rtol=0, atol=1e-5)
 
 
+def test_one_prompt_splits_each_call_between_idle_workers(export_dir, monkeypatch):
+    with AptpPipeline.from_export(export_dir, threads=2, workers=1) as serial, \
+            AptpPipeline.from_export(export_dir, threads=2, workers=2) as split:
+        want = serial([FOOD_PROMPTS[0]], seeds=[3], expert=1)[0]
+        engine = split.unet(1)
+        rows, threads = [], set()
+        infer = type(engine).infer
+
+        def spy(self, feed, stream=None):
+            if self is engine:
+                rows.append(len(feed["sample"]))
+                threads.add(threading.current_thread().name)
+            return infer(self, feed, stream)
+
+        monkeypatch.setattr(type(engine), "infer", spy)
+        got = split([FOOD_PROMPTS[0]], seeds=[3], expert=1)[0]
+    # Guidance doubles the prompt's row; each call ran as two one-row calls in two threads.
+    assert rows == [1] * (2 * STEPS) and len(threads) == 2
+    np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5)
+    assert np.abs(got.image.astype(int) - want.image).max() <= 1
+
+
+def test_auto_workers_follow_the_device_and_threads(export_dir):
+    for threads, want in ((1, 1), (2, 2), (4, 2)):
+        with AptpPipeline.from_export(export_dir, threads=threads) as pipe:
+            assert pipe.workers == want and pipe.unet_threads == max(1, threads // want), threads
+
+
 def test_a_failing_progress_callback_fails_the_concurrent_request(export_dir):
     with AptpPipeline.from_export(export_dir, threads=2, workers=2) as pipe:
         def stop(step, total, expert):
@@ -132,9 +160,10 @@ def test_a_failing_progress_callback_fails_the_concurrent_request(export_dir):
 def test_workers_are_refused_off_cpu_and_by_the_cli(export_dir, tmp_path, capsys):
     with pytest.raises(RuntimeInputError, match="on device 'cuda' use workers=1"):
         AptpPipeline.from_export(export_dir, device="cuda", workers=2)
-    code = cli_main(["--artifacts", str(export_dir), "--prompt", "a red car", "--workers", "0",
-                     "--output", str(tmp_path / "x.png")])
-    assert code != 0 and "--workers must be an integer in [1, 64]" in capsys.readouterr().err
+    for bad in ("0", "two"):
+        code = cli_main(["--artifacts", str(export_dir), "--prompt", "a red car", "--workers", bad,
+                         "--output", str(tmp_path / "x.png")])
+        assert code != 0 and "--workers must be an integer in [1, 64] or 'auto'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
