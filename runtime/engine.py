@@ -432,9 +432,9 @@ class OnnxRuntimeEngine(Engine):
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # A pipeline holds many sessions, each with its own thread pool. By default a pool's
-        # threads keep spinning after a run ends and take the cores from the next session's
-        # first call: +25-32 ms on the first call after a switch (narrow SD 2.1 UNets at 128 px,
-        # 2 cores, docs/performance-log.md); stopping them once the run ends costs nothing measurable.
+        # threads keep spinning after a run ends and take the cores from the first call of the
+        # session that runs next: +25-32 ms per switch (narrow SD 2.1 UNets at 128 px, 2 cores,
+        # docs/performance-log.md); stopping them once the run ends costs nothing measurable.
         options.add_session_config_entry(_STOP_SPINNING_AFTER_RUN, "1")
         return options
 

@@ -168,7 +168,7 @@ def test_workers_are_refused_off_cpu_and_by_the_cli(export_dir, tmp_path, capsys
 
 
 def test_sessions_stop_spinning_after_each_run(export_dir):
-    # Idle sessions' spinning threads took the cores from the next session's first call.
+    # Idle sessions' spinning threads took the cores from the first call of the session that ran next.
     ort = import_onnxruntime()
     engine = OnnxRuntimeEngine(export_dir / "vae_decoder" / "model.onnx", threads=2)
     assert engine._session_options(ort).get_session_config_entry("session.force_spinning_stop") == "1"
