@@ -30,6 +30,7 @@ from aptp.errors import RuntimeInputError, shown
 
 from .artifacts import DENSE
 from .pipeline import AptpPipeline, GenerationOptions, GenerationResult
+from .request_options import MAX_SEED
 from .sampler_library import canonical_sampler
 from .serve_http import HttpError, load_json
 from .tokenize import check_text
@@ -43,8 +44,6 @@ _ALIASES = {"euler": ["k_euler"], "ddim": [], "dpmpp_2m": ["k_dpmpp_2m"], "pndm"
 #: Images per txt2img request (batch_size x n_iter): each one is a request to the server's queue.
 MAX_IMAGES = 32
 MAX_BATCH_SIZE = 16
-_MAX_SEED = 2**63
-#: Known A1111 fields aptp cannot honour, with the value that means "off".
 #: A1111 fields aptp cannot honour, with the value that means "off": any other value is a 422
 #: rather than silently ignored (shared by txt2img and img2img).
 UNSUPPORTED_FIELDS = {"enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0,
@@ -168,7 +167,7 @@ def parse_fields(data: dict[str, Any], pipe: AptpPipeline, unsupported: Mapping[
     if batch_size * n_iter > MAX_IMAGES:
         raise unprocessable(f"batch_size x n_iter is {batch_size * n_iter}; at most {MAX_IMAGES} images per request")
     seed = data.get("seed", -1)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed < _MAX_SEED - batch_size * n_iter:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed < MAX_SEED - batch_size * n_iter:
         raise unprocessable(f"'seed' must be -1 (random) or an integer in [0, 2**63 - images), got {shown(seed)}")
     drawn = secrets.randbelow(2**32) if seed == -1 else seed  # A1111 draws 32-bit seeds
     cfg = data.get("cfg_scale")

@@ -73,18 +73,6 @@ def _integer(text: str, flag: str) -> int:
         raise RuntimeInputError(f"{flag} must be a positive integer, got {text!r}") from None
 
 
-def _workers(text: str) -> int | str:
-    from .dispatch import check_workers
-
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = text  # check_workers names what is accepted
-    return check_workers(value, "--workers")
-
-
 def _guidance(text: str) -> float:
     try:
         value = float(text)
@@ -304,6 +292,7 @@ def write_grid(path: Path, images: Sequence[tuple[object, dict[str, str]]]) -> P
 
 def run(args: argparse.Namespace) -> list[Path] | int:
     """Generate and save the images of parsed `args`; returns the paths written."""
+    from .dispatch import parse_workers
     from .images import numbered_paths
     from .pipeline import STAGES, AptpPipeline
     from .residency import parse_memory_budget
@@ -325,7 +314,7 @@ def run(args: argparse.Namespace) -> list[Path] | int:
     seed = _seed(args.seed, len(prompts))
     threads = None if args.threads is None else _threads(args.threads)
     parse_memory_budget(args.memory_budget, "--memory-budget")  # a bad budget fails before the export loads
-    workers = _workers(args.workers)
+    workers = parse_workers(args.workers)
     pipe = AptpPipeline.from_export(args.artifacts, verify=not args.no_verify, backend=args.backend,
                                     device=args.device, threads=threads, trusted_key=args.trusted_key,
                                     memory_budget=args.memory_budget, precision=args.precision,

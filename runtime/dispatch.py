@@ -29,7 +29,7 @@ import numpy as np
 from aptp.errors import RuntimeInputError
 
 __all__ = ["MAX_WORKERS", "RowSplitEngine", "RunPool", "RunCancelled", "UnetRun", "check_workers", "plan_runs",
-           "resolve_workers", "run_all"]
+           "parse_workers", "resolve_workers", "run_all"]
 
 #: Most concurrent UNet runs a pipeline may ask for.
 MAX_WORKERS = 64
@@ -64,6 +64,21 @@ def check_workers(value: object, name: str = "workers") -> int:
         raise RuntimeInputError(f"{name} must be an integer in [1, {MAX_WORKERS}] or 'auto' (UNet runs at once; "
                                 f"1 runs expert groups one after another), got {value!r}")
     return int(value)
+
+
+def parse_workers(text: str | None, name: str = "--workers") -> int | str:
+    """A command line's workers value: ``"auto"`` (also for ``None``) or a checked integer.
+
+    Raises:
+        RuntimeInputError: anything else, naming `name` and what it accepts.
+    """
+    if text is None or text == "auto":
+        return "auto"
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = text
+    return check_workers(value, name)
 
 
 def resolve_workers(value: object, device: str, threads: int, name: str = "workers") -> int:

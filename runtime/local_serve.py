@@ -56,6 +56,7 @@ class LocalOptions:
     threads: int | None = None
     device: str = "cpu"
     verify: bool = True
+    workers: int | str = "auto"
 
 
 def local_service(artifacts: str, options: LocalOptions = LocalOptions()) -> tuple[Service, Any]:
@@ -64,7 +65,7 @@ def local_service(artifacts: str, options: LocalOptions = LocalOptions()) -> tup
 
     pipe = AptpPipeline.from_export(artifacts, verify=options.verify, threads=options.threads,
                                     device=options.device, max_batch=options.max_batch,
-                                    memory_budget=options.memory_budget)
+                                    memory_budget=options.memory_budget, workers=options.workers)
     server = GenerationServer(pipe, max_batch=options.max_batch, max_wait=options.max_wait,
                               max_queue=options.max_queue, max_wait_s=options.max_wait_s)
 

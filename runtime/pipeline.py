@@ -30,22 +30,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import math
-import numbers
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aptp.errors import ArtifactError, RuntimeInputError, shown
 
-from . import dispatch, img2img, kernels
+from . import dispatch, img2img, kernels, request_options
 from .artifacts import DENSE, ExportArtifacts, ModelFile, load_artifacts
 from .denoise import StepCallback, denoise, denoise_on_device, uses_guidance
 from .engine import (
@@ -60,12 +55,21 @@ from .engine import (
     tensorrt_available,
 )
 from .images import to_uint8
+from .request_options import (
+    OUTPUT_TYPES,
+    GenerationOptions,
+    GenerationResult,
+    check_guidance,
+    check_precision,
+    check_size,
+    check_steps,
+)
 from .residency import MemoryProbe, ResidencyManager, parse_memory_budget
 from .shape_sessions import ShapeSessionEngine, check_shape_sessions
 from .router import Router
 from .sampler_library import SamplerLibrary
 from .scheduler import SchedulerTable
-from .tokenize import PromptTokenizer, check_prompts, check_text
+from .tokenize import PromptTokenizer, check_prompts
 
 __all__ = [
     "STAGES",
@@ -81,10 +85,6 @@ logger = logging.getLogger(__name__)
 
 #: Timed stages, in order; every result's ``timings`` has these keys (seconds).
 STAGES = ("tokenise", "route", "text_encode", "denoise", "decode")
-OUTPUT_TYPES = ("np", "latent")
-#: Accepted classifier-free guidance scales (inclusive); <= 1 runs the conditional model only.
-GUIDANCE_RANGE = (0.0, 100.0)
-_MAX_SEED = 2**63
 
 
 #: ``callback(step, total, expert)`` after each sampling step of a UNet run (see `AptpPipeline.__call__`).
@@ -95,81 +95,6 @@ def initial_noise(seed: int, shape: Sequence[int]) -> np.ndarray:
     """The standard normal noise of one request: ``Generator(PCG64(seed)).standard_normal(shape)``,
     float32. Multiply by the sampler's ``init_noise_sigma`` for the initial latents."""
     return np.random.Generator(np.random.PCG64(seed)).standard_normal(tuple(shape), dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Checked per-request options; requests with equal options can share a batch."""
-
-    guidance_scale: float
-    num_inference_steps: int
-    height: int
-    width: int
-    expert: int | str | None = None
-    output_type: str = "np"
-    #: Sampler name (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, ``"pndm"``); requests with different samplers
-    #: or step counts never share a batch.
-    scheduler: str = ""
-    #: img2img strength in (0, 1] (None: text-to-image); `inpaint`: masked requests (`aptp.runtime.img2img`).
-    strength: float | None = None
-    inpaint: bool = False
-
-
-@dataclass
-class GenerationResult:
-    """One prompt's output.
-
-    ``expert`` is the code the prompt ran on (or ``"dense"``); ``latents`` are the final
-    latents ``(C, h, w)`` float32; ``image`` is ``(H, W, 3)`` uint8 (``None`` for
-    ``output_type="latent"``); ``timings`` are seconds per stage (`STAGES`): tokenise, route
-    and text_encode for the whole batch, denoise and decode for the prompt's expert group.
-    The generation parameters (negative prompt, sampler, steps, guidance, size, and the sha256
-    of the export's manifest) come along so that `save` can write them into the PNG.
-    ``provider`` is what actually ran its UNet: the execution provider the onnxruntime session
-    activated (e.g. ``"CPUExecutionProvider"``, ``"CUDAExecutionProvider"``) or ``"TensorRT"``.
-    """
-
-    prompt: str
-    seed: int
-    expert: int | str
-    latents: np.ndarray
-    image: np.ndarray | None = None
-    truncated: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    negative_prompt: str | None = None
-    scheduler: str = ""
-    num_inference_steps: int = 0
-    guidance_scale: float = 0.0
-    height: int = 0
-    width: int = 0
-    manifest_sha256: str = ""
-    provider: str | None = None
-    #: Prompts that shared this prompt's UNet calls (its expert group's chunk).
-    batch_size: int = 1
-    #: img2img / inpainting: the strength and the init image, mask and blur (`img2img.ImageRequest`).
-    strength: float | None = None
-    init_image: Any = None
-
-    def parameters(self) -> dict[str, str]:
-        """What made this image, as the PNG text chunks `save` writes (`aptp.runtime.images`)."""
-        from .images import generation_parameters
-
-        return generation_parameters(self)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the image as PNG with `parameters` in its text chunks (temp file, then rename).
-
-        Raises:
-            RuntimeInputError: the result has no image (``output_type="latent"``), or `path`
-                does not end in ``.png``.
-        """
-        from .images import save_png
-
-        if self.image is None:
-            raise RuntimeInputError("this result has no image (it was generated with output_type='latent')")
-        if Path(path).suffix.lower() != ".png":
-            raise RuntimeInputError(f"{path} must end in .png (images are saved as PNG)")
-        return save_png(self.image, path, parameters=self.parameters())
 
 
 def resolve_backend(backend: str, device: str, artifacts: ExportArtifacts) -> str:
@@ -199,101 +124,11 @@ def resolve_backend(backend: str, device: str, artifacts: ExportArtifacts) -> st
     return "onnxruntime"
 
 
-def _check_steps(value: Any, steps: Any, default: int) -> int:
-    if steps is not None:  # `steps=` is the short spelling of diffusers' num_inference_steps=
-        if value is not None and value != steps:
-            raise RuntimeInputError(f"steps={shown(steps)} and num_inference_steps={shown(value)} disagree; pass one of them")
-        value = steps
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {shown(value)}")
-    if value <= 0:
-        raise RuntimeInputError(f"num_inference_steps must be a positive integer, got {value}")
-    return int(value)
-
-
-def _check_negative_prompts(negative: Any, count: int) -> list[str | None] | None:
-    """One negative prompt (or None) per prompt; ``None`` when no prompt has one."""
-    if negative is None:
-        return None
-    if isinstance(negative, str):
-        negative = [negative] * count
-    if isinstance(negative, bytes) or not isinstance(negative, Sequence) or len(negative) != count:
-        raise RuntimeInputError(f"negative_prompt must be a string or a list of {count} strings (one per prompt), "
-                                f"got {shown(negative)}")
-    for i, text in enumerate(negative):
-        if text is not None:
-            check_text(text, f"negative_prompt[{i}]", allow_blank=True)
-    out = [text if text else None for text in negative]
-    return out if any(out) else None
-
-
-def _check_guidance(value: Any, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise RuntimeInputError(f"guidance_scale must be a finite number (e.g. 7.5), got {shown(value)}")
-    low, high = GUIDANCE_RANGE
-    if not low <= value <= high:
-        # Negative guidance steers away from the prompt; huge values overflow the latents
-        # (1e308 gave an all-black image).
-        raise RuntimeInputError(f"guidance_scale must be in [{low:g}, {high:g}] (diffusers' default is 7.5), "
-                                f"got {shown(value)}")
-    return float(value)
-
-
-def _check_size(value: Any, name: str, default: int, artifacts: ExportArtifacts) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise RuntimeInputError(f"{name} must be a positive number of pixels, got {shown(value)}")
-    multiple = artifacts.size_multiple
-    if value % multiple:
-        raise RuntimeInputError(f"{name} {value} is not a multiple of {multiple} (VAE factor x UNet downsampling); "
-                                f"try {max(multiple, value // multiple * multiple)}")
-    low = artifacts.min_size or min(artifacts.image_height, artifacts.image_width)
-    high = artifacts.max_size or max(artifacts.image_height, artifacts.image_width)
-    if not low <= value <= high:
-        raise RuntimeInputError(f"{name} {value} is outside this export's range [{low}, {high}] pixels; re-export "
-                                "with --min-resolution/--max-resolution to cover it")
-    return int(value)
-
-
-def _check_seeds(seeds: Any, count: int) -> list[int]:
-    if seeds is None:
-        return [secrets.randbelow(_MAX_SEED) for _ in range(count)]
-    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
-        seeds = [int(seeds) + i for i in range(count)]
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != count:
-        raise RuntimeInputError(f"seeds must be an integer or a list of {count} integers (one per prompt), "
-                                f"got {shown(seeds)}")
-    for i, seed in enumerate(seeds):
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
-            raise RuntimeInputError(f"seeds[{i}] must be an integer in [0, 2**63), got {shown(seed)}")
-    return [int(s) for s in seeds]
-
-
 def _manifest_sha256(artifacts: ExportArtifacts) -> str:
     try:
         return hashlib.sha256((artifacts.root / "manifest.json").read_bytes()).hexdigest()
     except OSError:  # artifacts built in memory (tests): nothing on disk to name
         return ""
-
-
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def _check_precision(precision: Any, artifacts: ExportArtifacts) -> str | None:
-    """None (the export's UNets) or ``"int8"``; the export's own precision means None."""
-    if precision is None or precision == artifacts.precision:
-        return None
-    if precision not in PRECISIONS:
-        raise RuntimeInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "int8":
-        raise RuntimeInputError(f"export {artifacts.root} holds {artifacts.precision} UNets, not {precision}: "
-                                f"re-export with --precision {precision}, or pass precision=None")
-    return "int8"
 
 
 def _describe_unet(key: int | str) -> str:
@@ -346,7 +181,7 @@ class AptpPipeline:
             raise RuntimeInputError(f"workers={self.workers} runs UNet groups concurrently on CPU cores; on "
                                     f"device {device!r} use workers=1")
         self.shape_sessions = check_shape_sessions(shape_sessions)
-        self.precision = _check_precision(precision, artifacts)
+        self.precision = check_precision(precision, artifacts)
         self.memory_budget = parse_memory_budget(memory_budget)
         self.device = device
         self.device_id = int(device_id)
@@ -539,13 +374,13 @@ class AptpPipeline:
         Raises:
             RuntimeInputError: steps not a positive integer or outside the export's range, an
                 unknown or unavailable sampler, a guidance scale that is not a finite number in
-                `GUIDANCE_RANGE`, an unknown expert, an unknown output type, an image size outside
-                the export's range or not a multiple of its ``size_multiple``.
+                `request_options.GUIDANCE_RANGE`, an unknown expert, an unknown output type, an
+                image size outside the export's range or not a multiple of its ``size_multiple``.
         """
         a = self.artifacts
-        steps = _check_steps(num_inference_steps, steps, self.scheduler.num_steps)
+        steps = check_steps(num_inference_steps, steps, self.scheduler.num_steps)
         sampler, steps = self.samplers.check(self.scheduler.name if scheduler is None else scheduler, steps)
-        scale = _check_guidance(guidance_scale, self.artifacts.guidance_scale)
+        scale = check_guidance(guidance_scale, self.artifacts.guidance_scale)
         if expert is not None:
             keys = self.artifacts.model_keys
             if isinstance(expert, bool) or expert not in keys:
@@ -555,13 +390,13 @@ class AptpPipeline:
             raise RuntimeInputError(f"output_type must be one of {OUTPUT_TYPES}, got {shown(output_type)}")
         if strength is not None:  # the cut must keep a step at these steps
             img2img.t_start(steps, img2img.check_strength(strength))
-        return GenerationOptions(scale, steps, _check_size(height, "height", a.image_height, a),
-                                 _check_size(width, "width", a.image_width, a), expert, output_type, sampler,
+        return GenerationOptions(scale, steps, check_size(height, "height", a.image_height, a),
+                                 check_size(width, "width", a.image_width, a), expert, output_type, sampler,
                                  None if strength is None else float(strength), bool(inpaint))
 
     def check_seeds(self, seeds: Any, count: int) -> list[int]:
         """`seeds` as `count` integers: an int ``s`` gives ``s, s+1, ...``; ``None`` draws fresh ones."""
-        return _check_seeds(seeds, count)
+        return request_options.check_seeds(seeds, count)
 
     def route(self, prompts: str | Sequence[str]) -> np.ndarray:
         """The expert code of each prompt, ``(B,)`` int64."""
@@ -597,7 +432,7 @@ class AptpPipeline:
             prompts: one prompt or a list of prompts (non-empty text each).
             seeds: one integer per prompt; an int ``s`` means ``s, s+1, ...``; ``None`` draws
                 fresh seeds (see the module docstring for how noise follows from a seed).
-            guidance_scale: classifier-free guidance in `GUIDANCE_RANGE` (default: the
+            guidance_scale: classifier-free guidance in `request_options.GUIDANCE_RANGE` (default: the
                 manifest's); ``<= 1`` runs the conditional model only, as diffusers does.
             num_inference_steps: sampling steps, in the export's range (1-150); default: the
                 export's. ``steps`` is the same option under a shorter name.
@@ -638,7 +473,7 @@ class AptpPipeline:
 
     def check_negative_prompts(self, negative_prompt: Any, count: int) -> list[str | None] | None:
         """`negative_prompt` as one entry per prompt (``None`` for none), or ``None`` if no prompt has one."""
-        return _check_negative_prompts(negative_prompt, count)
+        return request_options.check_negative_prompts(negative_prompt, count)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], options: GenerationOptions,
                  codes: np.ndarray | None = None,

@@ -69,7 +69,7 @@ def check_seconds(value: float | None, flag: str) -> None:
 #: Flags that only the Ray mode reads (refused without --ray rather than silently ignored).
 RAY_FLAGS = ("replicas", "autoscale", "num_cpus", "num_gpus", "no_dense", "address", "ray_cpus", "ray_temp_dir")
 #: Flags that only the local mode reads.
-LOCAL_FLAGS = ("max_queue", "swap_wait", "memory_budget", "device")
+LOCAL_FLAGS = ("max_queue", "swap_wait", "memory_budget", "device", "workers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--memory-budget", metavar="SIZE", help="memory the UNet sessions may take together, e.g. "
                        "3GiB; they are loaded on demand and evicted least recently used (default: unlimited)")
     local.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where the models run (cpu)")
+    local.add_argument("--workers", default=None, metavar="N|auto",
+                       help="CPU: UNet runs at once, each with threads/N threads (auto: 2 with 2 or more threads; "
+                       "1: one batch's runs one after another with every thread)")
     ray = p.add_argument_group("Ray mode (--ray)")
     ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: a router and one deployment per expert "
                      "(needs aptp[serve])")
@@ -124,6 +127,7 @@ def _refuse_other_mode(args: argparse.Namespace) -> None:
 
 
 def run_local(args: argparse.Namespace) -> int:
+    from .dispatch import parse_workers
     from .local_serve import LocalOptions, require_uvicorn, serve_forever
     from .residency import parse_memory_budget
 
@@ -133,7 +137,7 @@ def run_local(args: argparse.Namespace) -> int:
                            max_queue=64 if args.max_queue is None else args.max_queue,
                            max_wait_s=5.0 if args.swap_wait is None else args.swap_wait,
                            memory_budget=args.memory_budget, threads=args.threads, device=args.device or "cpu",
-                           verify=not args.no_verify)
+                           verify=not args.no_verify, workers=parse_workers(args.workers))
     serve_forever(args.artifacts, args.host, args.port, options,
                   announce=lambda line: print(f"{PROG}: {line}", flush=True))
     return 0

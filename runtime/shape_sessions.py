@@ -10,7 +10,7 @@ dynamic session (rows are independent; the tests check 1e-5).
 
 Why opt-in, and why the weights are not shared (measured 2026-12-06 on the narrow SD 2.1
 export at 128 px, expert 0 with 243 MiB of weights, onnxruntime 1.32, 2 shared cores under a
-load average of 5; see BENCHMARKS.md "Shape-specialised sessions"):
+load average of 5; see docs/performance-log.md):
 
 * Speed: a fixed-shape session ran 0.93-1.06x the dynamic one (interleaved medians), within
   the noise of the loaded machine; the 1.2x seen earlier did not reproduce.

@@ -47,3 +47,34 @@ def test_a_refused_pretrain_leaves_no_folder(tmp_path, capsys):
     assert main(["pretrain", "--output-dir", str(out), "--init-from", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers must be an integer in [1, 64] or 'auto'"),
+    (["--workers", "many"], "--workers must be an integer in [1, 64] or 'auto'"),
+    (["--ray", "--workers", "2"], "--workers only apply to the local mode"),
+])
+def test_serve_workers_are_checked_before_anything_starts(tmp_path, capsys, argv, message):
+    from aptp.runtime.serve_cli import main
+
+    assert main(["--artifacts", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--e2e-workers", "0"], "expected comma-separated positive integers, got '0'"),
+    (["--e2e-workers", "65"], "--e2e-workers must be integers in [1, 64], got [65]"),
+    (["--calls-in-a-row", "0"], "expected a positive integer, got 0"),
+])
+def test_latency_suite_dispatch_flags_are_one_line(tmp_path, capsys, argv, message):
+    from aptp.benchmarks.cli import main
+
+    try:
+        code = main(["latency", "--artifacts", str(tmp_path), "--output-dir", str(tmp_path / "out"), *argv])
+    except SystemExit as exit_:  # argparse's own type errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(message in line for line in err), err
+    assert not (tmp_path / "out").exists()

@@ -41,7 +41,7 @@ import numpy as np
 
 from aptp.errors import AptpError, ConfigError
 from aptp.outputs import BENCH_MEMORY, claim_in_place
-from aptp.runtime.pipeline import GUIDANCE_RANGE
+from aptp.runtime.request_options import GUIDANCE_RANGE
 from aptp.runtime.serving import MAX_WAIT
 
 from .ratios import peak_over_budget, throughput_vs_reference
