@@ -76,6 +76,7 @@ class ModelFile:
     share: float | None = None
     external_data: Path | None = None
     int8: "ModelFile | None" = None  # the int8 version `aptp-export --quantize int8` wrote (UNets only)
+    cpu_graph: "ModelFile | None" = None  # the graph `aptp-export --cpu-graphs` optimised for CPU sessions
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class ExportArtifacts:
         models = [self.text_encoder, self.router_encoder, self.router_head, self.vae_decoder,
                   *([self.vae_encoder] if self.vae_encoder is not None else []),
                   *self.experts.values(), *([self.dense] if self.dense is not None else [])]
-        models += [m.int8 for m in models if m.int8 is not None]
+        models += [alt for m in models for alt in (m.int8, m.cpu_graph) if alt is not None]
         return [(m.external_data, self.sha256(m.external_data)) for m in models
                 if m.onnx == Path(graph) and m.external_data is not None]
 
@@ -222,6 +223,7 @@ class _Reader:
 
     def model(self, node: Mapping[str, Any], path: str, file_key: str = "file") -> ModelFile:
         int8 = node.get("int8") if isinstance(node, Mapping) else None
+        cpu_graph = node.get("cpu_graph") if isinstance(node, Mapping) else None
         return ModelFile(
             onnx=self.file(node, file_key, path),
             max_abs_error=self.number(node, "max_abs_error", path, optional=True, limit="max_abs_error"),
@@ -230,18 +232,33 @@ class _Reader:
             share=self.number(node, "share", path, optional=True, limit="share"),
             external_data=self.file(node, "external_data", path, optional=True),
             int8=None if int8 is None else self.int8(node, path),
+            cpu_graph=None if cpu_graph is None else self.cpu_graph(node, path),
         )
 
-    def int8(self, node: Mapping[str, Any], path: str) -> ModelFile:
-        """The int8 UNet beside an fp32 one (`aptp.export.quantize`): its file, hashed; its
-        recorded size and sha256 must be those of the file, its errors finite."""
-        where = _join(path, "int8")
-        entry = self.section(node, "int8", path)
+    def alternate(self, node: Mapping[str, Any], name: str, path: str) -> tuple[ModelFile, Mapping[str, Any]]:
+        """Another graph of a UNet listed under `name` in its entry (``int8``, ``cpu_graph``):
+        its file, hashed; its recorded size and sha256 must be those of the file."""
+        where = _join(path, name)
+        entry = self.section(node, name, path)
         model = self.model(entry, where, "unet")
         self.integer(entry, "bytes", where, optional=True)
         sha = entry.get("sha256")
         if sha is not None and sha != self.manifest["files"].get(entry["unet"]):
             raise self.fail(_join(where, "sha256"), "differs from the hash of its file in the files table")
+        return model, entry
+
+    def cpu_graph(self, node: Mapping[str, Any], path: str) -> ModelFile:
+        """The CPU graph of a UNet (`aptp.export.cpu_graphs`), as `alternate` checks it, with
+        the difference to the exported graph it was checked at."""
+        model, entry = self.alternate(node, "cpu_graph", path)
+        self.number(entry, "max_abs_diff", _join(path, "cpu_graph"), optional=True, limit="max_abs_error")
+        return model
+
+    def int8(self, node: Mapping[str, Any], path: str) -> ModelFile:
+        """The int8 UNet beside an fp32 one (`aptp.export.quantize`), as `alternate` checks it,
+        with finite errors."""
+        model, entry = self.alternate(node, "int8", path)
+        where = _join(path, "int8")
         error = entry.get("error")
         if error is not None:
             if not isinstance(error, Mapping):

@@ -271,13 +271,16 @@ class AptpPipeline:
                                  device_id=self.device_id, sha256=a.sha256(path), external_data=a.external_weights(path))
 
     def unet_file(self, key: int | str) -> ModelFile:
-        """The UNet graph of expert `key` or ``"dense"`` at this pipeline's precision."""
+        """The UNet graph of expert `key` or ``"dense"`` at this pipeline's precision: on CPU
+        with onnxruntime, the graph `aptp-export --cpu-graphs` optimised where the export has one."""
         entry = self.artifacts.unet(key)
         if self.precision == "int8":
             if entry.int8 is None:
                 raise ArtifactError(f"export {self.artifacts.root} has no int8 UNet for {_describe_unet(key)}: "
                                     "re-export with aptp-export --quantize int8, or use the default precision")
             return entry.int8
+        if entry.cpu_graph is not None and self.device == "cpu" and self.backend == "onnxruntime":
+            return entry.cpu_graph
         return entry
 
     def _new_unet_engine(self, key: int | str) -> Engine:
