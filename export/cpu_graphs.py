@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from aptp.errors import ArtifactError, ConfigError
+from aptp.errors import ArtifactError
 from aptp.outputs import ordinary_mode
 
-from .manifest import file_sha256, read_manifest, replace_manifest, unet_entries
+from .manifest import file_sha256, open_fp32_export, replace_manifest, unet_entries
 
 __all__ = ["CPU_GRAPH_FILE", "MAX_DIFF", "optimize_export", "optimize_unet"]
 
@@ -117,18 +117,8 @@ def optimize_export(root: str | os.PathLike, *, keys: Sequence[int | str] | None
         ConfigError: a signed export without `signing_key` (its manifest changes).
         ArtifactError: the export is incomplete or modified (checked first), or a graph's parity fails.
     """
-    root = Path(root).expanduser().absolute()
-    manifest = read_manifest(root, verify=True)
-    if manifest.get("signature") is not None and signing_key is None:
-        raise ConfigError(f"{root} is signed and adding CPU graphs changes its manifest: pass the signing key "
-                          "(aptp-export --sign KEYFILE --cpu-graphs) to re-sign it")
-    if signing_key is not None:
-        from .signing import load_private_key
-
-        signing_key = load_private_key(signing_key)  # an unusable key fails now, not after the work
-    if manifest.get("precision") != "fp32":
-        raise ConfigError(f"CPU graphs are for fp32 exports (onnxruntime's CPU kernels); {root} is "
-                          f"{manifest.get('precision')}: export with --precision fp32 --cpu-graphs")
+    root, manifest, signing_key = open_fp32_export(root, signing_key, "adding CPU graphs", "--cpu-graphs",
+                                                   "CPU graphs are for fp32 exports (onnxruntime's CPU kernels)")
     latent, text_length = int(manifest["latent"]["height"]), int(manifest["tokenizer"]["max_length"])
     files = dict(manifest["files"])
     for key, entry in tqdm([(k, e) for k, e in unet_entries(manifest) if keys is None or k in keys],

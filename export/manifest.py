@@ -28,6 +28,7 @@ __all__ = [
     "file_sha256",
     "hash_files",
     "manifest_paths",
+    "open_fp32_export",
     "read_manifest",
     "read_verified",
     "write_manifest",
@@ -189,6 +190,32 @@ def replace_manifest(root: str | os.PathLike, manifest: dict[str, Any],
         manifest.clear()
         manifest.update(written)
     return manifest
+
+
+def open_fp32_export(root: str | os.PathLike, signing_key: Any, adding: str, flag: str,
+                     why_fp32: str) -> tuple[Path, dict[str, Any], Any]:
+    """An fp32 export that graphs are about to be added to (int8 UNets, CPU graphs): its
+    absolute root, its verified manifest and the loaded signing key (``None`` without one).
+
+    Raises:
+        ArtifactError: the export is incomplete or modified.
+        ConfigError: a signed export without `signing_key` (adding changes the manifest), an
+            unusable key, or an export that is not fp32 (`why_fp32` says why that matters).
+    """
+    from aptp.errors import ConfigError
+
+    root = Path(root).expanduser().absolute()
+    manifest = read_manifest(root, verify=True)
+    if manifest.get("signature") is not None and signing_key is None:
+        raise ConfigError(f"{root} is signed and {adding} changes its manifest: pass the signing key "
+                          f"(aptp-export --sign KEYFILE {flag}) to re-sign it")
+    if signing_key is not None:
+        from .signing import load_private_key
+
+        signing_key = load_private_key(signing_key)  # an unusable key fails now, not after the work
+    if manifest.get("precision") != "fp32":
+        raise ConfigError(f"{why_fp32}; {root} is {manifest.get('precision')}: export with --precision fp32 {flag}")
+    return root, manifest, signing_key
 
 
 def unet_entries(manifest: dict[str, Any]) -> list[tuple[int | str, dict[str, Any]]]:

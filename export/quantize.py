@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from aptp.errors import ConfigError
 from aptp.outputs import ordinary_mode
 
-from .manifest import file_sha256, read_manifest, replace_manifest, unet_entries
+from .manifest import file_sha256, open_fp32_export, replace_manifest, unet_entries
 
 __all__ = [
     "CALIBRATION_PROMPTS",
@@ -271,18 +271,8 @@ def quantize_export(root: str | os.PathLike, mode: str = "int8", *, calibration_
 
     if mode not in QUANTIZE_MODES:
         raise ConfigError(f"--quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
-    root = Path(root).expanduser().absolute()
-    manifest = read_manifest(root, verify=True)
-    if manifest.get("signature") is not None and signing_key is None:
-        raise ConfigError(f"{root} is signed and adding int8 UNets changes its manifest: pass the signing key "
-                          "(aptp-export --sign KEYFILE --quantize int8) to re-sign it")
-    if signing_key is not None:
-        from .signing import load_private_key
-
-        signing_key = load_private_key(signing_key)  # an unusable key fails now, not after the work
-    if manifest.get("precision") != "fp32":
-        raise ConfigError(f"int8 quantization starts from fp32 weights; {root} is {manifest.get('precision')}: "
-                          "export with --precision fp32 --quantize int8")
+    root, manifest, signing_key = open_fp32_export(root, signing_key, "adding int8 UNets", "--quantize int8",
+                                                   "int8 quantization starts from fp32 weights")
     fp32_pipe = AptpPipeline.from_export(root, verify=False, threads=threads)
     entries = [(k, e) for k, e in unet_entries(manifest) if keys is None or k in keys]
     records: dict[str, Any] = {}
