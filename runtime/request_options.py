@@ -68,8 +68,8 @@ class GenerationResult:
 
     ``expert`` is the code the prompt ran on (or ``"dense"``); ``latents`` are the final
     latents ``(C, h, w)`` float32; ``image`` is ``(H, W, 3)`` uint8 (``None`` for
-    ``output_type="latent"``); ``timings`` are seconds per stage (`STAGES`): tokenise, route
-    and text_encode for the whole batch, denoise and decode for the prompt's expert group.
+    ``output_type="latent"``); ``timings`` are seconds per stage (`STAGES`): tokenise, route,
+    text_encode and decode for the whole batch, denoise for the prompt's expert group.
     The generation parameters (negative prompt, sampler, steps, guidance, size, and the sha256
     of the export's manifest) come along so that `save` can write them into the PNG.
     ``provider`` is what actually ran its UNet: the execution provider the onnxruntime session
