@@ -209,12 +209,19 @@ def run_all(runs: Sequence[UnetRun], execute: Callable[[UnetRun, threading.Event
     done: list[Finished[T]] = []
     error: BaseException | None = None
     for future in futures:  # wait for all: a run still on a session must not outlive the request
-        try:
-            done.append(future.result())
-        except RunCancelled:
-            pass
-        except BaseException as err:  # noqa: BLE001 - re-raised below, first one wins
-            error = error or err
+        while True:
+            try:
+                done.append(future.result())
+            except RunCancelled:
+                pass
+            except BaseException as err:  # noqa: BLE001 - re-raised below, first one wins
+                # A run failed, or the wait itself was interrupted (Ctrl-C): the runs stop at their
+                # next step, and this one is waited for again until it has.
+                cancel.set()
+                error = error or err
+                if not future.done():
+                    continue
+            break
     if error is not None:
         raise error
     return done

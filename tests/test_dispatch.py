@@ -172,3 +172,38 @@ def test_sessions_stop_spinning_after_each_run(export_dir):
     ort = import_onnxruntime()
     engine = OnnxRuntimeEngine(export_dir / "vae_decoder" / "model.onnx", threads=2)
     assert engine._session_options(ort).get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+def test_an_interrupted_wait_stops_every_run_before_returning(monkeypatch):
+    # Ctrl-C arrives while the request waits for its runs: every run stops at its next step, and
+    # run_all returns only once none of them is still on a session.
+    import concurrent.futures
+
+    steps = {0: 0, 1: 0}
+    stopped = []
+
+    def execute(run, cancel):
+        for _ in range(300):
+            if cancel.is_set():
+                stopped.append(run.slot)
+                raise RunCancelled("stopped")
+            steps[run.slot] += 1
+            time.sleep(0.01)
+        return run.slot
+
+    real_result = concurrent.futures.Future.result
+    interrupted = []
+
+    def result(self, timeout=None):
+        if not interrupted:
+            interrupted.append(True)
+            time.sleep(0.05)
+            raise KeyboardInterrupt
+        return real_result(self, timeout)
+
+    monkeypatch.setattr(concurrent.futures.Future, "result", result)
+    runs = [UnetRun(0, np.array([0])), UnetRun(1, np.array([1]))]
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(KeyboardInterrupt):
+            run_all(runs, execute, pool)
+        assert sorted(stopped) == [0, 1] and max(steps.values()) < 300
