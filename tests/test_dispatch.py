@@ -207,3 +207,13 @@ def test_an_interrupted_wait_stops_every_run_before_returning(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             run_all(runs, execute, pool)
         assert sorted(stopped) == [0, 1] and max(steps.values()) < 300
+
+
+def test_the_dispatch_probe_prints_each_comparison(export_dir, capsys):
+    from aptp.benchmarks.latency import dispatch_probe
+
+    dispatch_probe.main([str(export_dir), "--batch", "2", "--steps", "1", "--rounds", "1", "--pairs", "1"])
+    out = capsys.readouterr().out
+    assert "pair 1 spinning: expert_0 first" in out and "pair 1  stopped: expert_0 first" in out
+    assert "groups: 2 experts x 1 calls of 2 rows: one after another" in out
+    assert out.count("halves at once") == 4 and "split: dense, 2 rows" in out
