@@ -109,8 +109,11 @@ def test_end_to_end_rows_and_overheads(suite):
     assert results["checks"]["fastest_routed_workers"] in (1, 2)
     for row in rows.values():
         assert row["batch"] == 3 and row["images_per_s"] == pytest.approx(3 / row["median_s"])
+        # Every prompt's two guidance rows go through one UNet call per step, whatever the plan.
+        assert sum(row["unet_calls_per_step"]) == 6 and max(row["unet_calls_per_step"]) <= 2 * row["max_batch_per_unet_call"]
         assert row["speedup_vs_dense"] == pytest.approx(rows["dense"]["median_s"] / row["median_s"])
         assert set(row["stages_median_s"]) >= {"text_encode", "denoise", "decode"}
+    assert rows["dense"]["unet_calls_per_step"] == [6] and len(rows["dense@2w"]["unet_calls_per_step"]) == 2
     routed = rows["routed"]
     assert sum(routed["assignment"]) == 3 and routed["routing"] == "router (argmax)"
     assert 0 < routed["router_share"] < 1 and 0 <= routed["dispatch_share"] < 1

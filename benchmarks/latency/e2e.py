@@ -117,7 +117,9 @@ def end_to_end(model: BenchModel, static: dict[str, Any] | None, options: Latenc
                "guidance_scale": pipes[name].artifacts.guidance_scale, "variant": name, **stats,
                "images_per_s": len(batch) / stats["median_s"], "speedup_vs_dense": dense_median / stats["median_s"],
                "macs_ratio": expected if kind == "routed" else (1.0 if kind == "dense" else static["ratio"]),
-               "stages_median_s": {k: statistics.median(v) for k, v in stage_samples[name].items()}}
+               "stages_median_s": {k: statistics.median(v) for k, v in stage_samples[name].items()},
+               "unet_calls_per_step": call_rows(codes if kind == "routed" else None, model.num_codes, len(batch),
+                                                pipes[name].max_batch, workers, guided=pipes[name].artifacts.guidance_scale > 1)}
         if kind == "routed" and static_name in samples:
             row["speed_vs_static"] = statistics.median(samples[static_name]) / stats["median_s"]
         if name == "routed":
@@ -127,6 +129,25 @@ def end_to_end(model: BenchModel, static: dict[str, Any] | None, options: Latenc
                         "overhead_share": (route + dispatch) / stats["median_s"]})
         rows.append(row)
     return rows
+
+
+def call_rows(codes: np.ndarray | None, num_codes: int, batch: int, max_batch: int, workers: int,
+              guided: bool = True) -> list[int]:
+    """Rows of each UNet call one sampling step of the request makes (`aptp.runtime.dispatch`'s
+    plan; ``codes=None``: every prompt on one model), largest first: what a call's cost per row
+    depends on."""
+    from aptp.runtime import dispatch, kernels
+
+    index = np.full(batch, num_codes, dtype=np.int64) if codes is None else np.asarray(codes, dtype=np.int64)
+    order, offsets = kernels.group_by_code(index, num_codes + 1)
+    runs = dispatch.plan_runs(order, offsets, max_batch, workers)
+    parts = max(1, workers // max(1, len(runs)))
+    rows = []
+    for run in runs:
+        unet_rows = run.size * (2 if guided else 1)
+        split = min(parts, unet_rows)
+        rows += [len(part) for part in np.array_split(np.arange(unet_rows), split)]
+    return sorted(rows, reverse=True)
 
 
 def variant_name(kind: str, workers: int) -> str:

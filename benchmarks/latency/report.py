@@ -111,13 +111,15 @@ def markdown(results: Mapping[str, Any]) -> str:
                   "`@Nw`: N expert groups at once (`--workers N`), each UNet with threads/N threads; denoise sums "
                   "the groups' times, so it exceeds the wall time when they overlap.", "",
                   "| model | MACs ratio | median s/request (IQR) | images/s | speedup vs dense | vs static | "
-                  "tokenise+route / text / denoise / decode (s) |", "|---|---|---|---|---|---|---|"]
+                  "rows per UNet call, one step | tokenise+route / text / denoise / decode (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             st = r.get("stages_median_s", {})
             stages = " / ".join(_ratio(st.get(k), 3) for k in ("route", "text_encode", "denoise", "decode"))
             vs_static = f"{r['speed_vs_static']:.2f}x" if r.get("speed_vs_static") is not None else ""
+            calls = " + ".join(str(n) for n in r.get("unet_calls_per_step") or [])
             lines.append(f"| {r['variant']} | {_ratio(r['macs_ratio'])} | {r['median_s']:.3f} ({r['iqr_s']:.3f}) | "
-                         f"{r['images_per_s']:.2f} | {r['speedup_vs_dense']:.2f}x | {vs_static} | {stages} |")
+                         f"{r['images_per_s']:.2f} | {r['speedup_vs_dense']:.2f}x | {vs_static} | {calls} | {stages} |")
         routed = next((r for r in e2e if r["variant"] == "routed"), None)
         if routed:
             lines += ["", f"Router (tokenise + encoder + head): {1e3 * routed['router_s']:.1f} ms "
