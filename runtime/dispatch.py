@@ -29,7 +29,7 @@ import numpy as np
 from aptp.errors import RuntimeInputError
 
 __all__ = ["MAX_WORKERS", "RowSplitEngine", "RunPool", "RunCancelled", "UnetRun", "check_workers", "plan_runs",
-           "parse_workers", "resolve_workers", "run_all"]
+           "parse_workers", "resolve_workers", "row_parts", "row_slices", "run_all"]
 
 #: Most concurrent UNet runs a pipeline may ask for.
 MAX_WORKERS = 64
@@ -147,6 +147,22 @@ class RunPool:
             pool.shutdown(wait=True)
 
 
+def row_parts(workers: int, runs: int) -> int:
+    """Row slices each UNet call of a request with `runs` runs is split into: the idle workers'
+    share (1 when every worker has a run)."""
+    return max(1, workers // max(1, runs))
+
+
+def row_slices(rows: int, parts: int) -> list[slice]:
+    """`rows` cut into at most `parts` contiguous slices of near-equal size (larger first)."""
+    parts = max(1, min(parts, rows))
+    size, extra = divmod(rows, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class RowSplitEngine:
     """A UNet engine whose calls run as `parts` row slices at once: the idle workers of a
     request with fewer runs than workers (one prompt: its unconditional and conditional rows).
@@ -165,12 +181,10 @@ class RowSplitEngine:
         return getattr(self.engine, name)
 
     def infer(self, feed: Mapping[str, Any], stream: Any = None) -> dict[str, Any]:
-        rows = len(next(iter(feed.values())))
-        parts = min(self.parts, rows)
-        if parts < 2:
+        pieces = row_slices(len(next(iter(feed.values()))), self.parts)
+        if len(pieces) < 2:
             return self.engine.infer(feed)
-        bounds = np.linspace(0, rows, parts + 1).astype(int)
-        slices = [{name: value[a:b] for name, value in feed.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+        slices = [{name: value[piece] for name, value in feed.items()} for piece in pieces]
         others = [self.pool.submit(self.engine.infer, part) for part in slices[1:]]
         try:
             results = [self.engine.infer(slices[0])]

@@ -547,7 +547,7 @@ class AptpPipeline:
 
         runs = dispatch.plan_runs(order, offsets, self.max_batch, self.workers, cost=lambda slot: self._unet_cost(
             key_of(slot)))
-        parts = max(1, self.workers // max(1, len(runs)))  # idle workers take row slices of each call
+        parts = dispatch.row_parts(self.workers, len(runs))
 
         def execute(run: dispatch.UnetRun, cancel: threading.Event) -> tuple[np.ndarray, str | None]:
             key, rows = key_of(run.slot), run.rows
@@ -559,8 +559,7 @@ class AptpPipeline:
                 text = np.concatenate([np.broadcast_to(uncond, (rows.size, *uncond.shape[1:])), text])
             step = self._step_hook(callback, key, cancel)
             blend = None if image_start is None else image_start.blender(rows)
-            x = self._denoise(key, x, text, options.guidance_scale, table, step, blend, parts)
-            return x, getattr(self.unet(key), "provider", None)
+            return self._denoise(key, x, text, options.guidance_scale, table, step, blend, parts)
 
         denoised: dict[int, float] = {}
         group_provider: dict[int, str | None] = {}
@@ -630,15 +629,18 @@ class AptpPipeline:
 
     def _denoise(self, key: int | str, x: np.ndarray, text: np.ndarray, guidance_scale: float,
                  table: SchedulerTable, callback: StepCallback | None = None,
-                 blend: img2img.Blend | None = None, parts: int = 1) -> np.ndarray:
+                 blend: img2img.Blend | None = None, parts: int = 1) -> tuple[np.ndarray, str | None]:
+        """The final latents of one run, and the provider that ran its UNet (read while the UNet
+        is pinned: afterwards a budget may already have evicted it)."""
         with self.residency.use(key) as unet:  # pinned: never evicted while this group runs on it
+            provider = getattr(unet, "provider", None)
             if self.on_device_loop and blend is None:  # inpainting blends on the host
                 with self._device_lock:
-                    return denoise_on_device(unet, x, text, table, guidance_scale, callback=callback)
+                    return denoise_on_device(unet, x, text, table, guidance_scale, callback=callback), provider
             pool = self._runs.parts() if parts > 1 else None
             if pool is not None:
                 unet = dispatch.RowSplitEngine(unet, parts, pool)
             try:
-                return denoise(unet, x, text, table, guidance_scale, callback, blend)
+                return denoise(unet, x, text, table, guidance_scale, callback, blend), provider
             except ValueError as err:  # a graph whose shapes do not match its manifest entry
                 raise ArtifactError(f"expert {key}: {err}") from err

@@ -13,7 +13,7 @@ import pytest
 from aptp.errors import RuntimeInputError
 from aptp.runtime import AptpPipeline, kernels
 from aptp.runtime.cli import main as cli_main
-from aptp.runtime.dispatch import RunCancelled, UnetRun, check_workers, plan_runs, run_all
+from aptp.runtime.dispatch import RunCancelled, UnetRun, check_workers, plan_runs, row_parts, row_slices, run_all
 from aptp.runtime.engine import OnnxRuntimeEngine, import_onnxruntime
 from runtime_fixtures import FOOD_PROMPTS, STEPS, VEHICLE_PROMPTS, tiny_export
 
@@ -48,6 +48,16 @@ def test_concurrent_runs_start_with_the_costliest():
     # Rows times cost: slot 0 3 x 0.4 = 1.2, slot 1 2 x 1.0 = 2.0, slot 2 1 x 0.5 = 0.5.
     runs = _plan([0, 0, 0, 1, 1, 2], num_slots=3, max_batch=8, workers=2, cost=lambda slot: (0.4, 1.0, 0.5)[slot])
     assert [r.slot for r in runs] == [1, 0, 2]
+
+
+def test_row_slices_cover_every_row_once_in_near_equal_parts():
+    for rows in range(1, 12):
+        for parts in range(1, 6):
+            pieces = row_slices(rows, parts)
+            assert [i for p in pieces for i in range(p.start, p.stop)] == list(range(rows))
+            sizes = [p.stop - p.start for p in pieces]
+            assert len(pieces) == min(rows, parts) and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes)[::-1]
+    assert (row_parts(2, 1), row_parts(2, 2), row_parts(2, 4), row_parts(4, 1), row_parts(1, 0)) == (2, 1, 1, 4, 1)
 
 
 def test_bad_worker_counts_are_refused():

@@ -40,6 +40,7 @@ def end_to_end(model: BenchModel, static: dict[str, Any] | None, options: Latenc
                ) -> list[dict[str, Any]]:
     from aptp.runtime import kernels
     from aptp.runtime.artifacts import DENSE as RT_DENSE, ModelFile, load_artifacts
+    from aptp.runtime.denoise import uses_guidance
     from aptp.runtime.pipeline import AptpPipeline
 
     artifacts = load_artifacts(model.root, verify=False)
@@ -119,7 +120,8 @@ def end_to_end(model: BenchModel, static: dict[str, Any] | None, options: Latenc
                "macs_ratio": expected if kind == "routed" else (1.0 if kind == "dense" else static["ratio"]),
                "stages_median_s": {k: statistics.median(v) for k, v in stage_samples[name].items()},
                "unet_calls_per_step": call_rows(codes if kind == "routed" else None, model.num_codes, len(batch),
-                                                pipes[name].max_batch, workers, guided=pipes[name].artifacts.guidance_scale > 1)}
+                                                pipes[name].max_batch, workers,
+                                                guided=uses_guidance(pipes[name].artifacts.guidance_scale))}
         if kind == "routed" and static_name in samples:
             row["speed_vs_static"] = statistics.median(samples[static_name]) / stats["median_s"]
         if name == "routed":
@@ -141,12 +143,9 @@ def call_rows(codes: np.ndarray | None, num_codes: int, batch: int, max_batch: i
     index = np.full(batch, num_codes, dtype=np.int64) if codes is None else np.asarray(codes, dtype=np.int64)
     order, offsets = kernels.group_by_code(index, num_codes + 1)
     runs = dispatch.plan_runs(order, offsets, max_batch, workers)
-    parts = max(1, workers // max(1, len(runs)))
-    rows = []
-    for run in runs:
-        unet_rows = run.size * (2 if guided else 1)
-        split = min(parts, unet_rows)
-        rows += [len(part) for part in np.array_split(np.arange(unet_rows), split)]
+    parts = dispatch.row_parts(workers, len(runs))
+    rows = [piece.stop - piece.start for run in runs
+            for piece in dispatch.row_slices(run.size * (2 if guided else 1), parts)]
     return sorted(rows, reverse=True)
 
 
