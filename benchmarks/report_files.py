@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["write_json", "write_report_files"]
+__all__ = ["save_figure", "write_json", "write_report_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,17 @@ def write_report_files(results: Mapping[str, Any], directory: str | os.PathLike,
     render_plot(results, paths["plot"])
     logger.info("reports written to %s", directory)
     return paths
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay `fig` out, write it to `path` and close it (pyplot keeps every open figure otherwise)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_json(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -147,8 +147,12 @@ def route_prompts(model: BenchModel, prompts: Sequence[str], threads: int) -> tu
         pipe.close()
 
 
-def static_baseline(model: BenchModel, target: float, directory: Path, nominal_latent: int) -> dict[str, Any]:
-    """Slice the dense UNet by one uniform mask at `target` MACs and export it (cached by mask)."""
+def static_baseline(model: BenchModel, target: float, cache: str | os.PathLike | None, out: Path) -> dict[str, Any]:
+    """Slice the dense UNet by one uniform mask at `target` MACs and export it at the export's
+    nominal size, cached by mask under `cache` (default: ``out/static``)."""
+    directory = Path(cache).expanduser().absolute() if cache else out / "static"
+    directory.mkdir(parents=True, exist_ok=True)
+    nominal_latent = model.nominal // model.vae_factor
     from aptp.export.onnx_configs import UNetOnnxConfig
     from aptp.export.onnx_export import export_and_validate
     from aptp.train.macs import DeployShape, MacsModel

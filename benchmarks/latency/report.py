@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..machine import machine_lines
-from ..report_files import write_report_files
+from ..report_files import save_figure, write_report_files
 
 __all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
 
@@ -205,11 +205,7 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(f"{Path(results['artifacts']).name}: latency vs MACs (marker size = batch)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:

@@ -116,9 +116,7 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
                           "expected_macs_ratio": mixture, "share_weighted_macs_ratio": share_mixture}
     static = None
     if options.static and torch_ok:
-        static_dir = Path(options.static_dir).expanduser().absolute() if options.static_dir else out / "static"
-        static_dir.mkdir(parents=True, exist_ok=True)
-        static = static_baseline(model, mixture, static_dir, model.nominal // model.vae_factor)
+        static = static_baseline(model, mixture, options.static_dir, out)
         notes.append(f"static baseline: one uniform mask (same keep fraction at every site) at MACs ratio "
                      f"{static['ratio']:.4f}, the routed prompt set's expected MACs {mixture:.4f}")
     extra = {STATIC: static} if static else {}

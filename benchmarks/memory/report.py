@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..machine import machine_lines
-from ..report_files import write_report_files
+from ..report_files import save_figure, write_report_files
 from .ratios import peak_over_budget, pinned_rss, throughput_vs_reference
 
 __all__ = ["write_memory_reports", "memory_markdown", "memory_plot"]
@@ -150,11 +150,7 @@ def memory_plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     fig.suptitle(f"{Path(results['artifacts']).name}: serving under a memory budget", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_memory_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..report_files import save_figure, write_report_files
+
 __all__ = ["checks", "markdown", "plot", "write_reports"]
 
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "serve.json", "serve.md", "serve_latency.png"
@@ -143,16 +145,10 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(f"{Path(results['artifacts']).name}: latency vs load", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_reports(results: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Path]:
     """Write the three reports into `directory` (the JSON through a temp file and a rename)."""
-    from ..report_files import write_report_files
-
     results["machine"]["load_average_after"] = list(os.getloadavg())  # type: ignore[index]
     return write_report_files(results, directory, (JSON_FILE, MARKDOWN_FILE, PLOT_FILE), markdown, plot)

@@ -212,9 +212,7 @@ def run_serve_bench(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     mixture = float(np.mean([ratios[f"expert_{c}"] for c in codes.tolist()]))
     static = None
     if options.static and torch_ok:
-        static_dir = Path(options.static_dir).expanduser().absolute() if options.static_dir else out / "static"
-        static_dir.mkdir(parents=True, exist_ok=True)
-        static = static_baseline(model, mixture, static_dir, model.nominal // model.vae_factor)
+        static = static_baseline(model, mixture, options.static_dir, out)
         notes.append(f"static: one uniform mask at MACs ratio {static['ratio']:.4f} (the routed prompt mix's "
                      f"expected MACs {mixture:.4f})")
     elif options.static:
