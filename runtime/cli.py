@@ -73,16 +73,6 @@ def _integer(text: str, flag: str) -> int:
         raise RuntimeInputError(f"{flag} must be a positive integer, got {text!r}") from None
 
 
-def _guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise RuntimeInputError(f"--guidance-scale must be a number (e.g. 7.5), got {text!r}") from None
-    if not math.isfinite(value):
-        raise RuntimeInputError(f"--guidance-scale must be a finite number, got {text!r}")
-    return value
-
-
 def _int_in(text: str, low: int, high: int) -> int | None:
     """`text` as an integer in ``[low, high]``, or None."""
     try:
@@ -225,13 +215,14 @@ class StepBar:
             self.bar = None
 
 
-def _number(text: str | None, flag: str) -> float | None:
+def _number(text: str | None, flag: str, example: str | None = None) -> float | None:
     if text is None:
         return None
     try:
         value = float(text)
     except ValueError:
-        raise RuntimeInputError(f"{flag} must be a number, got {text!r}") from None
+        hint = f" (e.g. {example})" if example else ""
+        raise RuntimeInputError(f"{flag} must be a number{hint}, got {text!r}") from None
     if not math.isfinite(value):
         raise RuntimeInputError(f"{flag} must be a finite number, got {text!r}")
     return value
@@ -323,7 +314,7 @@ def run(args: argparse.Namespace) -> list[Path] | int:
         num_inference_steps=None if args.steps is None else _integer(args.steps, "--steps"),
         height=None if args.height is None else _integer(args.height, "--height"),
         width=None if args.width is None else _integer(args.width, "--width"),
-        guidance_scale=None if args.guidance_scale is None else _guidance(args.guidance_scale),
+        guidance_scale=_number(args.guidance_scale, "--guidance-scale", example="7.5"),
         expert=None if args.expert is None else _expert(args.expert),
         scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
