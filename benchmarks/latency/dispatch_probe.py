@@ -36,11 +36,12 @@ from .backends import unet_inputs
 WORKERS = 2
 
 
-def _unets(root: Path) -> dict[str, tuple[Path, Path | None]]:
+def _unets(root: Path) -> tuple[dict[str, tuple[Path, Path | None]], int]:
+    """Each UNet's graph and weight file by name, and the export's latent size."""
     manifest = json.loads((root / "manifest.json").read_text())
     entries = [(f"expert_{e['code']}", e) for e in manifest["experts"]] + [("dense", manifest["dense"])]
-    return {name: (root / e["unet"], root / e["external_data"] if e.get("external_data") else None)
-            for name, e in entries}
+    return ({name: (root / e["unet"], root / e["external_data"] if e.get("external_data") else None)
+             for name, e in entries}, int(manifest["latent"]["height"]))
 
 
 def _engine(paths: tuple[Path, Path | None], threads: int, keep_spinning: bool = False) -> Any:
@@ -59,9 +60,7 @@ def _engine(paths: tuple[Path, Path | None], threads: int, keep_spinning: bool =
     return engine
 
 
-def _feed(root: Path, engine: Any, batch: int) -> dict[str, np.ndarray]:
-    manifest = json.loads((root / "manifest.json").read_text())
-    latent = manifest["image"]["height"] // 8
+def _feed(engine: Any, latent: int, batch: int) -> dict[str, np.ndarray]:
     shapes = {i.name: i.shape for i in engine.session.get_inputs()}
     return unet_inputs(batch, shapes["sample"][1], latent, latent, 77, shapes["encoder_hidden_states"][2])
 
@@ -74,10 +73,10 @@ def _timed(call: Any) -> float:
 
 def switch_child(root: Path, batch: int, rounds: int, threads: int, keep_spinning: bool) -> dict[str, Any]:
     """One process: dense and the smallest expert, turns of 3 calls; first call vs the others."""
-    unets = _unets(root)
+    unets, latent = _unets(root)
     names = ["expert_0", "dense"]
     engines = {n: _engine(unets[n], threads, keep_spinning) for n in names}
-    feeds = {n: _feed(root, engines[n], batch) for n in names}
+    feeds = {n: _feed(engines[n], latent, batch) for n in names}
     first: dict[str, list[float]] = {n: [] for n in names}
     after: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
@@ -103,11 +102,11 @@ def switch(root: Path, batch: int, rounds: int, threads: int, pairs: int) -> Non
 
 
 def groups(root: Path, batch: int, steps: int, rounds: int, threads: int) -> None:
-    unets = _unets(root)
+    unets, latent = _unets(root)
     experts = [n for n in unets if n.startswith("expert_")]
     whole = {n: _engine(unets[n], threads) for n in experts}
     half = {n: _engine(unets[n], max(1, threads // WORKERS)) for n in experts}
-    feeds = {n: _feed(root, whole[n], batch) for n in experts}
+    feeds = {n: _feed(whole[n], latent, batch) for n in experts}
 
     def loop(engine: Any, feed: dict[str, np.ndarray]) -> None:
         for _ in range(steps):
@@ -123,11 +122,11 @@ def groups(root: Path, batch: int, steps: int, rounds: int, threads: int) -> Non
 
 
 def split(root: Path, batch: int, rounds: int, threads: int) -> None:
-    unets = _unets(root)
+    unets, latent = _unets(root)
     pool = ThreadPoolExecutor(WORKERS - 1)
     for name in ("expert_0", "dense"):
         whole, half = _engine(unets[name], threads), _engine(unets[name], max(1, threads // WORKERS))
-        feed = _feed(root, whole, batch)
+        feed = _feed(whole, latent, batch)
         middle = batch // 2
         parts = [{k: v[:middle] for k, v in feed.items()}, {k: v[middle:] for k, v in feed.items()}]
 
