@@ -57,7 +57,8 @@ DEVICES = ("cpu", "cuda")
 
 # onnxruntime's session option naming where a graph loaded from bytes finds its external weights.
 _WEIGHTS_FOLDER = "session.model_external_initializers_file_folder_path"
-_STOP_SPINNING_AFTER_RUN = "session.force_spinning_stop"
+#: onnxruntime session option: the intra-op threads stop spinning when a run ends (see `_session_options`).
+STOP_SPINNING_AFTER_RUN = "session.force_spinning_stop"
 
 # onnxruntime's tensor type strings -> numpy dtypes (inputs the runtime feeds).
 _ORT_DTYPES = {
@@ -435,7 +436,7 @@ class OnnxRuntimeEngine(Engine):
         # threads keep spinning after a run ends and take the cores from the first call of the
         # session that runs next: +25-32 ms per switch (narrow SD 2.1 UNets at 128 px, 2 cores,
         # docs/performance-log.md); stopping them once the run ends costs nothing measurable.
-        options.add_session_config_entry(_STOP_SPINNING_AFTER_RUN, "1")
+        options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "1")
         return options
 
     def _adopt(self, session: Any, providers: list[Any]) -> None:

@@ -45,12 +45,12 @@ def _unets(root: Path) -> tuple[dict[str, tuple[Path, Path | None]], int]:
 
 
 def _engine(paths: tuple[Path, Path | None], threads: int, keep_spinning: bool = False) -> Any:
-    from aptp.runtime.engine import OnnxRuntimeEngine
+    from aptp.runtime.engine import STOP_SPINNING_AFTER_RUN, OnnxRuntimeEngine
 
     class Spinning(OnnxRuntimeEngine):
         def _session_options(self, ort: Any) -> Any:
             options = super()._session_options(ort)
-            options.add_session_config_entry("session.force_spinning_stop", "0")  # onnxruntime's default
+            options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "0")  # onnxruntime's default
             return options
 
     graph, data = paths
