@@ -443,16 +443,22 @@ def export_text_encoder(ctx: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
     return entry, tokenizer
 
 
+def _export_vae_graph(ctx: _Context, vae: Any, config: Any, name: str) -> Any:
+    """Export and validate one VAE graph as ``<name>/model.onnx``, recording it and its I/O."""
+    graph = export_and_validate(vae, config, ctx.staging / name / "model.onnx",
+                                external_data_threshold=ctx.options.external_data_threshold)
+    graph.session = None
+    ctx.graphs[name] = graph
+    ctx.io[name] = config.io_spec()
+    return graph
+
+
 def export_vae_decoder(ctx: _Context) -> dict[str, Any]:
     """VAE decoder with ``1 / scaling_factor`` folded in: it takes the sampler's final latents."""
     vae = ctx.components.vae
     config = VaeDecoderOnnxConfig.from_vae(vae, ctx.latent_height, ctx.latent_width,
                                            1.0 / float(vae.config.scaling_factor), precision=ctx.options.precision)
-    graph = export_and_validate(vae, config, ctx.staging / "vae_decoder" / "model.onnx",
-                                external_data_threshold=ctx.options.external_data_threshold)
-    graph.session = None
-    ctx.graphs["vae_decoder"] = graph
-    ctx.io["vae_decoder"] = config.io_spec()
+    graph = _export_vae_graph(ctx, vae, config, "vae_decoder")
     return {"file": ctx.rel(graph.path), "max_abs_error": graph.max_abs_error, "applies_scaling_factor": True,
             "output_range": [-1.0, 1.0]}
 
@@ -463,11 +469,7 @@ def export_vae_encoder(ctx: _Context) -> dict[str, Any]:
     vae = ctx.components.vae
     config = VaePosteriorOnnxConfig.from_vae(vae, ctx.latent_height, ctx.latent_width,
                                              float(vae.config.scaling_factor), precision=ctx.options.precision)
-    graph = export_and_validate(vae, config, ctx.staging / "vae_encoder" / "model.onnx",
-                                external_data_threshold=ctx.options.external_data_threshold)
-    graph.session = None
-    ctx.graphs["vae_encoder"] = graph
-    ctx.io["vae_encoder"] = config.io_spec()
+    graph = _export_vae_graph(ctx, vae, config, "vae_encoder")
     return {"file": ctx.rel(graph.path), "max_abs_error": graph.max_abs_error, "applies_scaling_factor": True,
             "outputs": ["latent_mean", "latent_std"], "input_range": [-1.0, 1.0]}
 
