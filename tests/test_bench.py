@@ -132,6 +132,38 @@ def test_gaps_carry_an_op_profile_and_an_explanation(suite):
         assert gap["explanation"].startswith("latency ratio")
 
 
+@pytest.mark.parametrize("pairwise", [False, True], ids=["interleaved", "pairwise"])
+def test_fixed_shape_sessions_are_timed_beside_the_dynamic_ones(export_dir, tmp_path, pairwise):
+    options = LatencyOptions(backends=["onnxruntime"], batch_sizes=[2], resolutions=[64], repeats=2, warmup=0,
+                             calls_in_a_row=1, threads=1, static=False, e2e=False, gap_threshold=10.0,
+                             pairwise=pairwise, fixed_shapes=True)
+    results = run_latency(export_dir, tmp_path / "out", options)
+    rows = {r["variant"]: r for r in results["unet_step"]}
+    k = len(json.loads((export_dir / "manifest.json").read_text())["experts"])
+    dynamic = {"dense", *(f"expert_{c}" for c in range(k))}
+    assert set(rows) == dynamic | {f"{name}+fixed" for name in dynamic}
+    assert rows["dense+fixed"]["latency_ratio"] == pytest.approx(1.0)
+    for name in dynamic:
+        fixed, base = rows[f"{name}+fixed"], rows[name]
+        assert (fixed["sessions"], base["sessions"]) == ("fixed shapes", "dynamic")
+        assert fixed["macs_ratio"] == base["macs_ratio"]
+        assert fixed["speed_vs_dynamic"] == pytest.approx(base["median_s"] / fixed["median_s"])
+        # Created in prepare (untimed), measured, and charged on top of the dynamic session.
+        assert fixed["specialised_s"] > 0 and fixed["specialised_bytes"] >= 0 and base["session_bytes"] > 0
+        assert fixed["memory_vs_dynamic"] == pytest.approx(
+            (base["session_bytes"] + fixed["specialised_bytes"]) / base["session_bytes"])
+    if not pairwise:  # one dense+fixed for all: every ratio against its median
+        for name in dynamic:
+            assert rows[f"{name}+fixed"]["latency_ratio"] == pytest.approx(
+                rows[f"{name}+fixed"]["median_s"] / rows["dense+fixed"]["median_s"])
+    assert {f["sessions"] for f in results["fixed_cost_fits"]} == {"dynamic", "fixed shapes"}
+    assert results["checks"]["onnxruntime_expert_rows"] == k  # the checks count the dynamic rows
+    low, high = results["checks"]["fixed_shapes_speed_vs_dynamic"]
+    assert low == min(rows[f"{n}+fixed"]["speed_vs_dynamic"] for n in dynamic) and high >= low
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Sessions specialised to the call's shapes" in md and "| fixed shapes |" in md
+
+
 def test_summarize_median_and_iqr():
     stats = summarize([4.0, 1.0, 3.0, 2.0, 100.0])
     assert stats["median_s"] == 3.0 and stats["q1_s"] == 2.0 and stats["q3_s"] == 4.0 and stats["iqr_s"] == 2.0

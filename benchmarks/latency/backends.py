@@ -65,13 +65,18 @@ def backend_status(name: str, manifest: Mapping[str, Any]) -> tuple[bool, str | 
 class Step:
     """One variant on one backend: `prepare(batch, h, w)` returns a callable running one UNet step;
     `provider` names what actually runs it (the onnxruntime provider the session activated,
-    ``"TensorRT"``, or the torch device and dtype), for the reports."""
+    ``"TensorRT"``, or the torch device and dtype), for the reports. `memory` receives, per
+    ``(batch, h, w)`` prepared, what the step measured of its sessions (onnxruntime on CPU:
+    ``session_bytes``, RSS the session and its first call of that shape added;
+    ``specialised_bytes`` and ``specialised_s``, what a session specialised to the shape added
+    and took to create)."""
 
     def __init__(self, prepare: Callable[[int, int, int], Callable[[], Any]], close: Callable[[], None] | None = None,
                  provider: str | None = None):
         self.prepare = prepare
         self.close = close or (lambda: None)
         self.provider = provider
+        self.memory: dict[tuple[int, int, int], dict[str, float]] = {}
 
 
 def unet_inputs(batch: int, channels: int, height: int, width: int, text_length: int, hidden: int,
@@ -84,23 +89,56 @@ def unet_inputs(batch: int, channels: int, height: int, width: int, text_length:
     }
 
 
-def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str, backend: str = "onnxruntime") -> Step:
-    """`backend` ``"tensorrt"`` asks for onnxruntime's TensorRT provider (an error if it does not activate)."""
+def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str, backend: str = "onnxruntime",
+             fixed_shapes: bool = False) -> Step:
+    """`backend` ``"tensorrt"`` asks for onnxruntime's TensorRT provider (an error if it does not
+    activate). `fixed_shapes` (CPU): every call runs a session specialised to the shape prepared
+    last (`aptp.runtime.shape_sessions.ShapeSessionEngine`, one at a time, created in `prepare`
+    so that no timed call pays for it)."""
     from aptp.runtime.engine import OnnxRuntimeEngine
+    from aptp.runtime.residency import MemoryProbe, release_free_heap
+    from aptp.runtime.shape_sessions import ShapeSessionEngine
 
     # Our graphs keep large weights in `<graph>.data` beside them (exports, and the suite's own
     # graphs over the size threshold); benchmarks time, the runtime verifies, so no hash here.
     data = Path(path).with_name(Path(path).name + ".data")
-    engine = OnnxRuntimeEngine(path, device=device, threads=threads, backend=backend,
-                               external_data=[(data, None)] if data.is_file() else ())
-    engine.load()
+    external = [(data, None)] if data.is_file() else ()
+    if fixed_shapes:
+        engine: OnnxRuntimeEngine = ShapeSessionEngine(path, device=device, threads=threads, backend=backend,
+                                                       external_data=external, max_sessions=1, min_calls=1)
+    else:
+        engine = OnnxRuntimeEngine(path, device=device, threads=threads, backend=backend, external_data=external)
+    probe = MemoryProbe()
+
+    def rss_delta(action: Callable[[], Any]) -> int:
+        """RSS `action` added (0 when unknown); freed heap handed back first, as the runtime's budget does."""
+        release_free_heap()
+        before = probe.rss()
+        action()
+        release_free_heap()
+        after = probe.rss()
+        return max(0, after - before) if before is not None and after is not None else 0
+
+    held = {"bytes": rss_delta(engine.load)}  # the weights; each new shape's first call adds its arena
+    step = Step(lambda *_: (lambda: None), engine.unload, provider=engine.provider)
 
     def prepare(batch: int, height: int, width: int) -> Callable[[], Any]:
         feed = unet_inputs(batch, shape["channels"], height, width, shape["text_length"], shape["hidden"])
         feed = {name: value.astype(engine.input_dtype(name)) for name, value in feed.items()}
+        key = (batch, height, width)
+        if isinstance(engine, ShapeSessionEngine):
+            before, created = engine.create_seconds, engine.created
+            engine.warm([feed])
+            if engine.created > created:  # a step held across pairs prepares its shapes again: keep the first
+                step.memory[key] = {"specialised_bytes": engine.extra_bytes,
+                                    "specialised_s": engine.create_seconds - before}
+        elif device == "cpu" and key not in step.memory:
+            held["bytes"] += rss_delta(lambda: engine.infer(feed))
+            step.memory[key] = {"session_bytes": held["bytes"]}
         return lambda: engine.infer(feed)
 
-    return Step(prepare, engine.unload, provider=engine.provider)
+    step.prepare = prepare
+    return step
 
 
 def trt_step(plan: Path, shape: Mapping[str, int]) -> Step:

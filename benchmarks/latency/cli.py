@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pairwise", action="store_true",
                    help="low memory: load dense plus one variant at a time, each interleaved with dense "
                    "(for models whose variants do not all fit in memory at once)")
+    p.add_argument("--fixed-shapes", action="store_true",
+                   help="onnxruntime on CPU: also time every UNet through sessions specialised to each batch's "
+                   "shapes (what aptp-generate --shape-sessions runs), side by side with the dynamic ones")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -70,6 +73,7 @@ def main(argv: Sequence[str]) -> int:
         e2e_batch=args.e2e_batch, e2e_steps=args.e2e_steps, e2e_repeats=args.e2e_repeats,
         gap_threshold=args.gap_threshold, static_dir=args.static_dir, pairwise=args.pairwise,
         masked_codes=args.masked_codes, e2e_sequential=args.e2e_sequential, e2e_workers=args.e2e_workers,
+        fixed_shapes=args.fixed_shapes,
     )
     options.check()
     check_artifacts(args.artifacts)

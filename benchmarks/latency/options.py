@@ -21,6 +21,8 @@ TORCH_BACKENDS = ("torch", "torch-compile", "torch-cuda", "torch-cuda-graphs")
 TORCH_CUDA_BACKENDS = ("torch-cuda", "torch-cuda-graphs")
 ORT_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
 DENSE, STATIC, MASKED = "dense", "static", "masked"
+# Suffix of a variant run through a session specialised to each configuration's shapes.
+FIXED = "+fixed"
 # A mixed prompt set: people, animals, objects, scenes, styles, text; short and long.
 MIXED_PROMPTS = (
     "a photograph of an astronaut riding a horse on the moon",
@@ -71,6 +73,10 @@ class LatencyOptions:
         masked_codes: the experts whose masked full UNet is timed (None: all).
         pairwise: low memory: hold only dense and one other variant at a time, interleaving each
             variant with dense (ratios against the dense timings of the same pair).
+        fixed_shapes: onnxruntime on CPU: also time every UNet through a session specialised to
+            each configuration's shapes (`aptp.runtime.shape_sessions`, what ``--shape-sessions``
+            runs), interleaved with the dynamic sessions; the fixed cost and the ratios are
+            reported for both, with what the specialised session adds to memory.
     """
 
     backends: Sequence[str] | None = None
@@ -93,6 +99,7 @@ class LatencyOptions:
     masked_codes: Sequence[int] | None = None
     e2e_sequential: bool = False
     e2e_workers: Sequence[int] | None = None
+    fixed_shapes: bool = False
 
     def check(self) -> None:
         """Raise `ConfigError` for values no run can use."""

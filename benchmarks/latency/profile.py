@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .backends import unet_inputs
 from .model import BenchModel
-from .options import DENSE, LatencyOptions, STATIC
+from .options import DENSE, FIXED, LatencyOptions, STATIC
 
 
 def profile_by_op(paths: Sequence[Path], shape: Mapping[str, int], batch: int, height: int, width: int,
@@ -64,15 +64,17 @@ def profile_by_op(paths: Sequence[Path], shape: Mapping[str, int], batch: int, h
 
 def fixed_cost_fit(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     """Least-squares ``latency = fixed + slope * MACs ratio`` over the sliced models (dense,
-    experts, static) of one backend, resolution and batch: `fixed` is the per-call cost that
-    slicing cannot remove (op dispatch, memory-bound and fixed-width ops)."""
-    points = [(float(r["macs_ratio"]), float(r["median_s"])) for r in rows
-              if r["variant"] == DENSE or r["variant"].startswith("expert_") or r["variant"] == STATIC]
+    experts, static) of one backend, resolution, batch and kind of session (all dynamic or all
+    ``+fixed``): `fixed` is the per-call cost that slicing cannot remove (op dispatch,
+    memory-bound and fixed-width ops)."""
+    sliced = [r for r in rows if (base := r["variant"].removesuffix(FIXED)) == DENSE or base.startswith("expert_")
+              or base == STATIC]
+    points = [(float(r["macs_ratio"]), float(r["median_s"])) for r in sliced]
     if len(points) < 3 or len({x for x, _ in points}) < 2:
         return None
     xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
     slope, fixed = np.polyfit(xs, ys, 1)
-    dense = float(next(r["median_s"] for r in rows if r["variant"] == DENSE))
+    dense = float(next(r["median_s"] for r in sliced if r["variant"].removesuffix(FIXED) == DENSE))
     return {"fixed_s": float(fixed), "slope_s": float(slope), "fixed_share": float(fixed) / dense,
             "points": len(points)}
 
@@ -122,7 +124,8 @@ def profile_gaps(model: BenchModel, results: Mapping[str, Any], static: dict[str
                  options: LatencyOptions, out: Path) -> list[dict[str, Any]]:
     worst: dict[str, dict[str, Any]] = {}
     for row in results["unet_step"]:
-        if row["backend"] != "onnxruntime" or "within_threshold" not in row or row["within_threshold"]:
+        if (row["backend"] != "onnxruntime" or row.get("sessions", "dynamic") != "dynamic"
+                or "within_threshold" not in row or row["within_threshold"]):
             continue
         if row["variant"] not in worst or row["deviation"] > worst[row["variant"]]["deviation"]:
             worst[row["variant"]] = row
@@ -135,8 +138,8 @@ def profile_gaps(model: BenchModel, results: Mapping[str, Any], static: dict[str
         latent = row["resolution"] // model.vae_factor
         dense_ops, ops = profile_by_op([paths[DENSE], paths[name]], model.shape, row["batch"], latent, latent,
                                        threads, options.profile_repeats, out / "profiles")
-        peers = [r for r in results["unet_step"] if (r["backend"], r["resolution"], r["batch"]) ==
-                 (row["backend"], row["resolution"], row["batch"])]
+        peers = [r for r in results["unet_step"] if (r["backend"], r["resolution"], r["batch"], r.get("sessions")) ==
+                 (row["backend"], row["resolution"], row["batch"], row.get("sessions"))]
         fit = fixed_cost_fit(peers)
         table, text = explain_gap(ops, dense_ops, row["macs_ratio"], row["latency_ratio"], fit)
         gaps.append({"backend": row["backend"], "variant": name, "resolution": row["resolution"], "batch": row["batch"],

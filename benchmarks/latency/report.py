@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from ..machine import machine_lines
 from ..report_files import save_figure, write_report_files
+from .options import FIXED
 
 __all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
 
@@ -27,14 +28,15 @@ def _ratio(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _variant_order(name: str) -> tuple[int, int]:
+def _variant_order(name: str) -> tuple[int, int, bool]:
+    fixed, name = name.endswith(FIXED), name.removesuffix(FIXED)
     if name == "dense":
-        return (0, 0)
+        return (0, 0, fixed)
     if name.startswith("expert_"):
-        return (1, int(name.split("_")[1]))
+        return (1, int(name.split("_")[1]), fixed)
     if name == "static":
-        return (2, 0)
-    return (3, int(name.split("_")[1]) if "_" in name else 0)
+        return (2, 0, fixed)
+    return (3, int(name.split("_")[1]) if "_" in name else 0, fixed)
 
 
 def markdown(results: Mapping[str, Any]) -> str:
@@ -60,7 +62,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines.append("## UNet step latency")
     lines.append("")
     lines.append("Per cell: median ms (IQR ms) | latency ratio to dense | latency ratio / MACs ratio "
-                 "(1.00 = exactly MACs-proportional). `masked_k`: the full UNet under expert k's mask.")
+                 "(1.00 = exactly MACs-proportional). `masked_k`: the full UNet under expert k's mask; `+fixed`: "
+                 "the same graph through a session specialised to the call's shapes, its ratio against dense+fixed.")
     for (backend, resolution), rows in rows_by.items():
         batches = sorted({r["batch"] for r in rows})
         lines += ["", f"### {backend}, {resolution} px", ""]
@@ -89,14 +92,30 @@ def markdown(results: Mapping[str, Any]) -> str:
     if fits:
         switches = _switch_costs(results["unet_step"])
         lines += ["Fixed per-call cost, from a least-squares fit latency = fixed + slope x MACs ratio over the "
-                  "sliced models (dense, experts, static) of each configuration: the share of a step that slicing "
-                  "cannot remove. Switch: what the first call after another model ran costs over a call in a row "
-                  f"(median over the models; {settings.get('calls_in_a_row', 1)} calls per turn).", "",
-                  "| backend | px | batch | fixed ms | share of dense | switch ms |", "|---|---|---|---|---|---|"]
+                  "sliced models (dense, experts, static) of each configuration and kind of session: the share of a "
+                  "step that slicing cannot remove. Switch: what the first call after another model ran costs over a "
+                  f"call in a row (median over the models; {settings.get('calls_in_a_row', 1)} calls per turn).", "",
+                  "| backend | px | batch | sessions | fixed ms | share of dense | switch ms |",
+                  "|---|---|---|---|---|---|---|"]
         for f in fits:
-            switch = switches.get((f["backend"], f["resolution"], f["batch"]))
-            lines.append(f"| {f['backend']} | {f['resolution']} | {f['batch']} | {1e3 * f['fixed_s']:.1f} | "
+            kind = f.get("sessions", "dynamic")
+            switch = switches.get((f["backend"], f["resolution"], f["batch"], kind))
+            lines.append(f"| {f['backend']} | {f['resolution']} | {f['batch']} | {kind} | {1e3 * f['fixed_s']:.1f} | "
                          f"{100 * f['fixed_share']:.0f}% | {'n/a' if switch is None else f'{1e3 * switch:+.1f}'} |")
+        lines.append("")
+    fixed = [r for r in results["unet_step"] if r.get("speed_vs_dynamic") is not None]
+    if fixed:
+        lines += ["Sessions specialised to the call's shapes (`--fixed-shapes`, what `--shape-sessions` runs) "
+                  "against the dynamic session of the same graph, interleaved: speed (dynamic / fixed median), the "
+                  "time to create one, and memory: the RSS a specialised session added, and what the dynamic "
+                  "session plus one specialised session hold against the dynamic session alone (weights and arena).",
+                  "", "| variant | px | batch | speed vs dynamic | created in s | RSS added MiB | memory vs dynamic |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(fixed, key=lambda r: (r["resolution"], r["batch"], _variant_order(r["variant"]))):
+            added = r.get("specialised_bytes")
+            lines.append(f"| {r['variant'].removesuffix(FIXED)} | {r['resolution']} | {r['batch']} | "
+                         f"{r['speed_vs_dynamic']:.3f}x | {_ratio(r.get('specialised_s'), 2)} | "
+                         f"{'n/a' if added is None else added >> 20} | {_ratio(r.get('memory_vs_dynamic'), 2)} |")
         lines.append("")
 
     e2e = results.get("end_to_end") or []
@@ -150,6 +169,10 @@ def markdown(results: Mapping[str, Any]) -> str:
                          f"{checks['routed_macs_ratio']:.3f} (>= 1.4x: {checks['routed_speedup_at_least_1.4']}); "
                          f"static: {_ratio(checks.get('static_speedup_vs_dense'), 2)}x")
         versus = {w: v for w, v in (checks.get("routed_speed_vs_static") or {}).items() if v is not None}
+        speed, memory = checks.get("fixed_shapes_speed_vs_dynamic"), checks.get("fixed_shapes_memory_vs_dynamic")
+        if speed:
+            lines.append(f"- fixed-shape sessions: {speed[0]:.3f}-{speed[1]:.3f}x the dynamic ones; memory with one per "
+                         f"UNet up to {_ratio(memory, 2)}x the dynamic session's")
         if versus:
             lines.append("- routed vs static at equal workers: " + ", ".join(
                 f"{v:.2f}x ({w} worker{'s' if w != '1' else ''})" for w, v in versus.items())
@@ -162,12 +185,12 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _switch_costs(rows: list[Mapping[str, Any]]) -> dict[tuple[str, int, int], float]:
-    """Per (backend, resolution, batch), the median switch cost over the models that report one."""
-    found: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+def _switch_costs(rows: list[Mapping[str, Any]]) -> dict[tuple[str, int, int, str], float]:
+    """Per (backend, resolution, batch, sessions), the median switch cost over the models that report one."""
+    found: dict[tuple[str, int, int, str], list[float]] = defaultdict(list)
     for r in rows:
         if r.get("switch_s") is not None:
-            found[(r["backend"], r["resolution"], r["batch"])].append(float(r["switch_s"]))
+            found[(r["backend"], r["resolution"], r["batch"], r.get("sessions", "dynamic"))].append(float(r["switch_s"]))
     return {key: sorted(values)[len(values) // 2] for key, values in found.items()}
 
 
@@ -181,7 +204,8 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     threshold = float(results["settings"].get("gap_threshold", 0.15))
-    rows = [r for r in results["unet_step"] if r["variant"].startswith("expert_") or r["variant"] == "static"]
+    rows = [r for r in results["unet_step"] if (r["variant"].startswith("expert_") or r["variant"] == "static")
+            and not r["variant"].endswith(FIXED)]
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
     line = [0.0, 1.05]
     ax.plot(line, line, "k--", linewidth=1, label="ideal (latency = MACs)")

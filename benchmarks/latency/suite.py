@@ -100,7 +100,8 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
         "settings": {"threads": threads, "repeats": options.repeats, "warmup": options.warmup,
                      "calls_in_a_row": options.calls_in_a_row,
                      "batch_sizes": [int(b) for b in options.batch_sizes], "resolutions": resolutions,
-                     "backends": backends, "interleaved": "pairwise with dense" if options.pairwise else "all variants", "gap_threshold": options.gap_threshold,
+                     "backends": backends, "interleaved": "pairwise with dense" if options.pairwise else "all variants",
+                     "gap_threshold": options.gap_threshold, "fixed_shapes": options.fixed_shapes,
                      "statistic": "median and interquartile range over repeats",
                      "batch_meaning": "rows per UNet call (classifier-free guidance runs 2 rows per image)"},
         "backends": status, "variants": {}, "unet_step": [], "end_to_end": [], "gaps": [], "notes": notes,
@@ -131,11 +132,13 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
     configs = [(res, int(b)) for res in resolutions for b in options.batch_sizes]
     for backend in backends:
         factories = step_factories(backend, model, static, threads, options.masked and backend in TORCH_BACKENDS,
-                                   options.masked_codes)
+                                   options.masked_codes, fixed_shapes=options.fixed_shapes)
         providers: dict[str, str | None] = {}
         first_calls: dict[tuple[int, int], dict[str, list[float]]] = {}
+        memory: dict[tuple[int, int], dict[str, Any]] = {}
         try:
-            samples, reference = time_backend(backend, factories, configs, model, options, providers, first_calls)
+            samples, reference = time_backend(backend, factories, configs, model, options, providers, first_calls,
+                                              memory)
         except RuntimeInputError as err:  # a GPU provider listed but not active: skipped, never mislabelled
             if backend == "onnxruntime":
                 raise
@@ -152,16 +155,16 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
         for res, batch in configs:
             ratios = {n: v["macs_ratio"] for n, v in results["variants"][str(res)].items()}
             rows = step_rows(backend, res, batch, samples[(res, batch)], ratios, options.gap_threshold,
-                             reference[(res, batch)], first_calls.get((res, batch)))
+                             reference[(res, batch)], first_calls.get((res, batch)), memory.get((res, batch)))
             for row in rows:
                 row["provider"] = providers.get(row["variant"])
             results["unet_step"] += rows
 
-    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, int, int, str], list[dict[str, Any]]] = defaultdict(list)
     for row in results["unet_step"]:
-        groups[(row["backend"], row["resolution"], row["batch"])].append(row)
-    results["fixed_cost_fits"] = [{"backend": b, "resolution": r, "batch": n, **fit}
-                                  for (b, r, n), rows in groups.items() if (fit := fixed_cost_fit(rows))]
+        groups[(row["backend"], row["resolution"], row["batch"], row["sessions"])].append(row)
+    results["fixed_cost_fits"] = [{"backend": b, "resolution": r, "batch": n, "sessions": k, **fit}
+                                  for (b, r, n, k), rows in groups.items() if (fit := fixed_cost_fit(rows))]
     # Profiles where onnxruntime's latency ratio strays from the MACs ratio.
     results["gaps"] = profile_gaps(model, results, static, threads, options, out)
 
@@ -183,7 +186,9 @@ def run_latency(artifacts: str | os.PathLike, output_dir: str | os.PathLike,
 
 def _checks(results: Mapping[str, Any]) -> dict[str, Any]:
     """The issue's acceptance figures, computed (never asserted)."""
-    ort_rows = [r for r in results["unet_step"] if r["backend"] == "onnxruntime" and r["variant"].startswith("expert_")]
+    ort_rows = [r for r in results["unet_step"] if r["backend"] == "onnxruntime" and r["sessions"] == "dynamic"
+                and r["variant"].startswith("expert_")]
+    fixed = [r for r in results["unet_step"] if r.get("speed_vs_dynamic") is not None]
     within = [r for r in ort_rows if r["within_threshold"]]
     explained = {(g["variant"]) for g in results["gaps"]}
     routed = [r for r in results["end_to_end"] if r["variant"] == "routed"]
@@ -198,6 +203,10 @@ def _checks(results: Mapping[str, Any]) -> dict[str, Any]:
         "static_speedup_vs_dense": static[0]["speedup_vs_dense"] if static else None,
         "routed_speed_vs_static": {str(r["workers"]): r.get("speed_vs_static")
                                    for r in results["end_to_end"] if r["variant"].startswith("routed")},
+        "fixed_shapes_speed_vs_dynamic": [min(r["speed_vs_dynamic"] for r in fixed),
+                                          max(r["speed_vs_dynamic"] for r in fixed)] if fixed else None,
+        "fixed_shapes_memory_vs_dynamic": max((r["memory_vs_dynamic"] for r in fixed if "memory_vs_dynamic" in r),
+                                              default=None),
         "fastest_routed_workers": min(((r["median_s"], r["workers"]) for r in results["end_to_end"]
                                        if r["variant"].startswith("routed")), default=(None, None))[1],
     }
