@@ -176,7 +176,7 @@ def step_rows(backend: str, resolution: int, batch: int, samples: Mapping[str, l
             row["speed_vs_dynamic"] = statistics.median(samples[base]) / stats["median_s"]
             session = ((memory or {}).get(base) or {}).get("session_bytes")
             if session and "specialised_bytes" in measured:
-                # What --shape-sessions 1 holds (the dynamic session and one specialised) over the dynamic one.
+                # What one specialised session per UNet (--shape-sessions) adds to the dynamic one.
                 measured["memory_vs_dynamic"] = (session + measured["specialised_bytes"]) / session
         row.update(measured)
         rows.append(row)
