@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "loaded on demand and evicted least recently used (default: unlimited)")
     parser.add_argument("--shape-sessions", type=int, default=0, metavar="N",
                         help="CPU: up to N extra sessions per UNet specialised to the shapes it runs (each holds a "
-                        "copy of its weights; default 0, off: gains were within noise, see BENCHMARKS.md)")
+                        "copy of its weights; default 0, off: 0.97-1.02x on one thread, up to 1.11x on two, see BENCHMARKS.md)")
     parser.add_argument("--workers", default="auto", metavar="N|auto",
                         help="CPU: UNet runs at once, each with threads/N threads: expert groups side by side, "
                         "a single group's rows split between them (default auto: 2 with 2 or more threads; 1: "

@@ -158,8 +158,8 @@ class AptpPipeline:
             ``None`` (or the export's own ``fp32``/``fp16``) runs the exported UNets.
         shape_sessions: on CPU, up to this many extra sessions per UNet specialised to the shapes
             it is called with (`aptp.runtime.shape_sessions`); each holds its own copy of the
-            weights, charged to the memory budget. 0 (default): off; measured gains were within
-            noise (BENCHMARKS.md).
+            weights, charged to the memory budget. 0 (default): off; measured 0.97-1.02x on one
+            thread (each UNet's share under the default workers), 1.02-1.11x on two (BENCHMARKS.md).
         workers: UNet runs at once (`aptp.runtime.dispatch`): a request's expert groups
             (halved while there are fewer than workers) run concurrently, each UNet session with
             ``threads // workers`` intra-op threads, and a request with fewer runs than workers

@@ -8,18 +8,20 @@ and nothing on disk. `ShapeSessionEngine` keeps the dynamic session and, for a s
 at most `max_sessions` of them (least recently used dropped first). Results are those of the
 dynamic session (rows are independent; the tests check 1e-5).
 
-Why opt-in, and why the weights are not shared (measured 2026-12-06 on the narrow SD 2.1
-export at 128 px, expert 0 with 243 MiB of weights, onnxruntime 1.32, 2 shared cores under a
-load average of 5; see docs/performance-log.md):
+Why opt-in, and why the weights are not shared (narrow SD 2.1 export at 128 px, onnxruntime
+1.32, 2 cores, nothing else running; ``aptp-bench latency --fixed-shapes``, BENCHMARKS.md
+"Per-call cost", measured 2026-12-06 at 52e7b21):
 
-* Speed: a fixed-shape session ran 0.93-1.06x the dynamic one (interleaved medians), within
-  the noise of the loaded machine; the 1.2x seen earlier did not reproduce.
-* Memory: each specialised session holds its own copy of the weights (+270 MiB for expert 0,
-  RSS after ``malloc_trim``), whether or not the weights are handed over as shared
-  initializers (``SessionOptions.add_initializer``): at ``ORT_ENABLE_ALL`` onnxruntime
-  re-lays convolution weights out (NCHWc) and pre-packs MatMul weights per session, and the
-  Python API has no pre-packed weights container. Sharing does work at ``ORT_ENABLE_EXTENDED``
-  with pre-packing off (+26-33 MiB a session), but those sessions ran 0.85x the dynamic one.
+* Speed: on one thread, what each UNet session gets under the pipeline's default 2 workers, a
+  specialised session ran 0.97-1.02x the dynamic one; on two threads 1.02-1.11x, the dense UNet
+  as much as the experts.
+* Memory: each specialised session holds its own copy of the weights (+278 MiB for expert 0
+  with 243 MiB of weights; the dynamic session plus one specialised hold 2.0-2.2x the dynamic
+  session alone), whether or not the weights are handed over as shared initializers
+  (``SessionOptions.add_initializer``): at ``ORT_ENABLE_ALL`` onnxruntime re-lays convolution
+  weights out (NCHWc) and pre-packs MatMul weights per session, and the Python API has no
+  pre-packed weights container. Sharing does work at ``ORT_ENABLE_EXTENDED`` with pre-packing off
+  (+26-33 MiB a session), but those sessions ran 0.85x the dynamic one.
   onnxruntime also reads the initializers' external data while it optimises the graph even when
   they are overridden, and refuses in-memory address markers in a model, so a shared copy would
   not spare the per-creation read and hash of the weight file either.
