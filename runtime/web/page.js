@@ -42,9 +42,15 @@ async function init() {
   }
 }
 
-async function pollProgress() {
+// The generation whose progress the bar shows (0: none). A poll still in flight when its request
+// ends must not overwrite the finished bar with the server's reset progress.
+let showing = 0;
+let generations = 0;
+
+async function pollProgress(generation) {
   try {
     const p = await getJSON("/sdapi/v1/progress");
+    if (generation !== showing) return;
     $("bar").value = p.progress;
     const state = p.state || {};
     $("progress-text").textContent = state.sampling_steps
@@ -77,7 +83,8 @@ async function generate(event) {
     width: defaults.width, height: defaults.height,
   };
   const started = performance.now();
-  const timer = setInterval(pollProgress, 250);
+  const generation = showing = ++generations;
+  const timer = setInterval(() => pollProgress(generation), 250);
   try {
     const response = await getJSON("/sdapi/v1/txt2img", {
       method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(request),
@@ -101,6 +108,7 @@ async function generate(event) {
     $("progress-text").textContent = "";
   } finally {
     clearInterval(timer);
+    if (showing === generation) showing = 0;
     $("generate").disabled = false;
   }
 }
