@@ -24,8 +24,10 @@ while True:
 
 def test_sigint_is_announced_before_the_step_returns():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    # As from a terminal: a test run started with `&` by a non-interactive shell inherits SIGINT
+    # ignored, and Python then installs no handler at all (no KeyboardInterrupt, no wake-up fd).
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.3)
