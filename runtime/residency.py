@@ -59,7 +59,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aptp.errors import RuntimeInputError, shown
 
@@ -138,6 +138,9 @@ def format_bytes(size: float | None) -> str:
     return f"{value:.2f} GiB"  # unreachable
 
 
+T = TypeVar("T")
+
+
 class MemoryProbe:
     """Process RSS and, on CUDA, device memory in use (both in bytes, ``None`` when unknown)."""
 
@@ -160,6 +163,16 @@ class MemoryProbe:
         except ImportError:
             return None
         return int(psutil.Process().memory_info().rss)
+
+    def rss_added(self, action: Callable[[], T]) -> tuple[T, int]:
+        """`action`'s result and the RSS it added (0 when unknown). Freed heap is handed back
+        before and after (`release_free_heap`), so what counts is what `action` keeps."""
+        release_free_heap()
+        before = self.rss()
+        result = action()
+        release_free_heap()
+        after = self.rss()
+        return result, (max(0, after - before) if before is not None and after is not None else 0)
 
     def reset_peak(self) -> bool:
         """Reset this process's peak-RSS mark to its RSS now (Linux ``/proc/self/clear_refs``);

@@ -46,7 +46,7 @@ import numpy as np
 from aptp.errors import ArtifactError, RuntimeInputError
 
 from .engine import OnnxRuntimeEngine
-from .residency import MemoryProbe, release_free_heap
+from .residency import MemoryProbe
 
 __all__ = ["DEFAULT_MAX_SESSIONS", "DEFAULT_MIN_CALLS", "ShapeSessionEngine", "check_shape_sessions"]
 
@@ -166,16 +166,15 @@ class ShapeSessionEngine(OnnxRuntimeEngine):
             while len(self._specialised) >= self.max_sessions:
                 old, _ = self._specialised.popitem(last=False)
                 logger.info("%s: dropped the session specialised to %s", self.path, dict(old))
-            release_free_heap()
-            before = self._probe.rss()
-            clock = time.perf_counter()
-            session, _ = self._build_session(dict(key))
-            arrays = {name: np.ascontiguousarray(value, dtype=self._inputs[name]) for name, value in feed.items()}
-            session.run(None, arrays)  # the first run sizes the arena: its memory is the session's too
-            seconds = time.perf_counter() - clock
-            release_free_heap()
-            after = self._probe.rss()
-            size = max(0, after - before) if before is not None and after is not None else 0
+
+            def create() -> tuple[Any, float]:
+                clock = time.perf_counter()
+                session, _ = self._build_session(dict(key))
+                arrays = {name: np.ascontiguousarray(value, dtype=self._inputs[name]) for name, value in feed.items()}
+                session.run(None, arrays)  # the first run sizes the arena: its memory is the session's too
+                return session, time.perf_counter() - clock
+
+            (session, seconds), size = self._probe.rss_added(create)
             self._specialised[key] = (session, size)
             self.created += 1
             self.create_seconds += seconds

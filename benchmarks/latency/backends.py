@@ -96,7 +96,7 @@ def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str, ba
     (`aptp.runtime.shape_sessions.ShapeSessionEngine`), created in `prepare` so that no timed
     call pays for it; each shape's session stays until the step closes."""
     from aptp.runtime.engine import OnnxRuntimeEngine
-    from aptp.runtime.residency import MemoryProbe, release_free_heap
+    from aptp.runtime.residency import MemoryProbe
     from aptp.runtime.shape_sessions import ShapeSessionEngine
 
     # Our graphs keep large weights in `<graph>.data` beside them (exports, and the suite's own
@@ -111,20 +111,11 @@ def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str, ba
     else:
         engine = OnnxRuntimeEngine(path, device=device, threads=threads, backend=backend, external_data=external)
     probe = MemoryProbe()
-
-    def rss_delta(action: Callable[[], Any]) -> int:
-        """RSS `action` added (0 when unknown); freed heap handed back first, as the runtime's budget does."""
-        release_free_heap()
-        before = probe.rss()
-        action()
-        release_free_heap()
-        after = probe.rss()
-        return max(0, after - before) if before is not None and after is not None else 0
-
-    held = {"bytes": rss_delta(engine.load)}  # the weights; each new shape's first call adds its arena
+    _, held = probe.rss_added(engine.load)  # the weights; each new shape's first call adds its arena
     step = Step(lambda *_: (lambda: None), engine.unload, provider=engine.provider)
 
     def prepare(batch: int, height: int, width: int) -> Callable[[], Any]:
+        nonlocal held
         feed = unet_inputs(batch, shape["channels"], height, width, shape["text_length"], shape["hidden"])
         feed = {name: value.astype(engine.input_dtype(name)) for name, value in feed.items()}
         key = (batch, height, width)
@@ -135,8 +126,8 @@ def ort_step(path: Path, shape: Mapping[str, int], threads: int, device: str, ba
                 step.memory[key] = {"specialised_bytes": engine.extra_bytes - held_before,
                                     "specialised_s": engine.create_seconds - before}
         elif device == "cpu" and key not in step.memory:
-            held["bytes"] += rss_delta(lambda: engine.infer(feed))
-            step.memory[key] = {"session_bytes": held["bytes"]}
+            held += probe.rss_added(lambda: engine.infer(feed))[1]
+            step.memory[key] = {"session_bytes": held}
         return lambda: engine.infer(feed)
 
     step.prepare = prepare
